@@ -1,0 +1,62 @@
+"""Compression of the cache's float16 views: ratio and write/read speed per codec, in one run.
+
+Reads the views of an existing store (default: the demo's caches/teacher.zarr) and rewrites
+them with each candidate codec into temporary stores, timing whole-array writes and reads.
+
+    python bench/codec_bench.py [STORE] [--grid 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+CANDIDATES = {
+    "none": [],
+    "zstd-1": [zarr.codecs.ZstdCodec(level=1)],
+    "zstd-3": [zarr.codecs.ZstdCodec(level=3)],
+    "zstd-9": [zarr.codecs.ZstdCodec(level=9)],
+    "blosc-zstd-3-shuffle": [zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=2)],
+    "blosc-lz4-5-shuffle": [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=2)],
+}
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("store", nargs="?", default="caches/teacher.zarr")
+    ap.add_argument("--grid", type=int, default=4)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    src = zarr.open_group(args.store, mode="r")[f"views/{args.grid}x{args.grid}"]
+    data = src[:]  # [N, g*g, D] float16
+    raw = data.nbytes
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, codecs in CANDIDATES.items():
+            path = Path(tmp) / f"{name}.zarr"
+            arr = zarr.create_array(path, shape=data.shape, dtype="float16", chunks=src.chunks, shards=src.shards, compressors=codecs)
+            t0 = time.perf_counter()
+            for _ in range(args.repeat):
+                arr[:] = data
+            write = (time.perf_counter() - t0) / args.repeat
+            t0 = time.perf_counter()
+            for _ in range(args.repeat):
+                back = arr[:]
+            read = (time.perf_counter() - t0) / args.repeat
+            assert np.array_equal(back, data, equal_nan=True)
+            results[name] = {"ratio": raw / du(path), "write_MBps": raw / write / 1e6, "read_MBps": raw / read / 1e6}
+    print(json.dumps({"store": args.store, "array": src.path, "shape": list(data.shape), "raw_MB": raw / 1e6, "codecs": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The teacher cache, schema v1: names, identity, fingerprint and validation.
+
+This module is the contract between stage one (which writes a store) and everything that reads
+one (training, evaluation, other teams). It depends on zarr and numpy only. README.md beside it
+describes the layout for readers who use plain zarr or dask.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import zarr
+
+SCHEMA_NAME = "zeroseg.teacher_cache"
+SCHEMA_VERSION = 1
+
+STATUS_PENDING, STATUS_OK, STATUS_FAILED = 0, 1, 2
+STATUS_NAMES = {STATUS_PENDING: "pending", STATUS_OK: "ok", STATUS_FAILED: "failed"}
+
+# Arrays of the group (besides one views/GxG and one progress/GxG per grid).
+STATUS, PATHS, FAILURES = "status", "paths", "failures"
+
+# The identity sections whose canonical JSON (with the schema version) the fingerprint hashes.
+IDENTITY_FIELDS = ("teacher", "preprocessing", "manifest")
+
+
+class CacheSchemaError(ValueError):
+    """A store that is not a complete, consistent v1 teacher cache, or not the one expected."""
+
+
+def grid_name(g: int) -> str:
+    return f"{g}x{g}"
+
+
+def views_array(g: int) -> str:
+    """`views/GxG`: float16 [N, g*g, D], projected teacher embeddings, not normalized, NaN when not ok."""
+    return f"views/{grid_name(g)}"
+
+
+def progress_array(g: int) -> str:
+    """`progress/GxG`: uint8 [n_shards], 1 once that shard of `views/GxG` is written (the resume marker)."""
+    return f"progress/{grid_name(g)}"
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def fingerprint(identity: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of the identity sections and the schema version.
+
+    The grids are deliberately not part of it: grid ablations share one store.
+    """
+    doc = {k: identity[k] for k in IDENTITY_FIELDS}
+    doc["schema_version"] = SCHEMA_VERSION
+    return hashlib.sha256(canonical_json(doc).encode()).hexdigest()
+
+
+def open_store(store: str | zarr.Group, mode: str = "r") -> zarr.Group:
+    """Open a store (path, fsspec URL or group) as a zarr group, with a one-line error if it is none."""
+    if isinstance(store, zarr.Group):
+        return store
+    try:
+        return zarr.open_group(store, mode=mode)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError, ValueError) as exc:
+        raise CacheSchemaError(f"{store}: not a zarr group ({type(exc).__name__})") from None
+
+
+def store_grids(group: zarr.Group) -> tuple[int, ...]:
+    return tuple(sorted(int(g) for g in group.attrs.get("grids", [])))
+
+
+def differences(stored: Mapping[str, Any], expected: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """`field: store has X, expected Y` for every leaf that differs (recursing into mappings)."""
+    out = []
+    for key in sorted(set(stored) | set(expected)):
+        name = f"{prefix}{key}"
+        a, b = stored.get(key), expected.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out.extend(differences(a, b, name + "."))
+        elif _normalize(a) != _normalize(b):
+            out.append(f"{name}: store has {_short(a)}, expected {_short(b)}")
+    return out
+
+
+def validate(store: str | zarr.Group, expected: Mapping[str, Any] | None = None, grids: tuple[int, ...] | None = None) -> dict:
+    """Check that a store is a complete, self-consistent v1 cache, and the one expected.
+
+    Args:
+        store: path, fsspec URL or open group.
+        expected: identity sections (`teacher`, `preprocessing`, `manifest`) the caller needs,
+            as `pipeline.teacher_cache.expected_identity` builds them from params.
+        grids: grids the caller will read; they must be present and complete.
+    Returns:
+        the store's attributes.
+    Raises:
+        CacheSchemaError: one line naming every field that differs.
+    """
+    group = open_store(store)
+    attrs = dict(group.attrs)
+    if attrs.get("schema") != SCHEMA_NAME:
+        raise CacheSchemaError(f"{store}: schema: store has {attrs.get('schema')!r}, expected {SCHEMA_NAME!r}")
+    if attrs.get("schema_version") != SCHEMA_VERSION:
+        raise CacheSchemaError(f"{store}: version: store has {attrs.get('schema_version')!r}, this code reads {SCHEMA_VERSION}")
+    problems = []
+    if attrs.get("fingerprint") != fingerprint(attrs):
+        problems.append("fingerprint: does not match the store's own identity attributes (edited by hand?)")
+    if expected is not None:
+        for section in IDENTITY_FIELDS:
+            problems += differences({section: attrs.get(section, {})}, {section: expected[section]})
+    have = store_grids(group)
+    wanted = tuple(grids) if grids is not None else have
+    missing = [g for g in wanted if g not in have]
+    if missing:
+        problems.append(f"views: store lacks grids {', '.join(grid_name(g) for g in missing)} (has {', '.join(map(grid_name, have)) or 'none'})")
+    n, dim = attrs.get("manifest", {}).get("n"), attrs.get("teacher", {}).get("embed_dim")
+    for name, shape in [(STATUS, (n,)), (PATHS, (n,)), (FAILURES, (n,))] + [
+        (views_array(g), (n, g * g, dim)) for g in wanted if g in have
+    ]:
+        if name not in group:
+            problems.append(f"{name}: array missing")
+        elif tuple(group[name].shape) != shape:
+            problems.append(f"{name}: shape {tuple(group[name].shape)}, expected {shape}")
+    if not problems:
+        for g in wanted:
+            if not group[views_array(g)].attrs.get("complete", False):
+                problems.append(f"{views_array(g)}: incomplete (rerun stage one to resume it)")
+        if grids is None and not attrs.get("complete", False):
+            problems.append("complete: store is not marked complete (rerun stage one to resume it)")
+        if not problems and np.any(group[STATUS][:] == STATUS_PENDING):
+            problems.append(f"status: {int(np.sum(group[STATUS][:] == STATUS_PENDING))} rows still pending")
+    if problems:
+        raise CacheSchemaError(f"{store}: " + "; ".join(problems))
+    return attrs
+
+
+def _normalize(value: Any) -> Any:
+    return json.loads(canonical_json(value))  # tuples vs lists, ints vs floats as JSON sees them
+
+
+def _short(value: Any) -> str:
+    text = canonical_json(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -1,0 +1,45 @@
+"""What a teacher cache holds, as one JSON-able dict (for `zeroseg cache info`)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import cache_schema as cs
+
+
+def describe(store: str) -> dict:
+    """Identity, views, rows by status, provenance and every failure of a store.
+
+    Raises:
+        CacheSchemaError: when `store` is not a zeroseg teacher cache.
+    """
+    group = cs.open_store(store)
+    attrs = dict(group.attrs)
+    if attrs.get("schema") != cs.SCHEMA_NAME:
+        raise cs.CacheSchemaError(f"{store}: not a zeroseg teacher cache (schema {attrs.get('schema')!r})")
+    status = group[cs.STATUS][:]  # [N] uint8
+    failed = np.flatnonzero(status == cs.STATUS_FAILED)
+    paths = group[cs.PATHS]
+    reasons = group[cs.FAILURES]
+    grids = cs.store_grids(group)
+    return {
+        "schema": attrs["schema"],
+        "schema_version": attrs["schema_version"],
+        "fingerprint": attrs["fingerprint"],
+        "teacher": attrs["teacher"],
+        "preprocessing": attrs["preprocessing"],
+        "manifest": attrs["manifest"],
+        "grids": list(grids),
+        "num_views": sum(g * g for g in grids),
+        "grid_complete": {cs.grid_name(g): bool(group[cs.views_array(g)].attrs.get("complete", False)) for g in grids},
+        "rows": {name: int(np.sum(status == code)) for code, name in cs.STATUS_NAMES.items()},
+        "complete": bool(attrs.get("complete", False)),
+        "layout": attrs.get("layout", {}),
+        "provenance": attrs.get("provenance", {}),
+        "failures": [
+            {"row": int(i), "path": str(p), "reason": str(r)}
+            for i, p, r in zip(failed, paths.get_coordinate_selection(failed), reasons.get_coordinate_selection(failed))
+        ]
+        if failed.size
+        else [],
+    }

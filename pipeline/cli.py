@@ -1,0 +1,143 @@
+"""The `zeroseg` command line (typer). Each command reads params, calls the library, reports.
+
+User errors (bad params, bad inputs, a store that does not match) end with one line on stderr
+and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+
+import cache_schema as cs
+from pipeline.config import load_params
+from pipeline.errors import ZerosegError
+
+app = typer.Typer(
+    help="ZeroSeg: open-vocabulary segmentation trained without human labels.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+cache_app = typer.Typer(help="Inspect and validate teacher caches.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+ParamsOpt = Annotated[Path, typer.Option("--params", help="params file (YAML)")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-S", help="override, e.g. teacher.model=ViT-B-16 (repeatable)")]
+
+
+@app.command("teacher-cache")
+def teacher_cache(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    out: Annotated[Optional[str], typer.Option("--out", help="store path or URL (default: cache.root/MODEL-FINGERPRINT.zarr)")] = None,
+    replace: Annotated[bool, typer.Option(help="rebuild a store at --out that was built for other params")] = False,
+    stats_json: Annotated[Optional[Path], typer.Option(help="write the run's counts and time split here")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+) -> None:
+    """Stage one: embed every image's multi-scale views with the teacher, into a Zarr store."""
+    from pipeline.teacher_cache import run_teacher_cache
+
+    stats = run_teacher_cache(load_params(params, set_ or ()), out, replace=replace, progress=not quiet)
+    if stats_json:
+        stats_json.write_text(json.dumps(stats.as_dict(), indent=2))
+    rate = stats.rows_computed / stats.wall_s if stats.wall_s else 0.0
+    typer.echo(
+        f"{stats.store}: {stats.rows_computed} images embedded ({stats.views_computed} views, {rate:.1f} img/s overall), "
+        f"{stats.shards_written} shards written, {stats.shards_skipped} already done, {stats.failed} failed rows"
+        + ("" if stats.complete else " - INCOMPLETE")
+    )
+
+
+@cache_app.command("info")
+def cache_info(
+    path: Annotated[str, typer.Argument(help="store path or URL")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    max_failures: Annotated[int, typer.Option(help="failures listed in text mode")] = 20,
+) -> None:
+    """Teacher identity, views, dims, rows by status, fingerprint, provenance, failures."""
+    from pipeline.cache_info import describe
+
+    info = describe(path)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    t, m, p = info["teacher"], info["manifest"], info.get("provenance", {})
+    grids_text = ", ".join(f"{g} ({'complete' if done else 'incomplete'})" for g, done in info["grid_complete"].items())
+    lines = [
+        f"store        {path}",
+        f"schema       {info['schema']} v{info['schema_version']}  fingerprint {info['fingerprint']}",
+        f"teacher      {t['library']} {t['model']} pretrained={t['pretrained'] or '(random init)'} precision={t['precision']} D={t['embed_dim']}",
+        f"weights      sha256 {t['weights_sha256']}",
+        f"views        {grids_text}  V={info['num_views']}",
+        f"manifest     {m['n']} images, {m['hash_mode']} hash {m['hash']}",
+        f"rows         " + ", ".join(f"{k} {v}" for k, v in info["rows"].items()),
+        f"complete     {info['complete']}",
+        f"built by     {p.get('tool', '?')} {p.get('tool_version', '?')} on {p.get('host', '?')} ({p.get('user', '')}) at {p.get('created', '?')}",
+    ]
+    failures = info["failures"]
+    if failures:
+        lines.append(f"failures     {len(failures)}:")
+        lines += [f"  {f['path']}: {f['reason']}" for f in failures[:max_failures]]
+        if len(failures) > max_failures:
+            lines.append(f"  ... and {len(failures) - max_failures} more (--json lists all)")
+    typer.echo("\n".join(lines))
+
+
+@cache_app.command("validate")
+def cache_validate(
+    path: Annotated[str, typer.Argument(help="store path or URL")],
+    params: Annotated[Optional[Path], typer.Option("--params", help="also check the store matches these params")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Exit 0 when the store is complete and consistent (and built for --params, when given)."""
+    expected, grids = None, None
+    if params is not None:
+        from pipeline.teacher_cache import identity_from_params
+
+        loaded = load_params(params, set_ or ())
+        expected, grids = identity_from_params(loaded), tuple(sorted(set(loaded.cache.grids)))
+    attrs = cs.validate(path, expected, grids)
+    typer.echo(f"{path}: valid ({attrs['manifest']['n']} images, grids {', '.join(map(cs.grid_name, cs.store_grids(cs.open_store(path))))}, fingerprint {attrs['fingerprint'][:12]})")
+
+
+@app.command("demo-data")
+def demo_data(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    out: Annotated[Path, typer.Option("--out", help="folder to write images/ and eval/ into")] = Path("data/demo"),
+) -> None:
+    """Generate the built-in synthetic scenes (data.demo_*): shapes on textures, with masks."""
+    from pipeline.demo_data import write_demo_dataset
+
+    d = load_params(params, set_ or ()).data
+    counts = write_demo_dataset(out, n_train=d.demo_train, n_eval=d.demo_eval, size=d.demo_size, seed=d.demo_seed)
+    typer.echo(f"{out}: {counts['train']} training images, {counts['eval']} held-out scenes with masks")
+
+
+def main(args: list[str] | None = None) -> None:
+    """Run the CLI; user errors become one line on stderr and exit code 2."""
+    try:
+        result = app(args=args, standalone_mode=False)
+    except (ZerosegError, cs.CacheSchemaError) as exc:
+        typer.echo(f"zeroseg: error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        typer.echo("zeroseg: aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        typer.echo("zeroseg: interrupted; finished shards are kept, rerun to resume", err=True)
+        sys.exit(130)
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

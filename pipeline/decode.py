@@ -1,0 +1,94 @@
+"""Decode one image into the center square both teacher and student see, or say why not.
+
+Every kind of bad input ends here as a failure reason, never as an exception that stops the run:
+missing, empty, non-image, truncated or corrupt files, decompression bombs, images too small for
+the grid. Unusual but valid images are converted the way open_clip's own preprocess would see
+them (`convert("RGB")`: CMYK, palette, RGBA, grayscale), except 16-bit grayscale, which PIL's
+convert would clip to white and which is scaled to 8 bits instead. EXIF orientation is applied.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# Truncated files must fail, not decode into grey padding.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A decoded center square, or the reason there is none.
+
+    Attributes:
+        square: [S, S, 3] uint8 RGB, the center square at source resolution; None on failure.
+        reason: "" when decoded, otherwise one line saying what is wrong with the file.
+        size: (width, height) of the source after EXIF rotation, (0, 0) when unknown.
+    """
+
+    square: np.ndarray | None
+    reason: str = ""
+    size: tuple[int, int] = (0, 0)
+
+
+def center_square_box(width: int, height: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the centered square, rounded as torchvision's center_crop."""
+    side = min(width, height)
+    left = int(round((width - side) / 2.0))
+    top = int(round((height - side) / 2.0))
+    return left, top, left + side, top + side
+
+
+def decode_center_square(path: str | Path, *, min_side: int = 1, max_pixels: int = 178_956_970) -> Decoded:
+    """Read `path`, apply EXIF orientation, convert to RGB and cut the center square.
+
+    Args:
+        path: the image file.
+        min_side: the smallest acceptable square side (the largest grid: every cell needs a pixel).
+        max_pixels: images with more pixels are refused as decompression bombs before decoding.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            return Decoded(None, "empty file (0 bytes)")
+    except OSError as exc:
+        return Decoded(None, f"cannot read file ({exc.strerror or exc})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    return Decoded(None, f"decompression bomb: {width}x{height} pixels exceeds data.max_pixels={max_pixels}")
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                rgb = _to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return Decoded(None, f"decompression bomb: {exc}")
+    except UnidentifiedImageError:
+        return Decoded(None, "not an image PIL can identify")
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        return Decoded(None, f"corrupt or truncated image ({str(exc) or type(exc).__name__})")
+    width, height = rgb.size
+    side = min(width, height)
+    if side < min_side:
+        return Decoded(None, f"too small: {width}x{height}, the center square needs at least {min_side} px", (width, height))
+    square = np.array(rgb.crop(center_square_box(width, height)))  # [S, S, 3] uint8, writable
+    return Decoded(square, "", (width, height))
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit (or 32-bit integer) grayscale: PIL's convert("RGB") clips at 255, so scale instead.
+        values = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or values.max() > 255 else 255.0
+        gray = np.clip(np.round(values * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(gray[..., None], 3, axis=2), "RGB")
+    if img.mode == "F":
+        gray = np.clip(np.round(np.asarray(img) * (255.0 if np.asarray(img).max() <= 1.0 else 1.0)), 0, 255)
+        return Image.fromarray(np.repeat(gray.astype(np.uint8)[..., None], 3, axis=2), "RGB")
+    return img.convert("RGB")

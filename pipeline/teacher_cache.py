@@ -1,0 +1,281 @@
+"""Stage one: embed the multi-scale views of every image with the teacher, into the cache.
+
+Three kinds of work overlap:
+- decode threads read each image once (PIL releases the GIL while decoding) and cut its center
+  square; on a CPU teacher they also make the views, so the model's thread only runs the model;
+- the main thread batches images, makes the views on the GPU when there is one (uint8 upload,
+  crop and resize on the device), and runs the teacher;
+- a writer thread writes each finished shard while the next one is computed.
+Work is planned per shard from the store's progress markers, so a rerun after a crash or kill
+computes only the shards (and, for a new grid, only the arrays) that are missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import cache_schema as cs
+from pipeline.cache_store import CacheStore, ShardResult
+from pipeline.config import Params
+from pipeline.decode import Decoded, decode_center_square
+from pipeline.errors import ConfigError, InputError
+from pipeline.manifest import Manifest, build_manifest
+from pipeline.teacher import Teacher
+from pipeline.views import canonical_grids, make_views
+
+log = logging.getLogger(__name__)
+
+PREPROCESSING_VERSION = 1  # bump when view geometry or resizing changes meaning
+
+
+@dataclass
+class RunStats:
+    """What one stage-one run did, and where its time went (seconds; thread-seconds for decode/write)."""
+
+    store: str = ""
+    images: int = 0
+    rows_computed: int = 0
+    views_computed: int = 0
+    shards_written: int = 0
+    shards_skipped: int = 0
+    failed: int = 0
+    complete: bool = False
+    wall_s: float = 0.0
+    decode_s: float = 0.0
+    decode_wait_s: float = 0.0
+    views_s: float = 0.0
+    model_s: float = 0.0
+    write_s: float = 0.0
+    write_wait_s: float = 0.0
+    failures: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def expected_identity(teacher: Teacher, manifest: Manifest, min_side: int) -> dict:
+    """The identity sections (see cache_schema) a store built with this teacher and manifest has."""
+    spec = teacher.spec
+    return {
+        "teacher": teacher.identity.fingerprint_fields(),
+        "preprocessing": {
+            "version": PREPROCESSING_VERSION,
+            "decode": "PIL, EXIF orientation applied, convert RGB (16-bit gray scaled to 8 bits)",
+            "crop": "center square of side min(H, W) at source resolution",
+            "cells": "integer edges floor(i*S/g), row-major",
+            "resize": "torch interpolate with antialias, rounded and clamped to 8-bit levels",
+            "size": spec.size,
+            "interpolation": spec.interpolation,
+            "resize_mode": spec.resize_mode,
+            "mean": list(spec.mean),
+            "std": list(spec.std),
+            "min_side": min_side,
+        },
+        "manifest": {"hash": manifest.hash, "hash_mode": manifest.hash_mode, "n": len(manifest)},
+    }
+
+
+def default_store_url(root: str, identity: dict) -> str:
+    """`{root}/{model}-{fingerprint[:12]}.zarr`: a store per identity, so none overwrites another."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(identity["teacher"]["model"]).stem).strip("-") or "teacher"
+    return f"{root.rstrip('/')}/{slug}-{cs.fingerprint(identity)[:12]}.zarr"
+
+
+def run_teacher_cache(params: Params, out: str | None = None, *, replace: bool = False, progress: bool = True) -> RunStats:
+    """Build or resume the teacher cache described by `params`.
+
+    Args:
+        params: the `data`, `teacher` and `cache` sections are read.
+        out: the store's path or URL; None for `default_store_url` under `cache.root`.
+        replace: rebuild a store at `out` that was built for other params (otherwise refused).
+        progress: show progress bars.
+    """
+    start = time.perf_counter()
+    if params.teacher.executor != "local":
+        raise InputError(f"{params.source}: teacher.executor={params.teacher.executor} is not available in this version (use local)")
+    grids, manifest, teacher, identity = _prepare(params, progress)
+    url = out or default_store_url(params.cache.root, identity)
+    store = CacheStore.open_or_create(url, identity, manifest.paths, grids, params.cache, replace=replace)
+    todo = store.missing_grids(grids)
+    stats = RunStats(store=url, images=len(manifest), shards_skipped=store.n_shards - len(todo))
+    if todo:
+        _compute(store, manifest, teacher, todo, params, stats, progress)
+    stats.complete = store.finalize()
+    stats.views_computed = teacher.forward_views
+    status = store.group[cs.STATUS][:]
+    stats.failed = int(np.sum(status == cs.STATUS_FAILED))
+    stats.wall_s = time.perf_counter() - start
+    return stats
+
+
+def identity_from_params(params: Params, progress: bool = True) -> dict:
+    """The identity a store built from `params` must have (loads the teacher, hashes the manifest)."""
+    return _prepare(params, progress)[3]
+
+
+def _prepare(params: Params, progress: bool) -> tuple[tuple[int, ...], Manifest, Teacher, dict]:
+    grids = canonical_grids(params.cache.grids)
+    min_side = params.data.min_side
+    if max(grids) > min_side:
+        raise ConfigError(f"{params.source}: cache.grids has {max(grids)}x{max(grids)} but data.min_side is {min_side}; raise data.min_side")
+    manifest = build_manifest(params.data.images, params.data.manifest_hash, progress=progress)
+    teacher = Teacher.load(params.teacher)
+    return grids, manifest, teacher, expected_identity(teacher, manifest, min_side)
+
+
+@dataclass
+class _Item:
+    row: int
+    decoded: Decoded
+    views: torch.Tensor | None  # [V_s, 3, T, T] when made on the decode thread (CPU teacher)
+    seconds: float
+
+
+def _compute(store: CacheStore, manifest: Manifest, teacher: Teacher, todo: dict[int, tuple[int, ...]], params: Params, stats: RunStats, progress: bool) -> None:
+    batch_size = params.teacher.batch_size
+    views_on_decode_thread = teacher.device.type == "cpu"
+    workers = params.teacher.decode_workers or os.cpu_count() or 1
+    writer = _ShardWriter(store, stats)
+    total = sum(len(store.shard_rows_range(s)) for s in todo)
+    bar = tqdm(total=total, desc="teacher cache", unit="img", disable=not progress, smoothing=0.05)
+
+    def decode(row: int, grids: tuple[int, ...]) -> _Item:
+        t0 = time.perf_counter()
+        decoded = decode_center_square(manifest.abspath(row), min_side=params.data.min_side, max_pixels=params.data.max_pixels)
+        views = None
+        if views_on_decode_thread and decoded.square is not None:
+            views = make_views([torch.from_numpy(decoded.square)], grids, teacher.spec)[0]
+        return _Item(row, decoded, views, time.perf_counter() - t0)
+
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+            for shard, grids, items in _decoded_shards(pool, decode, store, todo, lookahead=2 * batch_size):
+                rows = store.shard_rows_range(shard)
+                result = ShardResult(
+                    shard=shard,
+                    views={g: np.full((len(rows), g * g, store.dim), np.nan, dtype=np.float16) for g in grids},
+                    status=np.full(len(rows), cs.STATUS_FAILED, dtype=np.uint8),
+                    failures=[""] * len(rows),
+                )
+                batch: list[_Item] = []
+                for future in items:
+                    t0 = time.perf_counter()
+                    item = future.result()
+                    stats.decode_wait_s += time.perf_counter() - t0
+                    stats.decode_s += item.seconds
+                    local = item.row - rows.start
+                    if item.decoded.square is None:
+                        result.failures[local] = item.decoded.reason
+                        stats.failures[manifest.paths[item.row]] = item.decoded.reason
+                        bar.update(1)
+                        continue
+                    result.status[local] = cs.STATUS_OK
+                    batch.append(item)
+                    if len(batch) == batch_size:
+                        _embed(batch, grids, teacher, result, rows.start, stats)
+                        bar.update(len(batch))
+                        batch = []
+                if batch:
+                    _embed(batch, grids, teacher, result, rows.start, stats)
+                    bar.update(len(batch))
+                writer.put(result)
+                bar.set_postfix(views_per_s=f"{teacher.forward_views / max(bar.format_dict['elapsed'], 1e-9):.0f}")
+    finally:
+        writer.close()
+        bar.close()
+    stats.rows_computed = total
+
+
+def _decoded_shards(pool: ThreadPoolExecutor, decode, store: CacheStore, todo: dict[int, tuple[int, ...]], lookahead: int) -> Iterator[tuple[int, tuple[int, ...], Iterator[Future]]]:
+    """Yield (shard, grids, futures of its rows) with decoding running `lookahead` rows ahead."""
+    jobs = ((shard, grids, row) for shard, grids in todo.items() for row in store.shard_rows_range(shard))
+    pending: deque[tuple[int, Future]] = deque()
+
+    def fill():
+        while len(pending) < lookahead:
+            job = next(jobs, None)
+            if job is None:
+                return
+            shard, grids, row = job
+            pending.append((shard, pool.submit(decode, row, grids)))
+
+    for shard, grids in todo.items():
+        def futures(shard=shard):
+            for _ in store.shard_rows_range(shard):
+                fill()
+                s, fut = pending.popleft()
+                assert s == shard
+                yield fut
+
+        yield shard, grids, futures()
+
+
+def _embed(batch: list[_Item], grids: tuple[int, ...], teacher: Teacher, result: ShardResult, row0: int, stats: RunStats) -> None:
+    t0 = time.perf_counter()
+    if batch[0].views is not None:
+        views = torch.stack([item.views for item in batch])  # [B, V_s, 3, T, T]
+    else:
+        squares = [torch.from_numpy(item.decoded.square).pin_memory() if teacher.device.type == "cuda" else torch.from_numpy(item.decoded.square) for item in batch]
+        views = make_views(squares, grids, teacher.spec, teacher.device)  # [B, V_s, 3, T, T]
+    t1 = time.perf_counter()
+    b, v = views.shape[:2]
+    feats = teacher.encode(views.flatten(0, 1)).view(b, v, -1)  # [B, V_s, D]
+    feats = feats.to(torch.float16).cpu().numpy()
+    t2 = time.perf_counter()
+    stats.views_s += t1 - t0
+    stats.model_s += t2 - t1
+    local = [item.row - row0 for item in batch]
+    start = 0
+    for g in grids:
+        result.views[g][local] = feats[:, start : start + g * g]  # [B, g*g, D]
+        start += g * g
+
+
+class _ShardWriter:
+    """Writes finished shards on a thread of its own, two at most in flight; re-raises its errors."""
+
+    def __init__(self, store: CacheStore, stats: RunStats):
+        self.store, self.stats = store, stats
+        self.queue: queue.Queue[ShardResult | None] = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (result := self.queue.get()) is not None:
+            if self.error is not None:
+                continue
+            t0 = time.perf_counter()
+            try:
+                self.store.write_shard(result)
+                self.stats.shards_written += 1
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                self.error = exc
+            self.stats.write_s += time.perf_counter() - t0
+
+    def put(self, result: ShardResult) -> None:
+        if self.error is not None:
+            raise self.error
+        t0 = time.perf_counter()
+        self.queue.put(result)
+        self.stats.write_wait_s += time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
