@@ -1,8 +1,10 @@
 """The DVC contract, on the project's real dvc.yaml in a temporary git repository."""
 
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,7 +15,9 @@ pytestmark = pytest.mark.slow
 
 
 def dvc(cwd, *args):
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+    # Stage commands say `python`: make it this interpreter, as an activated venv would.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, f"dvc {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
 
