@@ -54,6 +54,26 @@ def teacher_cache(
     )
 
 
+@app.command("train")
+def train(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    cache: Annotated[str, typer.Option("--cache", help="teacher cache store (path or URL)")] = "caches/teacher.zarr",
+    out: Annotated[Path, typer.Option("--out", help="folder for checkpoint.pt")] = Path("models/student"),
+    resume: Annotated[bool, typer.Option("--resume", help="continue the checkpoint in --out exactly (fail if there is none or it differs)")] = False,
+    auto_resume: Annotated[bool, typer.Option("--auto-resume", help="continue the checkpoint in --out when it was made with the same config and cache, else start afresh")] = False,
+    live_dir: Annotated[Optional[Path], typer.Option("--live-dir", help="dvclive folder for metrics and plots")] = Path("dvclive"),
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Stage two: train the student from the teacher cache (torchrun for several GPUs)."""
+    from pipeline.train import run_training
+
+    mode = "must" if resume else "auto" if auto_resume else "never"
+    summary = run_training(load_params(params, set_ or ()), cache, out, resume=mode, live_dir=live_dir, progress=not quiet)
+    losses = ", ".join(f"{k} {v:.4f}" for k, v in summary.losses.items())
+    typer.echo(f"{summary.checkpoint}: step {summary.step}/{summary.total_steps}, {summary.images_per_s:.1f} img/s, data wait {summary.data_wait_fraction:.1%}; {losses}")
+
+
 @cache_app.command("info")
 def cache_info(
     path: Annotated[str, typer.Argument(help="store path or URL")],

@@ -66,10 +66,64 @@ class CacheConfig:
     codec_level: int = 3
 
 
+@dataclass(frozen=True)
+class StudentConfig:
+    """The student network: a named variant (pipeline/student/config.py) plus overrides."""
+
+    variant: str = "zeroseg_tiny"  # zeroseg_vit_b16 (paper) | zeroseg_vit_s16 | zeroseg_tiny | zeroseg_micro
+    mask_ratio: float = 0.6  # fraction of patches removed in training (paper's best)
+    init_from: str = ""  # optional timm / MAE ViT checkpoint file for the encoder
+    hard_assignment: bool = True  # Gumbel + straight-through hard assignment in training
+    gumbel_tau: float = 1.0
+    learnable_assign_temperature: bool = False  # stabilizer, off in the paper's recipe
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Loss terms and their weights (applied in one place: pipeline/train.py)."""
+
+    grids: tuple[int, ...] = (1, 2, 3, 4)  # cached grids used as targets (ablations: [1], [1, 3], ...)
+    distill: float = 1.0  # z to every view
+    segment_match: float = 1.0  # each segment to its nearest local view
+    bidirectional_matching: bool = False  # also each local view to its nearest segment
+    view_match: float = 1.0  # weight of that reverse term
+    reconstruction: float = 1.0  # MAE pixel loss on masked patches
+    norm_pix: bool = True
+    infomax: float = 0.0  # information maximization on assignments (stabilizer)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimization (paper appendix A.1) and the run's mechanics."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: the local rank's GPU)
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # autocast on CUDA; CPU runs in fp32
+    epochs: int = 80
+    warmup_epochs: float = 20.0
+    batch_size: int = 4096  # effective batch per optimizer step, all devices together
+    micro_batch: int = 256  # per device per forward; gradient accumulation makes up the rest
+    base_lr: float = 1.5e-4  # lr = base_lr * batch_size / 256
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 0.0  # max gradient norm; 0 disables
+    compile: bool = False  # torch.compile the model
+    num_workers: int = 4  # DataLoader workers per device (forkserver start method)
+    shuffle_buffer: int = 2048  # samples held for shuffling across cache chunks
+    seed: int = 0
+    checkpoint_every: int = 0  # also checkpoint every N optimizer steps; 0: each epoch only
+    log_every: int = 10  # optimizer steps between metric logs
+    max_steps: int = 0  # stop after N optimizer steps (smoke runs); 0: the full schedule
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "teacher": TeacherConfig,
     "cache": CacheConfig,
+    "student": StudentConfig,
+    "loss": LossConfig,
+    "train": TrainConfig,
 }
 
 
@@ -80,6 +134,9 @@ class Params:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     source: str = "<defaults>"  # the file these came from, for error messages
 
 

@@ -52,15 +52,16 @@ class TeacherIdentity:
         return d
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, key: str = "teacher.device") -> torch.device:
+    """`auto` picks CUDA when there is one; anything else must be a usable torch device."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise InputError(f"teacher.device: {device!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+        raise InputError(f"{key}: {device!r} is not a device (auto, cpu, cuda, cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"teacher.device: {device!r} asked for, but no CUDA device is available")
+        raise InputError(f"{key}: {device!r} asked for, but no CUDA device is available")
     return dev
 
 

@@ -34,8 +34,13 @@ def project(tmp_path):
     params["data"].update(demo_train=6, demo_eval=2, demo_size=48)
     params["teacher"].update(TINY_TEACHER)
     params["cache"].update(shard_rows=4, chunk_rows=2)
+    params["student"].update(variant="zeroseg_micro")
+    params["train"].update(epochs=1, warmup_epochs=0, batch_size=2, micro_batch=2, num_workers=0, log_every=1)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t.invalid"]
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "project"], cwd=tmp_path, check=True)
     return tmp_path
 
 
@@ -46,10 +51,17 @@ def set_param(project, section, key, value):
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def test_repro_builds_the_cache_and_teacher_edits_make_it_stale(project):
+def test_repro_builds_everything_and_params_edits_make_exactly_their_stages_stale(project):
     dvc(project, "repro")
     store = project / "caches" / "teacher.zarr"
     assert (store / "views" / "4x4").is_dir()
+    assert (project / "models" / "student" / "checkpoint.pt").is_file()
+    assert "loss" in dvc(project, "metrics", "show")
+    assert "up to date" in dvc(project, "status")
+    set_param(project, "train", "base_lr", 0.002)
+    status = dvc(project, "status")
+    assert "train:" in status and "teacher_cache:" not in status and "demo_data:" not in status
+    set_param(project, "train", "base_lr", 0.001)
     assert "up to date" in dvc(project, "status")
     set_param(project, "teacher", "seed", 7)
     status = dvc(project, "status")

@@ -1,0 +1,144 @@
+"""Stage-two data: each ok cache row paired with its image, read chunk-wise and shuffled.
+
+Random single-row reads from a sharded zarr array cost about a millisecond each, so the
+dataset reads whole chunks (`cache.chunk_rows` rows of every grid at once) and shuffles across
+chunks with a buffer of rows, as webdataset does with shards. Chunks are dealt to
+(rank, worker) streams once, by index, so each rank reads only its own rows and every stream
+has a fixed length; only the order within a stream changes per epoch (seeded by seed, epoch,
+rank, worker). That makes the sample order a pure function of those numbers, which is what
+lets `--resume` skip the samples already trained on without decoding them.
+
+Images get the center square the teacher saw, resized to the student's input size with
+antialiased bicubic, and travel as uint8; normalization happens on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import IterableDataset, get_worker_info
+
+import cache_schema as cs
+from pipeline.cache_store import load_targets
+from pipeline.decode import decode_center_square
+from pipeline.errors import InputError
+
+# The student is normalized as timm / MAE ViTs are, so their checkpoints can initialize it.
+STUDENT_MEAN, STUDENT_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+
+def student_image(path: str | Path, size: int, *, max_pixels: int = 178_956_970) -> torch.Tensor:
+    """[3, size, size] uint8: the image's center square (as the teacher saw it) at `size`."""
+    decoded = decode_center_square(path, max_pixels=max_pixels)
+    if decoded.square is None:
+        raise InputError(f"{path}: {decoded.reason} (the cache had it as ok: did the dataset change?)")
+    img = Image.fromarray(decoded.square).resize((size, size), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # [3, size, size]
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float [B, 3, H, W] normalized with the student's mean and std."""
+    mean = torch.tensor(STUDENT_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(STUDENT_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+@dataclass(frozen=True)
+class Stream:
+    """The chunks one (rank, worker) reads, as (start, stop) row ranges, and its ok-row count."""
+
+    chunks: tuple[tuple[int, int], ...]
+    rows: int
+
+
+class CachePairs(IterableDataset):
+    """(image uint8 [3, S, S], targets float16 [V, D], row) for every ok row of a teacher cache.
+
+    Args:
+        store: cache path or URL (validated by the caller).
+        data_root: folder the cache's `paths` are relative to.
+        grids: target grids, in canonical order in the returned [V, D].
+        img_size: the student's input side.
+        rank, world: this process's share of the chunks (distributed training).
+        seed: base of the per-epoch shuffles.
+        shuffle_buffer: rows held for shuffling across chunks.
+    """
+
+    def __init__(self, store: str, data_root: str | Path, grids: tuple[int, ...], img_size: int, *, rank: int = 0, world: int = 1, seed: int = 0, shuffle_buffer: int = 2048, max_pixels: int = 178_956_970):
+        super().__init__()
+        group = cs.open_store(store)
+        self.store, self.data_root = store, str(data_root)
+        self.grids, self.img_size = tuple(sorted(set(grids))), img_size
+        self.rank, self.world, self.seed = rank, world, seed
+        self.shuffle_buffer, self.max_pixels = max(1, shuffle_buffer), max_pixels
+        self.chunk_rows = int(group.attrs["layout"]["chunk_rows"])
+        self.status = group[cs.STATUS][:]  # [N] uint8
+        self.paths = group[cs.PATHS][:].astype(object)  # [N] str
+        n = len(self.status)
+        all_chunks = [(a, min(n, a + self.chunk_rows)) for a in range(0, n, self.chunk_rows)]
+        self.chunks = [c for c in all_chunks if np.any(self.status[c[0] : c[1]] == cs.STATUS_OK)][rank::world]
+        self.epoch, self.skip_batches, self.micro_batch = 0, 0, 1
+        self._group = None  # opened lazily in each worker (zarr's event loop is not fork-safe)
+
+    def __len__(self) -> int:
+        return sum(s.rows for s in self.streams(1))
+
+    def streams(self, num_workers: int) -> list[Stream]:
+        """This rank's chunks dealt to `num_workers` streams by index (fixed across epochs)."""
+        out = []
+        for w in range(max(1, num_workers)):
+            chunks = tuple(self.chunks[w :: max(1, num_workers)])
+            out.append(Stream(chunks, int(sum(np.sum(self.status[a:b] == cs.STATUS_OK) for a, b in chunks))))
+        return out
+
+    def batches_per_epoch(self, micro_batch: int, num_workers: int) -> int:
+        """Full micro-batches this rank's DataLoader yields per epoch (each worker drops its last partial one)."""
+        return sum(s.rows // micro_batch for s in self.streams(num_workers))
+
+    def set_epoch(self, epoch: int, *, skip_batches: int = 0, micro_batch: int = 1) -> None:
+        """Choose the epoch's order, and how many of its first micro-batches to skip (resume)."""
+        self.epoch, self.skip_batches, self.micro_batch = epoch, skip_batches, micro_batch
+
+    def _skipped_rows(self, worker: int, num_workers: int) -> int:
+        """Rows worker `worker` produced within the first `skip_batches` batches of the loader.
+
+        The DataLoader takes batches from its workers round-robin, passing over exhausted ones.
+        """
+        counts = [s.rows // self.micro_batch for s in self.streams(num_workers)]
+        order = [w for rnd in range(max(counts, default=0)) for w in range(num_workers) if counts[w] > rnd]
+        return order[: self.skip_batches].count(worker) * self.micro_batch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        stream = self.streams(num_workers)[worker]
+        if self._group is None:
+            self._group = cs.open_store(self.store)
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+        skip = self._skipped_rows(worker, num_workers)
+        for row, targets in self._shuffled_rows(stream, rng):
+            if skip > 0:
+                skip -= 1
+                continue
+            image = student_image(Path(self.data_root) / str(self.paths[row]), self.img_size, max_pixels=self.max_pixels)
+            yield image, torch.from_numpy(targets), row
+
+    def _shuffled_rows(self, stream: Stream, rng: np.random.Generator) -> Iterator[tuple[int, np.ndarray]]:
+        """(row, targets [V, D]) over the stream's ok rows, chunks in random order, rows mixed in a buffer."""
+        buffer: list[tuple[int, np.ndarray]] = []
+        for index in rng.permutation(len(stream.chunks)):
+            a, b = stream.chunks[index]
+            targets = load_targets(self._group, self.grids, slice(a, b))  # [b-a, V, D] one read per grid
+            buffer.extend((a + i, targets[i]) for i in np.flatnonzero(self.status[a:b] == cs.STATUS_OK))
+            while len(buffer) >= self.shuffle_buffer:
+                j = int(rng.integers(len(buffer)))
+                buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                yield buffer.pop()
+        rng.shuffle(buffer)
+        yield from buffer

@@ -1,0 +1,340 @@
+"""Stage two: train the ZeroSeg student from the teacher cache.
+
+AdamW (betas from params, weight decay off for norms, biases, position embeddings and tokens),
+lr = base_lr * effective_batch / 256 with linear warm-up then half-cycle cosine per optimizer
+step (MAE), gradient accumulation up to the effective batch, bf16 autocast and timm's fused
+attention (scaled_dot_product_attention) on CUDA, optional torch.compile, optional gradient
+clipping, DistributedDataParallel under torchrun with each rank reading only its own chunks.
+
+Checkpoints (each epoch, and every `train.checkpoint_every` steps) carry model, optimizer,
+schedule, step, RNG states, config and the cache's fingerprint; `--resume` continues exactly
+where the checkpoint left off (same batches, same masks, same numbers). A non-finite loss stops
+the run before the optimizer step, leaving the last good checkpoint as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+import cache_schema as cs
+from pipeline import __version__
+from pipeline.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pipeline.config import Params, TrainConfig, section_dict
+from pipeline.errors import ConfigError, InputError, ZerosegError
+from pipeline.student import ZeroSegStudent, param_groups_for_weight_decay, student_arch
+from pipeline.student.losses import AssignmentInfoMaxLoss, DistillationLoss, ReconstructionLoss, SegmentMatchingLoss, local_view_mask
+from pipeline.student_data import CachePairs, normalize_images
+from pipeline.teacher import resolve_device
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+_AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingDiverged(ZerosegError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainSummary:
+    """What a run did; `losses` are the last logged averages of each term."""
+
+    checkpoint: str = ""
+    step: int = 0
+    total_steps: int = 0
+    epochs: int = 0
+    resumed_from: int | None = None
+    losses: dict[str, float] = field(default_factory=dict)
+    first_losses: dict[str, float] = field(default_factory=dict)
+    images_per_s: float = 0.0
+    data_wait_fraction: float = 0.0
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Derived sizes: computed from config and data, never written back into config."""
+
+    peak_lr: float
+    accum: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+    def lr_at(self, step: int, cfg: TrainConfig) -> float:
+        """MAE's per-iteration schedule: linear warm-up, then half-cycle cosine to min_lr."""
+        if step < self.warmup_steps:
+            return self.peak_lr * (step + 1) / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return cfg.min_lr + (self.peak_lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_schedule(cfg: TrainConfig, batches_per_epoch: int, world: int) -> Schedule:
+    if cfg.batch_size % (cfg.micro_batch * world):
+        raise ConfigError(f"train.batch_size ({cfg.batch_size}) must be a multiple of train.micro_batch x devices ({cfg.micro_batch} x {world})")
+    accum = cfg.batch_size // (cfg.micro_batch * world)
+    steps_per_epoch = batches_per_epoch // accum
+    if steps_per_epoch < 1:
+        raise ConfigError(f"train.batch_size ({cfg.batch_size}) is larger than one epoch of the cache allows ({batches_per_epoch} micro-batches of {cfg.micro_batch} per device)")
+    total = cfg.epochs * steps_per_epoch
+    return Schedule(
+        peak_lr=cfg.base_lr * cfg.batch_size / 256,
+        accum=accum,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        warmup_steps=min(total, round(cfg.warmup_epochs * steps_per_epoch)),
+    )
+
+
+class StudentObjective(torch.nn.Module):
+    """All loss terms, weighted in this one place. Returns (total, {term: unweighted value})."""
+
+    def __init__(self, params: Params, grids: tuple[int, ...]):
+        super().__init__()
+        self.cfg = params.loss
+        self.distill = DistillationLoss()
+        self.matching = SegmentMatchingLoss(bidirectional=self.cfg.bidirectional_matching)
+        self.reconstruction = ReconstructionLoss(norm_pix=self.cfg.norm_pix)
+        self.infomax = AssignmentInfoMaxLoss()
+        self.register_buffer("local", local_view_mask(grids), persistent=False)
+
+    def forward(self, out, targets: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        c = self.cfg
+        terms = dict(self.distill(out.z, targets))
+        weights = {"distill": c.distill}
+        if c.segment_match and bool(self.local.any()):
+            terms.update(self.matching(out.segments, targets, self.local))
+            weights.update(segment_match=c.segment_match, view_match=c.view_match)
+        if c.reconstruction and out.pred is not None:
+            terms.update(self.reconstruction(out.pred, patches, out.mask))
+            weights["reconstruction"] = c.reconstruction
+        if c.infomax:
+            terms.update(self.infomax(out.soft_assignments))
+            weights.update(usage_neg_entropy=c.infomax, token_entropy=c.infomax)
+        total = sum(weights[k] * v for k, v in terms.items())
+        return total, terms
+
+
+def compatibility(params: Params, cache_attrs: dict) -> dict:
+    """What must be equal for a checkpoint to be resumed (run mechanics excluded)."""
+    train = section_dict(params.train)
+    for key in ("max_steps", "log_every", "checkpoint_every", "num_workers", "compile", "device"):
+        train.pop(key)
+    return {"student": section_dict(params.student), "loss": section_dict(params.loss), "train": train, "cache_fingerprint": cache_attrs["fingerprint"]}
+
+
+def data_root(images: str) -> Path:
+    """The folder the cache's relative paths start from (the folder itself, or the list's folder)."""
+    path = Path(images)
+    return path if path.is_dir() else path.parent
+
+
+def run_training(params: Params, cache: str, out_dir: str | Path, *, resume: str = "never", live_dir: str | Path | None = None, progress: bool = True) -> TrainSummary:
+    """Train (or resume training) the student on the teacher cache at `cache`.
+
+    Args:
+        params: the `student`, `loss`, `train` and `data` sections are read.
+        cache: teacher cache path or URL; refused unless it validates for `loss.grids`.
+        out_dir: where `checkpoint.pt` is written.
+        resume: "never" (start fresh), "must" (continue the checkpoint in out_dir, or fail),
+            "auto" (continue it when it was made with the same config and cache, else start fresh).
+        live_dir: dvclive's folder for metrics and plots (None: no dvclive).
+    """
+    cfg = params.train
+    rank, world, local_rank = _init_distributed()
+    device = _device(cfg.device, local_rank, world)
+    grids = tuple(sorted(set(params.loss.grids)))
+    try:
+        attrs = cs.validate(cache, grids=grids)
+    except cs.CacheSchemaError as exc:
+        raise InputError(f"refusing to train on {cache}: {exc}") from None
+    out_dim = int(attrs["teacher"]["embed_dim"])
+    torch.manual_seed(cfg.seed + rank)
+    s = params.student
+    arch = student_arch(s.variant, hard_assignment=s.hard_assignment, gumbel_tau=s.gumbel_tau, learnable_assign_temperature=s.learnable_assign_temperature)
+    model = ZeroSegStudent(arch=arch, out_dim=out_dim)
+    if s.init_from:
+        report = model.load_encoder_state_dict(load_checkpoint(s.init_from))
+        log.info("student.init_from %s: %s", s.init_from, report.summary())
+    model.to(device)
+    objective = StudentObjective(params, grids).to(device)
+
+    dataset = CachePairs(cache, data_root(params.data.images), grids, arch.img_size, rank=rank, world=world, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, max_pixels=params.data.max_pixels)
+    batches = dataset.batches_per_epoch(cfg.micro_batch, cfg.num_workers)
+    if world > 1:  # every rank must take the same number of steps
+        t = torch.tensor(batches, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        batches = int(t.item())
+    sched = make_schedule(cfg, batches, world)
+    loader = DataLoader(
+        dataset, batch_size=cfg.micro_batch, drop_last=True, num_workers=cfg.num_workers,
+        multiprocessing_context="forkserver" if cfg.num_workers > 0 else None, pin_memory=device.type == "cuda",
+    )
+    optimizer = torch.optim.AdamW(param_groups_for_weight_decay(model, cfg.weight_decay), lr=sched.peak_lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and cfg.precision == "fp16")
+
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    compat = compatibility(params, attrs)
+    step, summary = 0, TrainSummary(checkpoint=str(ckpt_path), total_steps=sched.total_steps)
+    if resume != "never" and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt.get("compat") != compat:
+            differs = [k for k in compat if ckpt.get("compat", {}).get(k) != compat[k]]
+            if resume == "must":
+                raise InputError(f"{ckpt_path}: made with other {', '.join(differs)}; cannot resume (remove it or use another --out)")
+            log.warning("%s was made with other %s: starting afresh", ckpt_path, ", ".join(differs))
+        else:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+            step = int(ckpt["step"])
+            set_rng_state(ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)])
+            summary.resumed_from = step
+    elif resume == "must":
+        raise InputError(f"{ckpt_path}: no checkpoint to resume")
+
+    train_model = torch.compile(model) if cfg.compile else model
+    if world > 1:
+        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    amp = _AMP[cfg.precision] if device.type == "cuda" else None
+    live = _open_live(live_dir, resume=summary.resumed_from is not None) if rank == 0 else None
+
+    def checkpoint(epoch: int) -> None:
+        nonlocal saved_step
+        saved_step = step
+        states = [None] * world
+        if world > 1:
+            dist.all_gather_object(states, rng_state())
+        else:
+            states = [rng_state()]
+        if rank == 0:
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "schedule": asdict(sched), "step": step, "epoch": epoch, "rng": states, "compat": compat,
+                "config": {name: section_dict(getattr(params, name)) for name in ("data", "teacher", "cache", "student", "loss", "train")},
+                "arch": {k: (list(map(list, v)) if k == "group_stages" else v) for k, v in asdict(arch).items()},
+                "cache": {"url": str(cache), "fingerprint": attrs["fingerprint"], "grids": list(grids), "embed_dim": out_dim, "teacher": attrs["teacher"]},
+                "zeroseg_version": __version__,
+            })
+
+    limit = min(sched.total_steps, cfg.max_steps) if cfg.max_steps else sched.total_steps
+    bar = tqdm(total=limit, initial=step, desc="train", unit="step", disable=not progress or rank != 0)
+    saved_step = step if summary.resumed_from is not None else -1
+    window: dict[str, float] = {}
+    seen, wait, t_window = 0, 0.0, time.perf_counter()
+    model.train()
+    try:
+        while step < limit:
+            epoch, done_in_epoch = divmod(step, sched.steps_per_epoch)
+            dataset.set_epoch(epoch, skip_batches=done_in_epoch * sched.accum, micro_batch=cfg.micro_batch)
+            batches_iter = iter(loader)
+            while done_in_epoch < sched.steps_per_epoch and step < limit:
+                lr = sched.lr_at(step, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                terms_sum: dict[str, float] = {}
+                for micro in range(sched.accum):
+                    t0 = time.perf_counter()
+                    images, targets, _ = next(batches_iter)
+                    wait += time.perf_counter() - t0
+                    images = normalize_images(images.to(device, non_blocking=True))  # [B, 3, H, W]
+                    targets = targets.to(device, non_blocking=True).float()  # [B, V, D]
+                    sync = train_model.no_sync() if world > 1 and micro < sched.accum - 1 else contextlib.nullcontext()
+                    with sync, torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                        out = train_model(images, params.student.mask_ratio, decode=bool(params.loss.reconstruction))
+                        total, terms = objective(out, targets, model.patchify(images))
+                    scaler.scale(total / sched.accum).backward()
+                    for k, v in terms.items():
+                        terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / sched.accum
+                    terms_sum["total"] = terms_sum.get("total", 0.0) + float(total.detach()) / sched.accum
+                    seen += images.shape[0] * world
+                if not all(math.isfinite(v) for v in terms_sum.values()):
+                    shown = ", ".join(f"{k}={v:.4g}" for k, v in terms_sum.items())
+                    kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
+                    raise TrainingDiverged(f"non-finite loss at step {step} ({shown}); stopped before the optimizer step; {kept}")
+                if cfg.grad_clip:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                done_in_epoch += 1
+                bar.update(1)
+                for k, v in terms_sum.items():
+                    window[k] = window.get(k, 0.0) + v
+                window["_n"] = window.get("_n", 0) + 1
+                if not summary.first_losses:
+                    summary.first_losses = {k: v for k, v in terms_sum.items()}
+                if step % cfg.log_every == 0 or step == limit:
+                    elapsed = time.perf_counter() - t_window
+                    summary.losses = {k: v / window["_n"] for k, v in window.items() if k != "_n"}
+                    summary.images_per_s, summary.data_wait_fraction = seen / elapsed, wait / elapsed
+                    bar.set_postfix(loss=f"{summary.losses['total']:.4f}", lr=f"{lr:.2e}", img_s=f"{summary.images_per_s:.0f}")
+                    if live is not None:
+                        for k, v in summary.losses.items():
+                            live.log_metric(f"loss/{k}", v)
+                        live.log_metric("lr", lr)
+                        live.log_metric("images_per_s", summary.images_per_s)
+                        live.log_metric("data_wait_fraction", summary.data_wait_fraction)
+                        live.step = step
+                        live.next_step()
+                    window, seen, wait, t_window = {}, 0, 0.0, time.perf_counter()
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    checkpoint(epoch)
+            del batches_iter
+            if done_in_epoch == sched.steps_per_epoch:
+                checkpoint(epoch + 1)
+        if saved_step != step:
+            checkpoint(step // sched.steps_per_epoch)
+    finally:
+        bar.close()
+        if live is not None:
+            live.end()
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    summary.step, summary.epochs = step, step // sched.steps_per_epoch
+    return summary
+
+
+def _init_distributed() -> tuple[int, int, int]:
+    """(rank, world, local_rank); initializes the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _device(name: str, local_rank: int, world: int) -> torch.device:
+    if world > 1 and name in ("auto", "cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return resolve_device(name, key="train.device")
+
+
+def _open_live(live_dir: str | Path | None, *, resume: bool):
+    if not live_dir:
+        return None
+    from dvclive import Live
+
+    try:
+        return Live(dir=str(live_dir), resume=resume, save_dvc_exp=False, dvcyaml=None)
+    except Exception as exc:  # noqa: BLE001 - dvclive raises scmrepo errors, e.g. in a repo without commits
+        raise InputError(f"dvclive could not start in {live_dir} ({type(exc).__name__}: {exc}); commit once, or pass --live-dir ''") from None

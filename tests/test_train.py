@@ -1,0 +1,142 @@
+"""Stage two end to end on a real 8-row cache: overfitting, exact resume, checkpoints, divergence."""
+
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from torch.utils.data import DataLoader
+
+import cache_schema as cs
+from pipeline.cache_store import load_targets
+from pipeline.checkpoint import load_checkpoint
+from pipeline.config import TrainConfig, load_params
+from pipeline.errors import ConfigError, InputError
+from pipeline.student_data import CachePairs, student_image
+from pipeline.train import TrainingDiverged, make_schedule, run_training
+
+TINY_TRAIN = [
+    "student.variant=zeroseg_micro", "train.batch_size=8", "train.micro_batch=4", "train.num_workers=0",
+    "train.warmup_epochs=0", "train.log_every=1", "train.base_lr=0.05", "train.shuffle_buffer=8",
+]
+
+
+def params_for(built_cache, *extra):
+    _, params = built_cache
+    return load_params(params, [*TINY_TRAIN, *extra])
+
+
+def test_tiny_student_overfits_the_cache_and_every_term_falls(built_cache, tmp_path):
+    store, _ = built_cache
+    summary = run_training(params_for(built_cache, "train.epochs=60", "train.log_every=10"), str(store), tmp_path / "run", progress=False)
+    assert summary.step == 60 * 1  # 8 rows, effective batch 8: one optimizer step per epoch (2 micro-batches)
+    for term in ("distill", "segment_match", "reconstruction"):
+        assert summary.losses[term] < 0.7 * summary.first_losses[term], (term, summary.first_losses[term], summary.losses[term])
+
+
+def test_resume_continues_exactly(built_cache, tmp_path):
+    store, _ = built_cache
+    straight = run_training(params_for(built_cache, "train.epochs=6"), str(store), tmp_path / "a", progress=False)
+    run_training(params_for(built_cache, "train.epochs=6", "train.max_steps=4"), str(store), tmp_path / "b", progress=False)
+    resumed = run_training(params_for(built_cache, "train.epochs=6"), str(store), tmp_path / "b", resume="must", progress=False)
+    assert resumed.resumed_from == 4 and resumed.step == straight.step == 6
+    a, b = load_checkpoint(tmp_path / "a" / "checkpoint.pt"), load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert a["optimizer"]["state"][0]["exp_avg"].equal(b["optimizer"]["state"][0]["exp_avg"])
+
+
+def test_resume_refuses_a_checkpoint_made_with_other_params(built_cache, tmp_path):
+    store, _ = built_cache
+    run_training(params_for(built_cache, "train.epochs=1"), str(store), tmp_path / "r", progress=False)
+    with pytest.raises(InputError, match="made with other loss"):
+        run_training(params_for(built_cache, "train.epochs=1", "loss.distill=2.0"), str(store), tmp_path / "r", resume="must", progress=False)
+    fresh = run_training(params_for(built_cache, "train.epochs=1", "loss.distill=2.0"), str(store), tmp_path / "r", resume="auto", progress=False)
+    assert fresh.resumed_from is None
+    with pytest.raises(InputError, match="no checkpoint to resume"):
+        run_training(params_for(built_cache, "train.epochs=1"), str(store), tmp_path / "none", resume="must", progress=False)
+
+
+def test_checkpoint_is_plain_data_and_pickled_code_is_refused(built_cache, tmp_path):
+    store, _ = built_cache
+    run_training(params_for(built_cache, "train.epochs=1"), str(store), tmp_path / "c", progress=False)
+    ckpt = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 1 and ckpt["cache"]["embed_dim"] == 32 and ckpt["cache"]["grids"] == [1, 2, 3, 4]
+    assert ckpt["config"]["student"]["variant"] == "zeroseg_micro" and ckpt["arch"]["img_size"] == 32
+    assert ckpt["cache"]["fingerprint"] == zarr.open_group(store, mode="r").attrs["fingerprint"]
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"model": Evil()}))
+    with pytest.raises(InputError, match="not a loadable checkpoint"):
+        load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(built_cache, tmp_path):
+    store, _ = built_cache
+    broken = tmp_path / "broken.zarr"
+    shutil.copytree(store, broken)
+    run_training(params_for(built_cache, "train.epochs=4", "train.max_steps=2"), str(broken), tmp_path / "d", progress=False)
+    before = (tmp_path / "d" / "checkpoint.pt").read_bytes()
+    views = zarr.open_group(broken, mode="r+")["views/1x1"]
+    views[:] = np.full(views.shape, np.inf, dtype=np.float16)  # a poisoned cache
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss at step 2 \(distill=nan.*last good checkpoint is"):
+        run_training(params_for(built_cache, "train.epochs=4"), str(broken), tmp_path / "d", resume="must", progress=False)
+    assert (tmp_path / "d" / "checkpoint.pt").read_bytes() == before
+
+
+def test_an_invalid_cache_is_refused_with_the_reason(built_cache, tmp_path):
+    store, _ = built_cache
+    partial = tmp_path / "partial.zarr"
+    shutil.copytree(store, partial)
+    zarr.open_group(partial, mode="r+")["views/4x4"].attrs["complete"] = False
+    with pytest.raises(InputError, match="refusing to train on .*views/4x4: incomplete"):
+        run_training(params_for(built_cache), str(partial), tmp_path / "e", progress=False)
+    run_training(params_for(built_cache, "loss.grids=[1,2]", "train.epochs=1"), str(partial), tmp_path / "e", progress=False)
+
+
+def test_pairs_match_the_cache_and_ranks_split_the_rows(built_cache):
+    store, params = built_cache
+    root = load_params(params).data.images
+    ds = CachePairs(str(store), root, (1, 3), 32, shuffle_buffer=4)
+    rows = []
+    for image, targets, row in ds:
+        rows.append(row)
+        assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
+        np.testing.assert_array_equal(targets.numpy(), load_targets(store, [1, 3], np.array([row]))[0])
+        path = zarr.open_group(store, mode="r")[cs.PATHS][row]
+        assert torch.equal(image, student_image(f"{root}/{path}", 32))
+    assert sorted(rows) == list(range(8)) and rows != list(range(8))  # all rows, shuffled
+    parts = [sorted(r for _, _, r in CachePairs(str(store), root, (1,), 32, rank=k, world=2)) for k in range(2)]
+    assert sorted(parts[0] + parts[1]) == list(range(8)) and not set(parts[0]) & set(parts[1])
+
+
+def test_skipping_batches_with_workers_reproduces_the_rest_of_the_epoch(built_cache):
+    store, params = built_cache
+    ds = CachePairs(str(store), load_params(params).data.images, (1,), 32, shuffle_buffer=3)
+
+    def rows(skip):
+        ds.set_epoch(3, skip_batches=skip, micro_batch=2)
+        loader = DataLoader(ds, batch_size=2, drop_last=True, num_workers=2, multiprocessing_context="forkserver")
+        return [b[2].tolist() for b in loader]
+
+    full = rows(0)
+    assert len(full) == ds.batches_per_epoch(2, 2) == 4
+    assert rows(3) == full[3:]
+
+
+def test_schedule_math():
+    cfg = TrainConfig(batch_size=4096, micro_batch=256, base_lr=1.5e-4, epochs=80, warmup_epochs=20, min_lr=0.0)
+    s = make_schedule(cfg, batches_per_epoch=1000, world=2)
+    assert s.accum == 8 and s.steps_per_epoch == 125 and s.total_steps == 10000 and s.warmup_steps == 2500
+    assert s.peak_lr == pytest.approx(1.5e-4 * 16)
+    assert s.lr_at(0, cfg) == pytest.approx(s.peak_lr / 2500)
+    assert s.lr_at(2499, cfg) == pytest.approx(s.peak_lr)
+    assert s.lr_at(2500 + 3750, cfg) == pytest.approx(s.peak_lr / 2)
+    assert s.lr_at(9999, cfg) < 1e-3 * s.peak_lr
+    with pytest.raises(ConfigError, match="multiple of train.micro_batch x devices"):
+        make_schedule(TrainConfig(batch_size=100, micro_batch=64), 10, 1)
