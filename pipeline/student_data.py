@@ -83,7 +83,9 @@ class CachePairs(IterableDataset):
         n = len(self.status)
         all_chunks = [(a, min(n, a + self.chunk_rows)) for a in range(0, n, self.chunk_rows)]
         self.chunks = [c for c in all_chunks if np.any(self.status[c[0] : c[1]] == cs.STATUS_OK)][rank::world]
-        self.epoch, self.skip_batches, self.micro_batch = 0, 0, 1
+        # (epoch, skip_batches, micro_batch) in shared memory: persistent DataLoader workers keep
+        # their copy of the dataset across epochs, and read the new epoch from here.
+        self._epoch_state = torch.tensor([0, 0, 1], dtype=torch.int64).share_memory_()
         self._group = None  # opened lazily in each worker (zarr's event loop is not fork-safe)
 
     def __len__(self) -> int:
@@ -102,8 +104,23 @@ class CachePairs(IterableDataset):
         return sum(s.rows // micro_batch for s in self.streams(num_workers))
 
     def set_epoch(self, epoch: int, *, skip_batches: int = 0, micro_batch: int = 1) -> None:
-        """Choose the epoch's order, and how many of its first micro-batches to skip (resume)."""
-        self.epoch, self.skip_batches, self.micro_batch = epoch, skip_batches, micro_batch
+        """Choose the epoch's order, and how many of its first micro-batches to skip (resume).
+
+        Call before creating the epoch's DataLoader iterator; workers read it when it starts.
+        """
+        self._epoch_state[:] = torch.tensor([epoch, skip_batches, micro_batch])
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch_state[0])
+
+    @property
+    def skip_batches(self) -> int:
+        return int(self._epoch_state[1])
+
+    @property
+    def micro_batch(self) -> int:
+        return int(self._epoch_state[2])
 
     def _skipped_rows(self, worker: int, num_workers: int) -> int:
         """Rows worker `worker` produced within the first `skip_batches` batches of the loader.

@@ -161,6 +161,7 @@ def _compute(store: CacheStore, manifest: Manifest, teacher: Teacher, todo: dict
             views = make_views([torch.from_numpy(decoded.square)], grids, teacher.spec)[0]
         return _Item(row, decoded, views, time.perf_counter() - t0)
 
+    embedder = _Embedder(teacher, writer, stats)
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
             for shard, grids, items in _decoded_shards(pool, decode, store, todo, lookahead=2 * batch_size):
@@ -171,6 +172,7 @@ def _compute(store: CacheStore, manifest: Manifest, teacher: Teacher, todo: dict
                     status=np.full(len(rows), cs.STATUS_FAILED, dtype=np.uint8),
                     failures=[""] * len(rows),
                 )
+                embedder.start_shard(result)
                 batch: list[_Item] = []
                 for future in items:
                     t0 = time.perf_counter()
@@ -186,14 +188,15 @@ def _compute(store: CacheStore, manifest: Manifest, teacher: Teacher, todo: dict
                     result.status[local] = cs.STATUS_OK
                     batch.append(item)
                     if len(batch) == batch_size:
-                        _embed(batch, grids, teacher, result, rows.start, stats)
+                        embedder.launch(batch, grids, result, rows.start)
                         bar.update(len(batch))
                         batch = []
                 if batch:
-                    _embed(batch, grids, teacher, result, rows.start, stats)
+                    embedder.launch(batch, grids, result, rows.start)
                     bar.update(len(batch))
-                writer.put(result)
+                embedder.end_shard(result)
                 bar.set_postfix(views_per_s=f"{teacher.forward_views / max(bar.format_dict['elapsed'], 1e-9):.0f}")
+            embedder.flush()
     finally:
         writer.close()
         bar.close()
@@ -224,25 +227,64 @@ def _decoded_shards(pool: ThreadPoolExecutor, decode, store: CacheStore, todo: d
         yield shard, grids, futures()
 
 
-def _embed(batch: list[_Item], grids: tuple[int, ...], teacher: Teacher, result: ShardResult, row0: int, stats: RunStats) -> None:
-    t0 = time.perf_counter()
-    if batch[0].views is not None:
-        views = torch.stack([item.views for item in batch])  # [B, V_s, 3, T, T]
-    else:
-        squares = [torch.from_numpy(item.decoded.square).pin_memory() if teacher.device.type == "cuda" else torch.from_numpy(item.decoded.square) for item in batch]
-        views = make_views(squares, grids, teacher.spec, teacher.device)  # [B, V_s, 3, T, T]
-    t1 = time.perf_counter()
-    b, v = views.shape[:2]
-    feats = teacher.encode(views.flatten(0, 1)).view(b, v, -1)  # [B, V_s, D]
-    feats = feats.to(torch.float16).cpu().numpy()
-    t2 = time.perf_counter()
-    stats.views_s += t1 - t0
-    stats.model_s += t2 - t1
-    local = [item.row - row0 for item in batch]
-    start = 0
-    for g in grids:
-        result.views[g][local] = feats[:, start : start + g * g]  # [B, g*g, D]
-        start += g * g
+class _Embedder:
+    """Runs the teacher on batches and hands finished shards to the writer.
+
+    On a GPU the forward of one batch is launched before the previous batch's results are
+    fetched (`depth` 1), so decoding and view cutting of the next batch overlap the model;
+    on a CPU the forward is synchronous anyway (`depth` 0).
+    """
+
+    def __init__(self, teacher: Teacher, writer: _ShardWriter, stats: RunStats):
+        self.teacher, self.writer, self.stats = teacher, writer, stats
+        self.depth = 1 if teacher.device.type == "cuda" else 0
+        self.inflight: deque[tuple[torch.Tensor, list[int], tuple[int, ...], ShardResult]] = deque()
+        self.open: dict[int, list] = {}  # shard -> [result, batches in flight, all batches launched]
+
+    def start_shard(self, result: ShardResult) -> None:
+        self.open[result.shard] = [result, 0, False]
+
+    def launch(self, batch: list[_Item], grids: tuple[int, ...], result: ShardResult, row0: int) -> None:
+        t0 = time.perf_counter()
+        if batch[0].views is not None:
+            views = torch.stack([item.views for item in batch])  # [B, V_s, 3, T, T]
+        else:
+            views = make_views([torch.from_numpy(item.decoded.square) for item in batch], grids, self.teacher.spec, self.teacher.device)
+        t1 = time.perf_counter()
+        b, v = views.shape[:2]
+        feats = self.teacher.encode(views.flatten(0, 1)).view(b, v, -1).to(torch.float16)  # [B, V_s, D], async on GPU
+        self.stats.views_s += t1 - t0
+        self.stats.model_s += time.perf_counter() - t1
+        self.inflight.append((feats, [item.row - row0 for item in batch], grids, result))
+        self.open[result.shard][1] += 1
+        while len(self.inflight) > self.depth:
+            self._collect()
+
+    def end_shard(self, result: ShardResult) -> None:
+        self.open[result.shard][2] = True
+        self._maybe_write(result.shard)
+
+    def flush(self) -> None:
+        while self.inflight:
+            self._collect()
+
+    def _collect(self) -> None:
+        feats, local, grids, result = self.inflight.popleft()
+        t0 = time.perf_counter()
+        values = feats.cpu().numpy()  # [B, V_s, D]; waits for the forward on a GPU
+        self.stats.model_s += time.perf_counter() - t0
+        start = 0
+        for g in grids:
+            result.views[g][local] = values[:, start : start + g * g]  # [B, g*g, D]
+            start += g * g
+        self.open[result.shard][1] -= 1
+        self._maybe_write(result.shard)
+
+    def _maybe_write(self, shard: int) -> None:
+        result, in_flight, launched = self.open[shard]
+        if launched and in_flight == 0:
+            del self.open[shard]
+            self.writer.put(result)
 
 
 class _ShardWriter:

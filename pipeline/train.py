@@ -181,7 +181,8 @@ def run_training(params: Params, cache: str, out_dir: str | Path, *, resume: str
     sched = make_schedule(cfg, batches, world)
     loader = DataLoader(
         dataset, batch_size=cfg.micro_batch, drop_last=True, num_workers=cfg.num_workers,
-        multiprocessing_context="forkserver" if cfg.num_workers > 0 else None, pin_memory=device.type == "cuda",
+        multiprocessing_context="forkserver" if cfg.num_workers > 0 else None, persistent_workers=cfg.num_workers > 0,
+        pin_memory=device.type == "cuda",
     )
     optimizer = torch.optim.AdamW(param_groups_for_weight_decay(model, cfg.weight_decay), lr=sched.peak_lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and cfg.precision == "fp16")

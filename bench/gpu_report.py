@@ -1,0 +1,41 @@
+"""Summarize a gpu_check.sh output folder as markdown (figures only; nothing is re-measured)."""
+
+import json
+import sys
+from pathlib import Path
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    gpu = (out / "gpu.txt").read_text().strip() if (out / "gpu.txt").exists() else "?"
+    s1, s2 = load(out / "stage1.json"), load(out / "stage2.json")
+    tests = (out / "gpu_tests.log").read_text().strip().splitlines()[-1:] if (out / "gpu_tests.log").exists() else ["not run"]
+    lines = [f"# GPU check\n\nDevice: {gpu}\n\nGPU tests: {tests[0] if tests else '?'}\n"]
+    if s1:
+        p, n = s1["pipelined"], s1["naive"]
+        lines += [
+            f"## Stage one ({s1['model']}, {s1['precision']}, {s1['image_size']} JPEGs, grids {s1['grids']})",
+            f"- pipelined: {p['images_per_s']:.1f} images/s, {p['views_per_s']:.0f} views/s steady; {p['process_images_per_s']:.1f} images/s whole process",
+            f"- naive per-crop loop: {n['images_per_s']:.2f} images/s ({n['views_per_s']:.0f} views/s); speedup {s1['speedup_steady']:.1f}x steady",
+            f"- {s1.get('gflops_per_view', 0):.0f} GFLOP per view; {s1.get('achieved_tflops_end_to_end', 0):.0f} TFLOP/s end to end = {100 * (s1.get('fraction_of_dense_bf16_peak') or 0):.0f}% of dense bf16 peak",
+            f"- time split (s): " + ", ".join(f"{k} {v:.1f}" for k, v in p["split"].items()),
+            f"- peak RSS: naive {n['peak_rss_mb']:.0f} MB, pipelined {p['peak_rss_mb']:.0f} MB\n",
+        ]
+    if s2:
+        c = s2["compute"]
+        lines += [
+            f"## Stage two ({c['variant']}, micro-batch {c['micro_batch']}, mask ratio {c['mask_ratio']}, bf16)",
+            f"- compute: {c['images_per_s']:.0f} images/s, {c['gflops_per_image']:.0f} GFLOP per image (fwd+bwd), {c['achieved_tflops']:.0f} TFLOP/s = {100 * (c.get('fraction_of_dense_bf16_peak') or 0):.0f}% of dense bf16 peak, {c['peak_memory_gb'] or 0:.1f} GB",
+        ]
+        if "end_to_end" in s2:
+            e = s2["end_to_end"]
+            lines.append(f"- end to end ({e['workers']} workers, {e['images']} generated 500x375 JPEGs): {e['images_per_s_second_half']:.0f} images/s, data wait {100 * e['data_wait_fraction_second_half']:.1f}% of step time")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Stage-two throughput: student training steps/s, images/s and the fraction of dense bf16 peak.
+
+Two measurements in one run:
+- compute: the training step (forward, all losses, backward, AdamW) on batches already on the
+  device, FLOPs counted with torch's FlopCounterMode, so the figure is the model's alone;
+- end to end: `run_training` on a generated cache and image folder with DataLoader workers,
+  reporting images/s and the fraction of step time spent waiting for data.
+
+    python bench/train_bench.py --variant zeroseg_tiny --micro-batch 64 --steps 10        # CPU
+    python bench/train_bench.py --variant zeroseg_vit_b16 --micro-batch 256 --device cuda  # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from pipeline.config import TrainConfig, load_params
+from pipeline.student import ZeroSegStudent, param_groups_for_weight_decay, student_arch
+from pipeline.train import StudentObjective
+
+DENSE_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}
+
+
+def compute_bench(args, device: torch.device) -> dict:
+    arch = student_arch(args.variant)
+    model = ZeroSegStudent(arch=arch, out_dim=args.dim).to(device)
+    params = load_params(None, [f"loss.grids=[{args.grids}]"])
+    grids = tuple(int(g) for g in args.grids.split(","))
+    objective = StudentObjective(params, grids).to(device)
+    opt = torch.optim.AdamW(param_groups_for_weight_decay(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+    step_model = torch.compile(model) if args.compile else model
+    v = sum(g * g for g in grids)
+    images = torch.randn(args.micro_batch, 3, arch.img_size, arch.img_size, device=device)
+    targets = torch.randn(args.micro_batch, v, args.dim, device=device)
+    amp = torch.bfloat16 if device.type == "cuda" else None
+
+    def step():
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            out = step_model(images, args.mask_ratio)
+            total, _ = objective(out, targets, model.patchify(images))
+        total.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / args.steps
+    return {"variant": args.variant, "micro_batch": args.micro_batch, "mask_ratio": args.mask_ratio, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+            "gflops_per_image": flops / args.micro_batch / 1e9, "step_s": dt, "images_per_s": args.micro_batch / dt, "achieved_tflops": flops / dt / 1e12,
+            "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None}
+
+
+def end_to_end_bench(args, device: torch.device) -> dict:
+    from bench.teacher_cache_bench import make_images
+    from pipeline.teacher_cache import run_teacher_cache
+    from pipeline.train import run_training
+
+    with tempfile.TemporaryDirectory() as tmp:
+        make_images(Path(tmp) / "images", args.e2e_images, 500, 375)
+        base = [f"data.images={tmp}/images", "data.manifest_hash=stat", "teacher.model=zeroseg-test-vit", "teacher.pretrained=",
+                f"teacher.device={device}", "teacher.precision=fp32", f"cache.grids=[{args.grids}]", "cache.shard_rows=256", "cache.chunk_rows=64"]
+        store = f"{tmp}/cache.zarr"
+        run_teacher_cache(load_params(None, base), store, progress=False)
+        micro = args.micro_batch
+        train = [f"student.variant={args.variant}", f"train.device={device}", f"train.micro_batch={micro}", f"train.batch_size={micro}",
+                 f"train.num_workers={args.workers}", "train.epochs=100", "train.warmup_epochs=0", f"train.max_steps={args.e2e_steps}",
+                 f"train.log_every={max(1, args.e2e_steps // 2)}", f"loss.grids=[{args.grids}]", f"train.compile={str(args.compile).lower()}"]
+        t0 = time.perf_counter()
+        summary = run_training(load_params(None, base + train), store, f"{tmp}/run", live_dir=None, progress=False)
+        # The last logging window (the second half of the steps) leaves out worker start-up.
+        return {"images": args.e2e_images, "workers": args.workers, "steps": summary.step, "wall_s": time.perf_counter() - t0,
+                "images_per_s_second_half": summary.images_per_s, "data_wait_fraction_second_half": summary.data_wait_fraction}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variant", default="zeroseg_tiny")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--micro-batch", type=int, default=64)
+    ap.add_argument("--mask-ratio", type=float, default=0.6)
+    ap.add_argument("--dim", type=int, default=768, help="teacher embedding width (768 for ViT-L/14)")
+    ap.add_argument("--grids", default="1,2,3,4")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--e2e-images", type=int, default=0, help="also run end to end on this many generated images (0: skip)")
+    ap.add_argument("--e2e-steps", type=int, default=20)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "compute": compute_bench(args, device)}
+    if device.type == "cuda":
+        peak = next((v for k, v in DENSE_BF16_TFLOPS.items() if k in report["device"]), None)
+        report["compute"]["fraction_of_dense_bf16_peak"] = report["compute"]["achieved_tflops"] / peak if peak else None
+    if args.e2e_images:
+        report["end_to_end"] = end_to_end_bench(args, device)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

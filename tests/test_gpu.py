@@ -1,0 +1,51 @@
+"""Checks that need a CUDA device (skipped elsewhere): the GPU paths agree with the CPU ones."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_params
+from pipeline.cache_store import load_targets
+from pipeline.checkpoint import load_checkpoint
+from pipeline.config import TeacherConfig, load_params
+from pipeline.decode import decode_center_square
+from pipeline.teacher import Teacher
+from pipeline.teacher_cache import run_teacher_cache
+from pipeline.train import run_training
+from pipeline.views import make_views
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_views_on_the_gpu_match_the_cpu(demo_dir):
+    teacher = Teacher.load(TeacherConfig(model="zeroseg-test-vit", pretrained="", precision="fp32", device="cpu"))
+    squares = [torch.from_numpy(decode_center_square(p).square) for p in sorted((demo_dir / "images").glob("*.jpg"))]
+    cpu = make_views(squares, [1, 2, 3, 4], teacher.spec, "cpu")
+    gpu = make_views(squares, [1, 2, 3, 4], teacher.spec, "cuda").cpu()
+    # Both are rounded to 8-bit levels; rounding can flip by one level where the float results differ.
+    levels = (cpu - gpu).abs() * torch.tensor(teacher.spec.std).view(1, 1, 3, 1, 1) * 255
+    assert levels.max() <= 1.01 and (levels > 0.5).float().mean() < 0.01
+
+
+def test_cache_built_on_the_gpu_matches_the_cpu(tmp_path, demo_dir):
+    params = write_params(tmp_path / "params.yaml", demo_dir / "images", tmp_path / "caches")
+    run_teacher_cache(load_params(params), str(tmp_path / "cpu.zarr"), progress=False)
+    run_teacher_cache(load_params(params, ["teacher.device=cuda"]), str(tmp_path / "gpu.zarr"), progress=False)
+    a = load_targets(tmp_path / "cpu.zarr", [1, 2, 3, 4]).astype(np.float32)
+    b = load_targets(tmp_path / "gpu.zarr", [1, 2, 3, 4]).astype(np.float32)
+    cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    assert cos.min() > 0.999
+    run_teacher_cache(load_params(params, ["teacher.device=cuda", "teacher.precision=bf16"]), str(tmp_path / "bf16.zarr"), progress=False)
+    c = load_targets(tmp_path / "bf16.zarr", [1, 2, 3, 4]).astype(np.float32)
+    assert ((a * c).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(c, axis=-1)).min() > 0.99
+
+
+def test_training_on_the_gpu_in_bf16(built_cache, tmp_path):
+    store, params = built_cache
+    overrides = ["student.variant=zeroseg_micro", "train.device=cuda", "train.precision=bf16", "train.batch_size=8", "train.micro_batch=4",
+                 "train.num_workers=2", "train.epochs=20", "train.warmup_epochs=0", "train.base_lr=0.05", "train.log_every=5"]
+    summary = run_training(load_params(params, overrides), str(store), tmp_path / "run", progress=False)
+    assert summary.step == 20 and all(np.isfinite(v) for v in summary.losses.values())
+    assert summary.losses["distill"] < summary.first_losses["distill"]
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")  # opens on the CPU
+    assert all(t.device.type == "cpu" for t in ckpt["model"].values())
