@@ -80,7 +80,7 @@ def run_naive(args) -> dict:
         square = img.crop(center_square_box(*img.size))
         for g, r, c in view_layout(grids):
             e = cell_edges(square.size[0], g)
-            out.append(teacher.encode(pre(square.crop((e[c], e[r], e[c + 1], e[r + 1])))[None]).half().numpy())
+            out.append(teacher.encode(pre(square.crop((e[c], e[r], e[c + 1], e[r + 1])))[None]).half().cpu().numpy())
     if teacher.device.type == "cuda":
         torch.cuda.synchronize()
     steady = time.perf_counter() - t1
@@ -96,7 +96,9 @@ def teacher_flops_per_view(args) -> float:
     from pipeline.teacher import Teacher
 
     teacher = Teacher.load(TeacherConfig(model=args.model, pretrained="", precision="fp32", device="cpu"))
-    x = torch.zeros(1, 3, teacher.spec.size, teacher.spec.size)
+    # An input that requires grad keeps nn.MultiheadAttention off its inference fast path,
+    # whose fused kernel FlopCounterMode does not see (it undercounts ViT-L-14 as 104 GFLOP).
+    x = torch.zeros(1, 3, teacher.spec.size, teacher.spec.size, requires_grad=True)
     with FlopCounterMode(display=False) as counter:
         teacher.model.encode_image(x)
     return float(counter.get_total_flops())

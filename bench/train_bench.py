@@ -78,7 +78,7 @@ def end_to_end_bench(args, device: torch.device) -> dict:
                 f"teacher.device={device}", "teacher.precision=fp32", f"cache.grids=[{args.grids}]", "cache.shard_rows=256", "cache.chunk_rows=64"]
         store = f"{tmp}/cache.zarr"
         run_teacher_cache(load_params(None, base), store, progress=False)
-        micro = args.micro_batch
+        micro = args.e2e_micro_batch or args.micro_batch
         train = [f"student.variant={args.variant}", f"train.device={device}", f"train.micro_batch={micro}", f"train.batch_size={micro}",
                  f"train.num_workers={args.workers}", "train.epochs=100", "train.warmup_epochs=0", f"train.max_steps={args.e2e_steps}",
                  f"train.log_every={max(1, args.e2e_steps // 2)}", f"loss.grids=[{args.grids}]", f"train.compile={str(args.compile).lower()}"]
@@ -102,6 +102,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--e2e-images", type=int, default=0, help="also run end to end on this many generated images (0: skip)")
     ap.add_argument("--e2e-steps", type=int, default=20)
+    ap.add_argument("--e2e-micro-batch", type=int, default=0, help="micro-batch of the end-to-end run (0: --micro-batch)")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -110,6 +111,8 @@ def main() -> None:
     if device.type == "cuda":
         peak = next((v for k, v in DENSE_BF16_TFLOPS.items() if k in report["device"]), None)
         report["compute"]["fraction_of_dense_bf16_peak"] = report["compute"]["achieved_tflops"] / peak if peak else None
+    if args.json:  # written now too, so the compute figures survive a failing end-to-end run
+        args.json.write_text(json.dumps(report, indent=2))
     if args.e2e_images:
         report["end_to_end"] = end_to_end_bench(args, device)
     text = json.dumps(report, indent=2)

@@ -140,3 +140,23 @@ def test_schedule_math():
     assert s.lr_at(9999, cfg) < 1e-3 * s.peak_lr
     with pytest.raises(ConfigError, match="multiple of train.micro_batch x devices"):
         make_schedule(TrainConfig(batch_size=100, micro_batch=64), 10, 1)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_on_cpu(built_cache, tmp_path):
+    """DistributedDataParallel with gloo: both ranks step together and rank 0 writes the checkpoint."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    store, params = built_cache
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m", "pipeline.cli", "train",
+           "--params", str(params), "--cache", str(store), "--out", str(tmp_path / "ddp"), "--live-dir", "", "-q",
+           *[a for kv in TINY_TRAIN + ["train.epochs=3", "train.micro_batch=2"] for a in ("--set", kv)]]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")
+    # 8 rows over 2 ranks, micro-batch 2, effective batch 8: accumulation 2, one step per epoch
+    assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2
+    assert ckpt["schedule"]["accum"] == 2
