@@ -62,7 +62,7 @@ def train(
     out: Annotated[Path, typer.Option("--out", help="folder for checkpoint.pt")] = Path("models/student"),
     resume: Annotated[bool, typer.Option("--resume", help="continue the checkpoint in --out exactly (fail if there is none or it differs)")] = False,
     auto_resume: Annotated[bool, typer.Option("--auto-resume", help="continue the checkpoint in --out when it was made with the same config and cache, else start afresh")] = False,
-    live_dir: Annotated[Optional[Path], typer.Option("--live-dir", help="dvclive folder for metrics and plots")] = Path("dvclive"),
+    live_dir: Annotated[str, typer.Option("--live-dir", help="dvclive folder of its own for metrics and plots ('' for none)")] = "dvclive",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
     """Stage two: train the student from the teacher cache (torchrun for several GPUs)."""

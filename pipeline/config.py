@@ -117,6 +117,25 @@ class TrainConfig:
     max_steps: int = 0  # stop after N optimizer steps (smoke runs); 0: the full schedule
 
 
+@dataclass(frozen=True)
+class EvalConfig:
+    """Zero-shot evaluation: datasets, background rule, prompts, resolution, baselines."""
+
+    datasets: dict[str, str] = field(default_factory=lambda: {"demo": "data/demo"})  # name -> root folder
+    bg_rule: Literal["probability", "cosine"] = "probability"  # threshold softmax probability (GroupViT) or raw cosine
+    # Per dataset; the paper's: 0.95 VOC, 0.05 Context, 0.35 COCO-Object (on probabilities).
+    bg_threshold: dict[str, float] = field(default_factory=lambda: {"voc": 0.95, "context": 0.05, "coco_object": 0.35, "demo": 0.5})
+    templates: Literal["single", "imagenet"] = "imagenet"  # "a photo of a {}." or open_clip's 80 ImageNet prompts
+    short_side: int = 448  # images are resized to this short side
+    window: int = 448  # sliding window side (pixels of the resized image)
+    stride: int = 224
+    topk_classes: int = 0  # keep only the image's top-k classes (by the global embedding); 0: all
+    max_images: int = 0  # per dataset; 0: all
+    baselines: tuple[str, ...] = ("training_free",)  # evaluated by the same harness beside the student
+    pictures: int = 8  # overlays of the first N images of each dataset
+    device: str = "auto"
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "teacher": TeacherConfig,
@@ -124,6 +143,7 @@ SECTIONS: dict[str, type] = {
     "student": StudentConfig,
     "loss": LossConfig,
     "train": TrainConfig,
+    "eval": EvalConfig,
 }
 
 
@@ -137,6 +157,7 @@ class Params:
     student: StudentConfig = field(default_factory=StudentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     source: str = "<defaults>"  # the file these came from, for error messages
 
 
@@ -163,12 +184,21 @@ def load_params(path: str | Path | None = "params.yaml", overrides: typing.Seque
     for item in overrides:
         key, sep, text = item.partition("=")
         parts = key.strip().split(".")
-        if not sep or len(parts) != 2 or not all(parts):
-            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE")
+        if not sep or len(parts) not in (2, 3) or not all(parts):
+            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE (or SECTION.KEY.NAME=VALUE for a mapping)")
         raw.setdefault(parts[0], {})
         if not isinstance(raw[parts[0]], dict):
             raise ConfigError(f"{source}: section {parts[0]!r} must be a mapping")
-        raw[parts[0]][parts[1]] = yaml.safe_load(text) if text.strip() else ""
+        value = yaml.safe_load(text) if text.strip() else ""
+        if len(parts) == 3:  # one entry of a mapping-valued key, the rest kept
+            current = raw[parts[0]].get(parts[1])
+            if current is None:
+                cls = SECTIONS.get(parts[0])
+                default = next((f for f in dataclasses.fields(cls) if f.name == parts[1]), None) if cls else None
+                current = default.default_factory() if default is not None and default.default_factory is not dataclasses.MISSING else {}
+            raw[parts[0]][parts[1]] = {**dict(current), parts[2]: value}
+        else:
+            raw[parts[0]][parts[1]] = value
     sections = {}
     for name, values in raw.items():
         if name not in SECTIONS:
@@ -201,6 +231,10 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         if value not in args:
             raise ConfigError(f"{source}: {key}: expected one of {', '.join(map(str, args))}, got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}", source) for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{source}: {key}: expected a list, got {value!r}")

@@ -331,8 +331,12 @@ def _device(name: str, local_rank: int, world: int) -> torch.device:
 
 
 def _open_live(live_dir: str | Path | None, *, resume: bool):
-    if not live_dir:
+    if live_dir is None or str(live_dir).strip() in ("", "."):
         return None
+    live_path = Path(live_dir).resolve()
+    if live_path == Path.cwd().resolve() or (live_path / "dvc.yaml").exists() or (live_path / "params.yaml").exists():
+        # dvclive clears metrics.json, plots/, params.yaml and dvc.yaml in its folder when it starts.
+        raise InputError(f"--live-dir {live_dir}: must be a folder of its own (dvclive clears its files), not one holding params.yaml or dvc.yaml")
     from dvclive import Live
 
     try:

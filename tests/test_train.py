@@ -160,3 +160,14 @@ def test_torchrun_two_ranks_on_cpu(built_cache, tmp_path):
     # 8 rows over 2 ranks, micro-batch 2, effective batch 8: accumulation 2, one step per epoch
     assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2
     assert ckpt["schedule"]["accum"] == 2
+
+
+def test_dvclive_is_never_started_in_a_folder_it_would_clear(tmp_path, monkeypatch):
+    from pipeline.train import _open_live
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("data: {}\n")
+    assert _open_live("", resume=False) is None and _open_live(".", resume=False) is None
+    with pytest.raises(InputError, match="must be a folder of its own"):
+        _open_live(str(tmp_path), resume=False)
+    assert (tmp_path / "params.yaml").exists()
