@@ -74,6 +74,41 @@ def train(
     typer.echo(f"{summary.checkpoint}: step {summary.step}/{summary.total_steps}, {summary.images_per_s:.1f} img/s, data wait {summary.data_wait_fraction:.1%}; {losses}")
 
 
+@app.command("evaluate")
+def evaluate(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="the student's checkpoint.pt")] = Path("models/student/checkpoint.pt"),
+    metrics: Annotated[Path, typer.Option("--metrics", help="metrics JSON to write")] = Path("metrics/eval.json"),
+    pictures: Annotated[Optional[Path], typer.Option("--pictures", help="folder for overlay pictures")] = Path("outputs/eval"),
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+) -> None:
+    """Zero-shot mIoU of the student and the training-free baseline on eval.datasets."""
+    from pipeline.evaluate import run_evaluation
+
+    run_evaluation(load_params(params, set_ or ()), checkpoint, metrics, pictures, progress=not quiet, echo=typer.echo)
+    typer.echo(f"\nmetrics written to {metrics}" + (f", pictures to {pictures}" if pictures else ""))
+
+
+@app.command("segment")
+def segment(
+    images: Annotated[list[Path], typer.Argument(help="image files or folders")],
+    classes: Annotated[str, typer.Option("--classes", help="comma-separated vocabulary, or @FILE with one class per line")],
+    out: Annotated[Path, typer.Option("--out", help="folder for NAME_mask.png and NAME_overlay.png")],
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="the student's checkpoint.pt")] = Path("models/student/checkpoint.pt"),
+    threshold: Annotated[Optional[float], typer.Option(help="background threshold (default: eval.bg_threshold.default or 0.5)")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Zero-shot segmentation of any images with any vocabulary: a mask PNG and an overlay PNG each."""
+    from pipeline.segment import parse_classes, run_segment
+
+    results = run_segment(load_params(params, set_ or ()), checkpoint, images, parse_classes(classes), out, threshold=threshold, progress=not quiet)
+    for r in results:
+        typer.echo(f"{r['image']}: {r['overlay']} ({', '.join(r['legend']) or 'background only'})")
+
+
 @cache_app.command("info")
 def cache_info(
     path: Annotated[str, typer.Argument(help="store path or URL")],

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from pipeline.errors import InputError
+
 # Truncated files must fail, not decode into grey padding.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -51,34 +53,53 @@ def decode_center_square(path: str | Path, *, min_side: int = 1, max_pixels: int
         min_side: the smallest acceptable square side (the largest grid: every cell needs a pixel).
         max_pixels: images with more pixels are refused as decompression bombs before decoding.
     """
-    path = Path(path)
-    try:
-        if path.stat().st_size == 0:
-            return Decoded(None, "empty file (0 bytes)")
-    except OSError as exc:
-        return Decoded(None, f"cannot read file ({exc.strerror or exc})")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                width, height = img.size
-                if width * height > max_pixels:
-                    return Decoded(None, f"decompression bomb: {width}x{height} pixels exceeds data.max_pixels={max_pixels}")
-                img.load()
-                img = ImageOps.exif_transpose(img)
-                rgb = _to_rgb(img)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        return Decoded(None, f"decompression bomb: {exc}")
-    except UnidentifiedImageError:
-        return Decoded(None, "not an image PIL can identify")
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        return Decoded(None, f"corrupt or truncated image ({str(exc) or type(exc).__name__})")
+    rgb, reason = _open_rgb(Path(path), max_pixels)
+    if rgb is None:
+        return Decoded(None, reason)
     width, height = rgb.size
     side = min(width, height)
     if side < min_side:
         return Decoded(None, f"too small: {width}x{height}, the center square needs at least {min_side} px", (width, height))
     square = np.array(rgb.crop(center_square_box(width, height)))  # [S, S, 3] uint8, writable
     return Decoded(square, "", (width, height))
+
+
+def load_rgb(path: str | Path, *, max_pixels: int = 178_956_970, exif: bool = True) -> np.ndarray:
+    """The whole image as [H, W, 3] uint8 RGB, for inference.
+
+    Args:
+        exif: apply the EXIF orientation (False for benchmarks, whose masks annotate stored pixels).
+    Raises:
+        InputError: naming the file and what is wrong with it.
+    """
+    rgb, reason = _open_rgb(Path(path), max_pixels, exif)
+    if rgb is None:
+        raise InputError(f"{path}: {reason}")
+    return np.array(rgb)
+
+
+def _open_rgb(path: Path, max_pixels: int, exif: bool = True) -> tuple[Image.Image | None, str]:
+    """The decoded RGB image, or None and the reason."""
+    try:
+        if path.stat().st_size == 0:
+            return None, "empty file (0 bytes)"
+    except OSError as exc:
+        return None, f"cannot read file ({exc.strerror or exc})"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    return None, f"decompression bomb: {width}x{height} pixels exceeds data.max_pixels={max_pixels}"
+                img.load()
+                return _to_rgb(ImageOps.exif_transpose(img) if exif else img), ""
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return None, f"decompression bomb: {exc}"
+    except UnidentifiedImageError:
+        return None, "not an image PIL can identify"
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        return None, f"corrupt or truncated image ({str(exc) or type(exc).__name__})"
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

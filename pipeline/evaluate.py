@@ -1,0 +1,92 @@
+"""Zero-shot evaluation: the student and the training-free baseline, same images, same protocol.
+
+For each dataset in `eval.datasets`, both segmenters see the same images at the same
+resolution, the same class embeddings (background excluded from the vocabulary; it comes from
+the threshold), the same background rule and threshold, and are scored by the same confusion
+matrix (255 ignored). Results go to one metrics JSON (`dvc metrics show` reads it), a per-class
+table in the terminal, and overlay pictures of the first `eval.pictures` images.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from pipeline.config import Params
+from pipeline.decode import load_rgb
+from pipeline.errors import InputError
+from pipeline.evaluation import ConfusionMatrix, SegmentationScores, open_dataset
+from pipeline.inference import BackgroundRule, GridTeacherSegmenter, StudentSegmenter
+from pipeline.overlay import write_overlay
+from pipeline.segment import load_model
+from pipeline.teacher import resolve_device
+from pipeline.text import template_set
+
+BASELINES = ("training_free",)
+
+
+def side_by_side(names: list[str], columns: dict[str, SegmentationScores]) -> str:
+    """Per-class IoU (%) of every method in one table, with mIoU and pixel accuracy last."""
+    width = max(12, *(len(n) for n in names))
+    head = f"{'class':<{width}} " + " ".join(f"{m:>14}" for m in columns)
+    rows = [head, "-" * len(head)]
+
+    def pct(x: float) -> str:
+        return f"{100 * x:14.1f}" if x == x else f"{'-':>14}"
+
+    for k, name in enumerate(names):
+        rows.append(f"{name:<{width}} " + " ".join(pct(s.iou[k]) for s in columns.values()))
+    rows.append("-" * len(head))
+    rows.append(f"{'mIoU':<{width}} " + " ".join(pct(s.miou) for s in columns.values()))
+    rows.append(f"{'pixel acc.':<{width}} " + " ".join(pct(s.pixel_accuracy) for s in columns.values()))
+    return "\n".join(rows)
+
+
+def run_evaluation(params: Params, checkpoint: str | Path, metrics_path: str | Path, pictures_dir: str | Path | None = None, *, progress: bool = True, echo=print) -> dict:
+    """Evaluate the student (and the baselines in `eval.baselines`) on every dataset of `eval.datasets`.
+
+    Returns:
+        {dataset: {method: scores as_dict, ...}, ...}, also written to `metrics_path`.
+    """
+    e = params.eval
+    unknown = [b for b in e.baselines if b not in BASELINES]
+    if unknown:
+        raise InputError(f"eval.baselines: unknown {', '.join(unknown)} (known: {', '.join(BASELINES)})")
+    if not e.datasets:
+        raise InputError("eval.datasets: no dataset to evaluate on")
+    model = load_model(params, checkpoint)
+    device = resolve_device(e.device, key="eval.device")
+    templates = template_set(e.templates)
+    results: dict[str, dict] = {}
+    for name, root in e.datasets.items():
+        dataset = open_dataset(name, root)
+        if name not in e.bg_threshold:
+            raise InputError(f"eval.bg_threshold: no threshold for dataset {name!r} (have: {', '.join(e.bg_threshold)})")
+        classes = list(dataset.class_names[1:])  # index 0 is background, decided by the threshold
+        text = model.embedder(classes, templates)
+        rule = BackgroundRule(e.bg_rule, e.bg_threshold[name])
+        methods = {"student": StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, short_side=e.short_side, window=e.window, stride=e.stride, topk_classes=e.topk_classes, device=device)}
+        if "training_free" in e.baselines:
+            methods["training_free"] = GridTeacherSegmenter(model.teacher, text, model.embedder.logit_scale, rule, short_side=e.short_side)
+        matrices = {m: ConfusionMatrix(dataset.num_classes, dataset.ignore_index) for m in methods}
+        n = len(dataset) if not e.max_images else min(e.max_images, len(dataset))
+        for i in tqdm(range(n), desc=f"evaluate {name}", unit="img", disable=not progress):
+            sample = dataset[i]
+            image = load_rgb(sample.image_path, max_pixels=params.data.max_pixels, exif=False)
+            for method, segmenter in methods.items():
+                pred = segmenter.predict(image)
+                matrices[method].update(pred.labels, sample.mask)
+                if pictures_dir is not None and i < e.pictures:
+                    out = Path(pictures_dir) / name
+                    out.mkdir(parents=True, exist_ok=True)
+                    write_overlay(out / f"{sample.image_id}_{method}.png", image, pred.labels, classes)
+        scores = {m: cm.scores() for m, cm in matrices.items()}
+        results[name] = {m: s.as_dict(list(dataset.class_names)) | {"images": n} for m, s in scores.items()}
+        echo(f"\n{name} ({n} images, {len(classes)} classes + background, threshold {rule.threshold} on {rule.mode})")
+        echo(side_by_side(list(dataset.class_names), scores))
+    metrics_path = Path(metrics_path)
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path.write_text(json.dumps(results, indent=2))
+    return results

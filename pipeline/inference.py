@@ -1,0 +1,165 @@
+"""Zero-shot segmentation of an image with any vocabulary: the student, and the teacher alone.
+
+Both segmenters share the protocol: resize to a short side, classify regions by cosine
+similarity to the class embeddings (times the teacher's logit scale, softmax over the
+vocabulary), mark background where the best score is under the threshold, and return labels at
+the input's resolution (0 = background, k = vocabulary entry k-1).
+
+The student slides a square window over the resized image (GroupViT: 448 window, 224 stride),
+runs all windows in one batch with position embeddings recomputed for the window's grid, gives
+each pixel the segment with the largest (bilinearly upsampled) soft assignment, and each
+segment its class. Where windows overlap, the more confident window wins. The training-free
+baseline classifies every cell of 2x2, 3x3 and 4x4 grids over the image with the teacher (the
+cache's own views, without a student) and averages the cells' class probabilities per pixel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.student import ZeroSegStudent
+from pipeline.student_data import normalize_images
+from pipeline.teacher import Teacher
+from pipeline.views import ViewSpec, cell_edges
+
+
+@dataclass(frozen=True)
+class BackgroundRule:
+    """Background where the best class score is under `threshold`.
+
+    `probability` thresholds the softmax over the vocabulary of cosine x logit scale (GroupViT's
+    rule); `cosine` thresholds the raw cosine similarity.
+    """
+
+    mode: str = "probability"
+    threshold: float = 0.5
+
+
+@dataclass
+class Prediction:
+    """labels: [H, W] int64, 0 = background, k = class k-1 of the vocabulary; score: [H, W] float32."""
+
+    labels: np.ndarray
+    score: np.ndarray
+
+
+def class_scores(emb: torch.Tensor, text: torch.Tensor, logit_scale: float, mode: str) -> torch.Tensor:
+    """[N, D] region embeddings x [K, D] unit class embeddings -> [N, K] scores under `mode`."""
+    cos = F.normalize(emb.float(), dim=-1) @ text.T  # [N, K]
+    return cos if mode == "cosine" else (cos * logit_scale).softmax(dim=-1)
+
+
+def resize_short_side(image: np.ndarray, short: int) -> torch.Tensor:
+    """[H, W, 3] uint8 -> [3, h, w] float in 0..255 with min(h, w) == short (antialiased bicubic)."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()  # [1, 3, H, W]
+    h, w = x.shape[-2:]
+    scale = short / min(h, w)
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    return F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp_(0, 255)[0]
+
+
+def window_origins(length: int, window: int, stride: int) -> list[int]:
+    """Start offsets of windows covering [0, length); the last one is flush with the end."""
+    if length <= window:
+        return [0]
+    starts = list(range(0, length - window, stride))
+    return starts + [length - window]
+
+
+def _finish(labels: torch.Tensor, score: torch.Tensor, rule: BackgroundRule, out_hw: tuple[int, int]) -> Prediction:
+    """Apply the background rule and bring [h, w] maps to the input's resolution (nearest)."""
+    labels = torch.where(score < rule.threshold, torch.zeros_like(labels), labels)
+    labels = F.interpolate(labels[None, None].float(), size=out_hw, mode="nearest")[0, 0].long()
+    score = F.interpolate(score[None, None], size=out_hw, mode="nearest")[0, 0]
+    return Prediction(labels.cpu().numpy(), score.cpu().numpy())
+
+
+class StudentSegmenter:
+    """The ZeroSeg student's zero-shot segmentation.
+
+    Args:
+        student: a trained student in eval mode.
+        text: [K, D] unit class embeddings (background excluded).
+        logit_scale: the teacher's.
+        rule: background rule.
+        short_side, window, stride: resolution protocol, in pixels of the resized image.
+        topk_classes: keep only the image's k best classes by its global embedding (0: all).
+    """
+
+    def __init__(self, student: ZeroSegStudent, text: torch.Tensor, logit_scale: float, rule: BackgroundRule, *, short_side: int = 448, window: int = 448, stride: int = 224, topk_classes: int = 0, device: torch.device | str = "cpu"):
+        self.student = student.eval().to(device)
+        self.text, self.scale, self.rule = text.to(device), logit_scale, rule
+        p = student.arch.patch_size
+        self.short_side, self.window, self.stride = short_side, window - window % p, stride
+        self.topk, self.device = topk_classes, torch.device(device)
+
+    @torch.inference_mode()
+    def predict(self, image: np.ndarray) -> Prediction:
+        """image: [H, W, 3] uint8 RGB."""
+        x = resize_short_side(image, self.short_side).to(self.device)  # [3, h, w]
+        h, w = x.shape[-2:]
+        win = min(self.window, h - h % self.student.arch.patch_size, w - w % self.student.arch.patch_size)
+        origins = [(t, l) for t in window_origins(h, win, self.stride) for l in window_origins(w, win, self.stride)]
+        crops = torch.stack([x[:, t : t + win, l : l + win] for t, l in origins])  # [n, 3, win, win]
+        out = self.student.infer(normalize_images(crops))  # masks [n, S, gh, gw], segments [n, S, D]
+        probs = class_scores(out.segments.flatten(0, 1), self.text, self.scale, self.rule.mode).view(len(origins), -1, self.text.shape[0])  # [n, S, K]
+        if self.topk and self.topk < self.text.shape[0]:
+            keep = class_scores(out.z, self.text, self.scale, self.rule.mode).topk(self.topk, dim=-1).indices  # [n, k]
+            mask = torch.zeros_like(probs[:, 0]).scatter_(1, keep, 1.0)  # [n, K]
+            probs = probs * mask[:, None]
+        best, cls = probs.max(dim=-1)  # [n, S] score and class of each segment
+        masks = F.interpolate(out.masks.float(), size=(win, win), mode="bilinear", align_corners=False)  # [n, S, win, win]
+        seg = masks.argmax(dim=1)  # [n, win, win] segment of each pixel
+        labels = torch.zeros(h, w, dtype=torch.long, device=self.device)
+        score = torch.full((h, w), -1.0, device=self.device)
+        for i, (t, l) in enumerate(origins):
+            s_win, c_win = best[i][seg[i]], cls[i][seg[i]] + 1  # [win, win]
+            region = score[t : t + win, l : l + win]
+            better = s_win > region
+            region[better] = s_win[better]
+            labels[t : t + win, l : l + win][better] = c_win[better]
+        return _finish(labels, score, self.rule, image.shape[:2])
+
+
+class GridTeacherSegmenter:
+    """The training-free baseline: the teacher classifies grid cells, pixels average their cells.
+
+    Args:
+        teacher: the loaded CLIP teacher.
+        text: [K, D] unit class embeddings (background excluded).
+        logit_scale, rule, short_side: as for the student.
+        grids: grid sizes whose cells are classified (the cache's local views by default).
+    """
+
+    def __init__(self, teacher: Teacher, text: torch.Tensor, logit_scale: float, rule: BackgroundRule, *, short_side: int = 448, grids: Sequence[int] = (2, 3, 4)):
+        self.teacher, self.text, self.scale, self.rule = teacher, text.to(teacher.device), logit_scale, rule
+        self.short_side, self.grids = short_side, tuple(grids)
+
+    @torch.inference_mode()
+    def predict(self, image: np.ndarray) -> Prediction:
+        spec: ViewSpec = self.teacher.spec
+        x = resize_short_side(image, self.short_side).round_()  # [3, h, w] 8-bit levels
+        h, w = x.shape[-2:]
+        cells, boxes = [], []
+        for g in self.grids:
+            ys, xs = cell_edges(h, g), cell_edges(w, g)
+            for r in range(g):
+                for c in range(g):
+                    cell = x[:, ys[r] : ys[r + 1], xs[c] : xs[c + 1]][None]  # [1, 3, ch, cw]
+                    cells.append(F.interpolate(cell, size=(spec.size, spec.size), mode="bicubic", antialias=True, align_corners=False)[0])
+                    boxes.append((ys[r], ys[r + 1], xs[c], xs[c + 1]))
+        views = torch.stack(cells).clamp_(0, 255).round_()  # [n, 3, T, T]
+        mean = torch.tensor(spec.mean).view(1, 3, 1, 1) * 255
+        std = torch.tensor(spec.std).view(1, 3, 1, 1) * 255
+        probs = class_scores(self.teacher.encode((views - mean) / std), self.text, self.scale, self.rule.mode)  # [n, K]
+        acc = torch.zeros(self.text.shape[0], h, w, device=probs.device)  # [K, h, w]
+        for p, (y0, y1, x0, x1) in zip(probs, boxes):
+            acc[:, y0:y1, x0:x1] += p[:, None, None]
+        acc /= len(self.grids)  # every pixel lies in exactly one cell per grid
+        score, cls = acc.max(dim=0)  # [h, w]
+        return _finish(cls + 1, score, self.rule, image.shape[:2])

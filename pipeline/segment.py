@@ -1,0 +1,111 @@
+"""Loading a trained student with its teacher, and `zeroseg segment`: any images, any vocabulary."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from pipeline.checkpoint import load_checkpoint
+from pipeline.config import Params
+from pipeline.decode import load_rgb
+from pipeline.errors import InputError
+from pipeline.inference import BackgroundRule, StudentSegmenter
+from pipeline.manifest import IMAGE_EXTENSIONS, list_images
+from pipeline.overlay import write_mask, write_overlay
+from pipeline.student import StudentArch, ZeroSegStudent
+from pipeline.teacher import Teacher, resolve_device
+from pipeline.text import ClassEmbedder, template_set
+
+
+@dataclass
+class LoadedModel:
+    """A student from its checkpoint, and the teacher whose space its segments live in."""
+
+    student: ZeroSegStudent
+    teacher: Teacher
+    embedder: ClassEmbedder
+    checkpoint: dict
+
+
+def load_model(params: Params, checkpoint: str | Path) -> LoadedModel:
+    """Build the student from the checkpoint's own architecture and load the teacher of `params`.
+
+    Raises:
+        InputError: when the teacher in params is not the one the student was trained against
+            (its segments would be classified in another embedding space).
+    """
+    ckpt = load_checkpoint(checkpoint)
+    try:
+        arch = StudentArch(**ckpt["arch"])
+        student = ZeroSegStudent(arch=arch, out_dim=int(ckpt["cache"]["embed_dim"]))
+        student.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise InputError(f"{checkpoint}: not a zeroseg student checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
+    teacher = Teacher.load(params.teacher)
+    trained = ckpt["cache"]["teacher"]
+    if teacher.identity.weights_sha256 != trained["weights_sha256"]:
+        raise InputError(
+            f"{checkpoint}: trained against teacher {trained['model']} (weights {trained['weights_sha256'][:12]}), "
+            f"but params name {teacher.identity.model} (weights {teacher.identity.weights_sha256[:12]})"
+        )
+    return LoadedModel(student.eval(), teacher, ClassEmbedder(teacher), ckpt)
+
+
+def expand_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """Files as given; folders searched recursively for images (sorted)."""
+    out = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            root, rels = list_images(path)
+            out += [root / r for r in rels]
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise InputError(f"{path}: no such image or folder")
+    if not out:
+        raise InputError(f"no images in {', '.join(map(str, inputs))} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return out
+
+
+def parse_classes(text: str) -> list[str]:
+    """'cat, dog,grass' -> ['cat', 'dog', 'grass']; a @FILE reads one class per line."""
+    if text.startswith("@"):
+        names = Path(text[1:]).read_text().splitlines()
+    else:
+        names = text.split(",")
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise InputError("--classes: give at least one class name")
+    if len(set(names)) != len(names):
+        raise InputError(f"--classes: repeated names in {names}")
+    return names
+
+
+def run_segment(params: Params, checkpoint: str | Path, images: Sequence[str | Path], classes: Sequence[str], out_dir: str | Path, *, threshold: float | None = None, progress: bool = True) -> list[dict]:
+    """Segment `images` with vocabulary `classes`; writes NAME_mask.png and NAME_overlay.png.
+
+    Returns:
+        per image: its path, the two outputs, and the legend (classes present, largest first).
+    """
+    model = load_model(params, checkpoint)
+    e = params.eval
+    text = model.embedder(list(classes), template_set(e.templates))
+    rule = BackgroundRule(e.bg_rule, threshold if threshold is not None else e.bg_threshold.get("default", 0.5))
+    device = resolve_device(e.device, key="eval.device")
+    seg = StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, short_side=e.short_side, window=e.window, stride=e.stride, topk_classes=e.topk_classes, device=device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for path in tqdm(expand_images(images), desc="segment", unit="img", disable=not progress):
+        image = load_rgb(path, max_pixels=params.data.max_pixels)
+        pred = seg.predict(image)
+        stem = path.stem
+        mask_path, overlay_path = out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.png"
+        write_mask(mask_path, pred.labels)
+        legend = write_overlay(overlay_path, image, pred.labels, classes)
+        results.append({"image": str(path), "mask": str(mask_path), "overlay": str(overlay_path), "legend": legend})
+    return results

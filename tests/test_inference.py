@@ -1,0 +1,134 @@
+"""Zero-shot inference, the segment command, text embeddings and the evaluation harness."""
+
+import json
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import run_cli
+from pipeline.config import load_params
+from pipeline.decode import load_rgb
+from pipeline.evaluate import run_evaluation
+from pipeline.inference import BackgroundRule, GridTeacherSegmenter, StudentSegmenter, window_origins
+from pipeline.segment import load_model
+from pipeline.text import ClassEmbedder, template_set
+from pipeline.train import run_training
+
+EVAL = ["eval.short_side=64", "eval.window=32", "eval.stride=16", "eval.templates=single", "eval.pictures=2"]
+
+
+@pytest.fixture(scope="module")
+def trained(built_cache, tmp_path_factory, demo_dir):
+    """A micro student trained for a few steps on the 8-row cache, and params pointing eval at the demo split."""
+    store, params_path = built_cache
+    out = tmp_path_factory.mktemp("student")
+    overrides = ["student.variant=zeroseg_micro", "train.batch_size=8", "train.micro_batch=8", "train.num_workers=0",
+                 "train.epochs=3", "train.warmup_epochs=0", "train.base_lr=0.01", *EVAL, f"eval.datasets.demo={demo_dir}"]
+    params = load_params(params_path, overrides)
+    run_training(params, str(store), out, progress=False)
+    return params, out / "checkpoint.pt", params_path, overrides
+
+
+@pytest.fixture(scope="module")
+def model(trained):
+    params, ckpt, _, _ = trained
+    return load_model(params, ckpt)
+
+
+def test_window_origins_cover_the_image():
+    assert window_origins(448, 448, 224) == [0]
+    assert window_origins(600, 448, 224) == [0, 152]
+    assert window_origins(1000, 448, 224) == [0, 224, 448, 552]  # as mmseg slides: 4 windows
+    assert window_origins(100, 448, 224) == [0]
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (50, 90), (120, 40), (33, 47)])
+def test_student_predicts_every_pixel_at_any_size(model, shape):
+    text = model.embedder(["circle", "square", "star"], template_set("single"))
+    image = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    for threshold, expect_background in ((-1.0, False), (2.0, True)):
+        seg = StudentSegmenter(model.student, text, model.embedder.logit_scale, BackgroundRule("probability", threshold), short_side=64, window=32, stride=16)
+        pred = seg.predict(image)
+        assert pred.labels.shape == shape and pred.score.shape == shape
+        if expect_background:
+            assert (pred.labels == 0).all()  # nothing reaches a probability of 2
+        else:
+            assert (pred.labels >= 1).all() and pred.labels.max() <= 3  # every pixel gets a class
+            assert (pred.score > 0).all()
+
+
+def test_training_free_baseline_paints_cells(model):
+    text = model.embedder(["circle", "square"], template_set("single"))
+    image = np.random.default_rng(1).integers(0, 256, (40, 70, 3), dtype=np.uint8)
+    pred = GridTeacherSegmenter(model.teacher, text, model.embedder.logit_scale, BackgroundRule("cosine", -2.0), short_side=48).predict(image)
+    assert pred.labels.shape == (40, 70) and set(np.unique(pred.labels)) <= {1, 2}
+    assert np.allclose(pred.score.max(), pred.score.max()) and (pred.score >= -1).all() and (pred.score <= 1).all()
+
+
+def test_class_embeddings_average_normalized_prompts_and_are_cached(model, tmp_path):
+    teacher = model.teacher
+    embedder = ClassEmbedder(teacher, cache_dir=tmp_path)
+    templates = ("a photo of a {}.", "a drawing of a {}.")
+    emb = embedder(["circle", "star"], templates)
+    assert emb.shape == (2, teacher.identity.embed_dim) and embedder.prompts_encoded == 4
+    tok = open_clip.get_tokenizer(teacher.identity.model)
+    with torch.no_grad():
+        per_prompt = F.normalize(teacher.model.encode_text(tok([t.format("star") for t in templates])).float(), dim=-1)  # [T, D]
+    expected = F.normalize(per_prompt.mean(0), dim=-1)
+    assert torch.allclose(emb[1], expected, atol=1e-5)
+    again = ClassEmbedder(teacher, cache_dir=tmp_path)
+    assert torch.equal(again(["circle", "star"], templates), emb) and again.prompts_encoded == 0  # cache hit
+    again(["star", "circle"], templates)
+    assert again.prompts_encoded == 4  # another vocabulary order is another entry
+
+
+def test_segment_command_writes_masks_and_overlays_of_the_input_size(trained, tmp_path, demo_dir):
+    params, ckpt, params_path, overrides = trained
+    images = sorted((demo_dir / "eval" / "JPEGImages").glob("*.jpg"))[:2]
+    big = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (50, 120, 3), dtype=np.uint8)).save(big)
+    args = ["segment", *map(str, images), str(big), "--classes", "circle, square,star", "--checkpoint", str(ckpt),
+            "--out", str(tmp_path / "out"), "--threshold", "0", "--params", str(params_path), "-q"]
+    proc = run_cli(*args, *[a for kv in overrides for a in ("--set", kv)])
+    for path in [*images, big]:
+        size = Image.open(path).size
+        mask = Image.open(tmp_path / "out" / f"{path.stem}_mask.png")
+        over = Image.open(tmp_path / "out" / f"{path.stem}_overlay.png")
+        assert mask.size == size and over.size == size and mask.mode == "P"
+        labels = np.array(mask)
+        names = ["circle", "square", "star"]
+        present = {names[k - 1] for k in np.unique(labels) if k > 0}
+        legend = over.text["legend"].split("\n") if over.text["legend"] else []
+        assert set(legend) == present and len(present) >= 1  # threshold 0: every pixel has a class
+        assert path.name in proc.stdout
+
+
+def test_evaluation_writes_metrics_for_student_and_baseline(trained, tmp_path):
+    params, ckpt, _, _ = trained
+    results = run_evaluation(params, ckpt, tmp_path / "eval.json", tmp_path / "pics", progress=False, echo=lambda *_: None)
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved == results and set(saved["demo"]) == {"student", "training_free"}
+    for method in saved["demo"].values():
+        assert 0 <= method["miou"] <= 1 and 0 <= method["pixel_accuracy"] <= 1 and method["images"] == 4
+        assert set(method["per_class_iou"]) == {"background", "circle", "square", "triangle", "star", "cross", "ring"}
+    assert len(list((tmp_path / "pics" / "demo").glob("*.png"))) == 2 * 2
+
+
+def test_a_student_is_refused_with_another_teacher(trained):
+    params, ckpt, params_path, overrides = trained
+    from pipeline.errors import InputError
+
+    with pytest.raises(InputError, match="trained against teacher zeroseg-test-vit"):
+        load_model(load_params(params_path, [*overrides, "teacher.seed=9"]), ckpt)
+
+
+def test_load_rgb_names_the_bad_file(tmp_path):
+    from pipeline.errors import InputError
+
+    (tmp_path / "x.jpg").write_bytes(b"nope")
+    with pytest.raises(InputError, match=r"x.jpg: not an image"):
+        load_rgb(tmp_path / "x.jpg")
