@@ -34,6 +34,10 @@ def main() -> None:
         if "end_to_end" in s2:
             e = s2["end_to_end"]
             lines.append(f"- end to end ({e['workers']} workers, {e['images']} generated 500x375 JPEGs): {e['images_per_s_second_half']:.0f} images/s, data wait {100 * e['data_wait_fraction_second_half']:.1f}% of step time")
+    inf = load(out / "inference.json")
+    if inf:
+        lines.append(f"\n## Inference ({inf['variant']}, short side {inf['short_side']}, window {inf['window']}, stride {inf['stride']}, {inf['classes']} classes)")
+        lines.append(f"- {inf['images_per_s']:.1f} images/s ({inf['ms_per_image']:.1f} ms per 500x375 image)")
     print("\n".join(lines))
 
 

@@ -18,13 +18,14 @@ from pipeline.config import Params
 from pipeline.decode import load_rgb
 from pipeline.errors import InputError
 from pipeline.evaluation import ConfusionMatrix, SegmentationScores, open_dataset
-from pipeline.inference import BackgroundRule, GridTeacherSegmenter, StudentSegmenter
+from pipeline.baselines import GridTeacherSegmenter, MaskCLIPSegmenter
+from pipeline.inference import BackgroundRule, StudentSegmenter
 from pipeline.overlay import write_overlay
 from pipeline.segment import load_model
 from pipeline.teacher import resolve_device
 from pipeline.text import template_set
 
-BASELINES = ("training_free",)
+BASELINES = ("training_free", "maskclip")
 
 
 def side_by_side(names: list[str], columns: dict[str, SegmentationScores]) -> str:
@@ -70,6 +71,8 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_path: str | P
         methods = {"student": StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, short_side=e.short_side, window=e.window, stride=e.stride, topk_classes=e.topk_classes, device=device)}
         if "training_free" in e.baselines:
             methods["training_free"] = GridTeacherSegmenter(model.teacher, text, model.embedder.logit_scale, rule, short_side=e.short_side)
+        if "maskclip" in e.baselines:
+            methods["maskclip"] = MaskCLIPSegmenter(model.teacher, text, model.embedder.logit_scale, rule, short_side=e.short_side)
         matrices = {m: ConfusionMatrix(dataset.num_classes, dataset.ignore_index) for m in methods}
         n = len(dataset) if not e.max_images else min(e.max_images, len(dataset))
         for i in tqdm(range(n), desc=f"evaluate {name}", unit="img", disable=not progress):

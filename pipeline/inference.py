@@ -9,8 +9,7 @@ The student slides a square window over the resized image (GroupViT: 448 window,
 runs all windows in one batch with position embeddings recomputed for the window's grid, gives
 each pixel the segment with the largest (bilinearly upsampled) soft assignment, and each
 segment its class. Where windows overlap, the more confident window wins. The training-free
-baseline classifies every cell of 2x2, 3x3 and 4x4 grids over the image with the teacher (the
-cache's own views, without a student) and averages the cells' class probabilities per pixel.
+baselines that use the teacher alone are in pipeline/baselines.py.
 """
 
 from __future__ import annotations
@@ -24,8 +23,6 @@ import torch.nn.functional as F
 
 from pipeline.student import ZeroSegStudent
 from pipeline.student_data import normalize_images
-from pipeline.teacher import Teacher
-from pipeline.views import ViewSpec, cell_edges
 
 
 @dataclass(frozen=True)
@@ -71,7 +68,7 @@ def window_origins(length: int, window: int, stride: int) -> list[int]:
     return starts + [length - window]
 
 
-def _finish(labels: torch.Tensor, score: torch.Tensor, rule: BackgroundRule, out_hw: tuple[int, int]) -> Prediction:
+def finish(labels: torch.Tensor, score: torch.Tensor, rule: BackgroundRule, out_hw: tuple[int, int]) -> Prediction:
     """Apply the background rule and bring [h, w] maps to the input's resolution (nearest)."""
     labels = torch.where(score < rule.threshold, torch.zeros_like(labels), labels)
     labels = F.interpolate(labels[None, None].float(), size=out_hw, mode="nearest")[0, 0].long()
@@ -106,7 +103,8 @@ class StudentSegmenter:
         win = min(self.window, h - h % self.student.arch.patch_size, w - w % self.student.arch.patch_size)
         origins = [(t, l) for t in window_origins(h, win, self.stride) for l in window_origins(w, win, self.stride)]
         crops = torch.stack([x[:, t : t + win, l : l + win] for t, l in origins])  # [n, 3, win, win]
-        out = self.student.infer(normalize_images(crops))  # masks [n, S, gh, gw], segments [n, S, D]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            out = self.student.infer(normalize_images(crops))  # masks [n, S, gh, gw], segments [n, S, D]
         probs = class_scores(out.segments.flatten(0, 1), self.text, self.scale, self.rule.mode).view(len(origins), -1, self.text.shape[0])  # [n, S, K]
         if self.topk and self.topk < self.text.shape[0]:
             keep = class_scores(out.z, self.text, self.scale, self.rule.mode).topk(self.topk, dim=-1).indices  # [n, k]
@@ -123,43 +121,4 @@ class StudentSegmenter:
             better = s_win > region
             region[better] = s_win[better]
             labels[t : t + win, l : l + win][better] = c_win[better]
-        return _finish(labels, score, self.rule, image.shape[:2])
-
-
-class GridTeacherSegmenter:
-    """The training-free baseline: the teacher classifies grid cells, pixels average their cells.
-
-    Args:
-        teacher: the loaded CLIP teacher.
-        text: [K, D] unit class embeddings (background excluded).
-        logit_scale, rule, short_side: as for the student.
-        grids: grid sizes whose cells are classified (the cache's local views by default).
-    """
-
-    def __init__(self, teacher: Teacher, text: torch.Tensor, logit_scale: float, rule: BackgroundRule, *, short_side: int = 448, grids: Sequence[int] = (2, 3, 4)):
-        self.teacher, self.text, self.scale, self.rule = teacher, text.to(teacher.device), logit_scale, rule
-        self.short_side, self.grids = short_side, tuple(grids)
-
-    @torch.inference_mode()
-    def predict(self, image: np.ndarray) -> Prediction:
-        spec: ViewSpec = self.teacher.spec
-        x = resize_short_side(image, self.short_side).round_()  # [3, h, w] 8-bit levels
-        h, w = x.shape[-2:]
-        cells, boxes = [], []
-        for g in self.grids:
-            ys, xs = cell_edges(h, g), cell_edges(w, g)
-            for r in range(g):
-                for c in range(g):
-                    cell = x[:, ys[r] : ys[r + 1], xs[c] : xs[c + 1]][None]  # [1, 3, ch, cw]
-                    cells.append(F.interpolate(cell, size=(spec.size, spec.size), mode="bicubic", antialias=True, align_corners=False)[0])
-                    boxes.append((ys[r], ys[r + 1], xs[c], xs[c + 1]))
-        views = torch.stack(cells).clamp_(0, 255).round_()  # [n, 3, T, T]
-        mean = torch.tensor(spec.mean).view(1, 3, 1, 1) * 255
-        std = torch.tensor(spec.std).view(1, 3, 1, 1) * 255
-        probs = class_scores(self.teacher.encode((views - mean) / std), self.text, self.scale, self.rule.mode)  # [n, K]
-        acc = torch.zeros(self.text.shape[0], h, w, device=probs.device)  # [K, h, w]
-        for p, (y0, y1, x0, x1) in zip(probs, boxes):
-            acc[:, y0:y1, x0:x1] += p[:, None, None]
-        acc /= len(self.grids)  # every pixel lies in exactly one cell per grid
-        score, cls = acc.max(dim=0)  # [h, w]
-        return _finish(cls + 1, score, self.rule, image.shape[:2])
+        return finish(labels, score, self.rule, image.shape[:2])

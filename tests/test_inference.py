@@ -13,7 +13,8 @@ from conftest import run_cli
 from pipeline.config import load_params
 from pipeline.decode import load_rgb
 from pipeline.evaluate import run_evaluation
-from pipeline.inference import BackgroundRule, GridTeacherSegmenter, StudentSegmenter, window_origins
+from pipeline.baselines import GridTeacherSegmenter, MaskCLIPSegmenter
+from pipeline.inference import BackgroundRule, StudentSegmenter, window_origins
 from pipeline.segment import load_model
 from pipeline.text import ClassEmbedder, template_set
 from pipeline.train import run_training
@@ -132,3 +133,12 @@ def test_load_rgb_names_the_bad_file(tmp_path):
     (tmp_path / "x.jpg").write_bytes(b"nope")
     with pytest.raises(InputError, match=r"x.jpg: not an image"):
         load_rgb(tmp_path / "x.jpg")
+
+
+def test_maskclip_dense_features_pool_to_the_teacher_embedding_shape(model):
+    seg = MaskCLIPSegmenter(model.teacher, model.embedder(["circle", "square"], template_set("single")), model.embedder.logit_scale, BackgroundRule("cosine", -2.0), short_side=40)
+    views = torch.randn(2, 3, 32, 32)
+    feats = seg.dense_features(views)
+    assert feats.shape == (2, 4, 4, model.teacher.identity.embed_dim)  # 32 px / patch 8
+    pred = seg.predict(np.random.default_rng(3).integers(0, 256, (40, 70, 3), dtype=np.uint8))
+    assert pred.labels.shape == (40, 70) and set(np.unique(pred.labels)) <= {1, 2}
