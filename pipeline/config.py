@@ -48,6 +48,8 @@ class TeacherConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = 64  # images per teacher batch; each image gives V views
     executor: Literal["local", "dask"] = "local"
+    dask_address: str = ""  # a dask scheduler address; "": start a local cluster
+    dask_workers: int = 2  # workers of that local cluster (one per GPU when there are GPUs)
     decode_workers: int = 0  # threads decoding images; 0: one per CPU core
     views_per_forward: int = 0  # views per teacher forward; 0: 64 on CPU (cache-friendly), 4096 on GPU
     seed: int = 0  # seeds random initialisation when pretrained is ""
