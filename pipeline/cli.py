@@ -79,15 +79,16 @@ def evaluate(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="the student's checkpoint.pt")] = Path("models/student/checkpoint.pt"),
-    metrics: Annotated[Path, typer.Option("--metrics", help="metrics JSON to write")] = Path("metrics/eval.json"),
+    base_checkpoint: Annotated[Optional[Path], typer.Option("--base-checkpoint", help="a second student (the Base ablation) to evaluate beside")] = None,
+    metrics: Annotated[Path, typer.Option("--metrics-dir", help="folder for one metrics JSON per dataset")] = Path("metrics"),
     pictures: Annotated[Optional[Path], typer.Option("--pictures", help="folder for overlay pictures")] = Path("outputs/eval"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
-    """Zero-shot mIoU of the student and the training-free baseline on eval.datasets."""
+    """Zero-shot mIoU of the student, the baselines and the grouping oracles on eval.datasets."""
     from pipeline.evaluate import run_evaluation
 
-    run_evaluation(load_params(params, set_ or ()), checkpoint, metrics, pictures, progress=not quiet, echo=typer.echo)
-    typer.echo(f"\nmetrics written to {metrics}" + (f", pictures to {pictures}" if pictures else ""))
+    results = run_evaluation(load_params(params, set_ or ()), checkpoint, metrics, pictures, base_checkpoint=base_checkpoint, progress=not quiet, echo=typer.echo)
+    typer.echo(f"\nmetrics written to {', '.join(str(metrics / f'{n}.json') for n in results)}" + (f", pictures to {pictures}" if pictures else ""))
 
 
 @app.command("segment")

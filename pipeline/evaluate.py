@@ -1,16 +1,19 @@
 """Zero-shot evaluation: the student and the training-free baseline, same images, same protocol.
 
-For each dataset in `eval.datasets`, both segmenters see the same images at the same
+For each dataset in `eval.datasets`, every segmenter sees the same images at the same
 resolution, the same class embeddings (background excluded from the vocabulary; it comes from
 the threshold), the same background rule and threshold, and are scored by the same confusion
-matrix (255 ignored). Results go to one metrics JSON (`dvc metrics show` reads it), a per-class
-table in the terminal, and overlay pictures of the first `eval.pictures` images.
+matrix (255 ignored). Results go to one metrics JSON per dataset (`dvc metrics show` reads
+them), a per-class table in the terminal, and overlay pictures of the first `eval.pictures`
+images.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import numpy as np
 
 from tqdm.auto import tqdm
 
@@ -20,6 +23,7 @@ from pipeline.errors import InputError
 from pipeline.evaluation import ConfusionMatrix, SegmentationScores, open_dataset
 from pipeline.baselines import GridTeacherSegmenter, MaskCLIPSegmenter
 from pipeline.inference import BackgroundRule, StudentSegmenter
+from pipeline.oracle import grid_regions, majority_labels
 from pipeline.overlay import write_overlay
 from pipeline.segment import load_model
 from pipeline.teacher import resolve_device
@@ -45,11 +49,19 @@ def side_by_side(names: list[str], columns: dict[str, SegmentationScores]) -> st
     return "\n".join(rows)
 
 
-def run_evaluation(params: Params, checkpoint: str | Path, metrics_path: str | Path, pictures_dir: str | Path | None = None, *, progress: bool = True, echo=print) -> dict:
+def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Path, pictures_dir: str | Path | None = None, *, base_checkpoint: str | Path | None = None, progress: bool = True, echo=print) -> dict:
     """Evaluate the student (and the baselines in `eval.baselines`) on every dataset of `eval.datasets`.
 
+    Writes `metrics_dir/DATASET.json` per dataset with `miou.{student, base, training_free,
+    maskclip, trivial}` (those that ran), `oracle.{student, grid}` (segments labelled by their
+    majority true class: the grouping alone, beside a content-blind 3x3 grid),
+    `pixel_accuracy.*`, `per_class_iou.*`, `segments_per_image` (distinct student segments
+    per image: 1 means collapse) and `images`.
+
+    Args:
+        base_checkpoint: a second student (the paper's "Base" ablation), evaluated beside.
     Returns:
-        {dataset: {method: scores as_dict, ...}, ...}, also written to `metrics_path`.
+        {dataset: metrics}.
     """
     e = params.eval
     unknown = [b for b in e.baselines if b not in BASELINES]
@@ -58,6 +70,7 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_path: str | P
     if not e.datasets:
         raise InputError("eval.datasets: no dataset to evaluate on")
     model = load_model(params, checkpoint)
+    base = load_model(params, base_checkpoint) if base_checkpoint else None
     device = resolve_device(e.device, key="eval.device")
     templates = template_set(e.templates)
     results: dict[str, dict] = {}
@@ -68,28 +81,49 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_path: str | P
         classes = list(dataset.class_names[1:])  # index 0 is background, decided by the threshold
         text = model.embedder(classes, templates)
         rule = BackgroundRule(e.bg_rule, e.bg_threshold[name])
-        methods = {"student": StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, short_side=e.short_side, window=e.window, stride=e.stride, topk_classes=e.topk_classes, device=device)}
+        window = dict(short_side=e.short_side, window=e.window, stride=e.stride, topk_classes=e.topk_classes, device=device)
+        methods = {"student": StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, **window)}
+        if base is not None:
+            methods["base"] = StudentSegmenter(base.student, text, model.embedder.logit_scale, rule, **window)
         if "training_free" in e.baselines:
             methods["training_free"] = GridTeacherSegmenter(model.teacher, text, model.embedder.logit_scale, rule, short_side=e.short_side)
         if "maskclip" in e.baselines:
             methods["maskclip"] = MaskCLIPSegmenter(model.teacher, text, model.embedder.logit_scale, rule, short_side=e.short_side)
-        matrices = {m: ConfusionMatrix(dataset.num_classes, dataset.ignore_index) for m in methods}
+        scored = [*methods, "trivial", "oracle_student", "oracle_grid"]
+        matrices = {m: ConfusionMatrix(dataset.num_classes, dataset.ignore_index) for m in scored}
         n = len(dataset) if not e.max_images else min(e.max_images, len(dataset))
+        segments_used = 0
         for i in tqdm(range(n), desc=f"evaluate {name}", unit="img", disable=not progress):
             sample = dataset[i]
             image = load_rgb(sample.image_path, max_pixels=params.data.max_pixels, exif=False)
             for method, segmenter in methods.items():
                 pred = segmenter.predict(image)
                 matrices[method].update(pred.labels, sample.mask)
+                if method == "student":
+                    matrices["oracle_student"].update(majority_labels(pred.segments, sample.mask, dataset.num_classes, dataset.ignore_index), sample.mask)
+                    segments_used += len(np.unique(pred.segments))
                 if pictures_dir is not None and i < e.pictures:
                     out = Path(pictures_dir) / name
                     out.mkdir(parents=True, exist_ok=True)
                     write_overlay(out / f"{sample.image_id}_{method}.png", image, pred.labels, classes)
+            matrices["trivial"].update(np.zeros_like(sample.mask), sample.mask)
+            grid = grid_regions(*sample.mask.shape, g=3)
+            matrices["oracle_grid"].update(majority_labels(grid, sample.mask, dataset.num_classes, dataset.ignore_index), sample.mask)
         scores = {m: cm.scores() for m, cm in matrices.items()}
-        results[name] = {m: s.as_dict(list(dataset.class_names)) | {"images": n} for m, s in scores.items()}
+        names = list(dataset.class_names)
+        ran = [m for m in scored if not m.startswith("oracle")]
+        results[name] = {
+            "miou": {m: scores[m].as_dict(names)["miou"] for m in ran},
+            "oracle": {"student": scores["oracle_student"].as_dict(names)["miou"], "grid": scores["oracle_grid"].as_dict(names)["miou"]},
+            "pixel_accuracy": {m: scores[m].as_dict(names)["pixel_accuracy"] for m in ran},
+            "per_class_iou": {m: scores[m].as_dict(names)["per_class_iou"] for m in ran},
+            "segments_per_image": segments_used / max(1, n),
+            "images": n,
+        }
         echo(f"\n{name} ({n} images, {len(classes)} classes + background, threshold {rule.threshold} on {rule.mode})")
-        echo(side_by_side(list(dataset.class_names), scores))
-    metrics_path = Path(metrics_path)
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(results, indent=2))
+        echo(side_by_side(names, {m: scores[m] for m in scored}))
+        echo(f"student segments per image: {segments_used / max(1, n):.1f} (1 means the grouping collapsed)")
+        path = Path(metrics_dir) / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results[name], indent=2))
     return results

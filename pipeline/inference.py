@@ -14,7 +14,7 @@ baselines that use the teacher alone are in pipeline/baselines.py.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,10 +39,15 @@ class BackgroundRule:
 
 @dataclass
 class Prediction:
-    """labels: [H, W] int64, 0 = background, k = class k-1 of the vocabulary; score: [H, W] float32."""
+    """labels: [H, W] int64, 0 = background, k = class k-1 of the vocabulary; score: [H, W] float32.
+
+    segments: [H, W] int64 region ids (window x S + segment for the student), for grouping
+    oracles; None where the method has no regions of its own.
+    """
 
     labels: np.ndarray
     score: np.ndarray
+    segments: np.ndarray | None = None
 
 
 def class_scores(emb: torch.Tensor, text: torch.Tensor, logit_scale: float, mode: str) -> torch.Tensor:
@@ -68,12 +73,15 @@ def window_origins(length: int, window: int, stride: int) -> list[int]:
     return starts + [length - window]
 
 
-def finish(labels: torch.Tensor, score: torch.Tensor, rule: BackgroundRule, out_hw: tuple[int, int]) -> Prediction:
+def finish(labels: torch.Tensor, score: torch.Tensor, rule: BackgroundRule, out_hw: tuple[int, int], segments: torch.Tensor | None = None) -> Prediction:
     """Apply the background rule and bring [h, w] maps to the input's resolution (nearest)."""
     labels = torch.where(score < rule.threshold, torch.zeros_like(labels), labels)
-    labels = F.interpolate(labels[None, None].float(), size=out_hw, mode="nearest")[0, 0].long()
-    score = F.interpolate(score[None, None], size=out_hw, mode="nearest")[0, 0]
-    return Prediction(labels.cpu().numpy(), score.cpu().numpy())
+
+    def resize(x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x[None, None].double(), size=out_hw, mode="nearest")[0, 0]
+
+    segments = resize(segments).long().cpu().numpy() if segments is not None else None
+    return Prediction(resize(labels).long().cpu().numpy(), resize(score).float().cpu().numpy(), segments)
 
 
 class StudentSegmenter:
@@ -114,11 +122,13 @@ class StudentSegmenter:
         masks = F.interpolate(out.masks.float(), size=(win, win), mode="bilinear", align_corners=False)  # [n, S, win, win]
         seg = masks.argmax(dim=1)  # [n, win, win] segment of each pixel
         labels = torch.zeros(h, w, dtype=torch.long, device=self.device)
-        score = torch.full((h, w), -1.0, device=self.device)
+        segments = torch.zeros(h, w, dtype=torch.long, device=self.device)
+        score = torch.full((h, w), -math.inf, device=self.device)
         for i, (t, l) in enumerate(origins):
             s_win, c_win = best[i][seg[i]], cls[i][seg[i]] + 1  # [win, win]
             region = score[t : t + win, l : l + win]
             better = s_win > region
             region[better] = s_win[better]
             labels[t : t + win, l : l + win][better] = c_win[better]
-        return finish(labels, score, self.rule, image.shape[:2])
+            segments[t : t + win, l : l + win][better] = (i * best.shape[1] + seg[i])[better]
+        return finish(labels, score, self.rule, image.shape[:2], segments)

@@ -108,15 +108,31 @@ def test_segment_command_writes_masks_and_overlays_of_the_input_size(trained, tm
         assert path.name in proc.stdout
 
 
-def test_evaluation_writes_metrics_for_student_and_baseline(trained, tmp_path):
+def test_evaluation_writes_the_science_metrics(trained, tmp_path):
     params, ckpt, _, _ = trained
-    results = run_evaluation(params, ckpt, tmp_path / "eval.json", tmp_path / "pics", progress=False, echo=lambda *_: None)
-    saved = json.loads((tmp_path / "eval.json").read_text())
-    assert saved == results and set(saved["demo"]) == {"student", "training_free"}
-    for method in saved["demo"].values():
-        assert 0 <= method["miou"] <= 1 and 0 <= method["pixel_accuracy"] <= 1 and method["images"] == 4
-        assert set(method["per_class_iou"]) == {"background", "circle", "square", "triangle", "star", "cross", "ring"}
-    assert len(list((tmp_path / "pics" / "demo").glob("*.png"))) == 2 * 2
+    results = run_evaluation(params, ckpt, tmp_path / "metrics", tmp_path / "pics", base_checkpoint=ckpt, progress=False, echo=lambda *_: None)
+    saved = json.loads((tmp_path / "metrics" / "demo.json").read_text())
+    assert saved == results["demo"] and saved["images"] == 4
+    assert set(saved["miou"]) == {"student", "base", "training_free", "trivial"} and set(saved["oracle"]) == {"student", "grid"}
+    assert saved["miou"]["base"] == saved["miou"]["student"]  # the same checkpoint twice
+    for value in [*saved["miou"].values(), *saved["oracle"].values()]:
+        assert 0 <= value <= 1
+    classes = {"background", "circle", "square", "triangle", "star", "cross", "ring"}
+    assert set(saved["per_class_iou"]["student"]) == classes
+    # everything background scores the background IoU over 7 classes seen in ground truth (at most)
+    assert saved["miou"]["trivial"] == pytest.approx(saved["per_class_iou"]["trivial"]["background"] / sum(v is not None for v in saved["per_class_iou"]["trivial"].values()))
+    assert saved["oracle"]["grid"] > saved["miou"]["trivial"]  # majority labels beat all-background
+    assert saved["segments_per_image"] >= 1
+    assert len(list((tmp_path / "pics" / "demo").glob("*.png"))) == 2 * 3
+
+
+def test_majority_labels_and_grid_regions():
+    from pipeline.oracle import grid_regions, majority_labels
+
+    regions = np.array([[0, 0, 1, 1], [0, 0, 1, 1]])
+    target = np.array([[2, 2, 1, 255], [3, 2, 0, 0]])
+    assert majority_labels(regions, target, 4).tolist() == [[2, 2, 0, 0], [2, 2, 0, 0]]
+    assert grid_regions(3, 6, g=3).tolist() == [[0, 0, 1, 1, 2, 2], [3, 3, 4, 4, 5, 5], [6, 6, 7, 7, 8, 8]]
 
 
 def test_a_student_is_refused_with_another_teacher(trained):
