@@ -74,6 +74,22 @@ def train(
     typer.echo(f"{summary.checkpoint}: step {summary.step}/{summary.total_steps}, {summary.images_per_s:.1f} img/s, data wait {summary.data_wait_fraction:.1%}; {losses}")
 
 
+@app.command("demo-teacher")
+def demo_teacher(
+    out: Annotated[Path, typer.Option("--out", help="folder for the open_clip local-dir checkpoint")] = Path("assets/demo-teacher"),
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = 700,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 2e-3,
+    threads: Annotated[int, typer.Option(help="CPU threads")] = 2,
+) -> None:
+    """Reproduce the demo's CLIP teacher: an open_clip ResNet trained on captioned scene crops."""
+    from pipeline.demo_teacher import train_demo_teacher
+
+    metrics = train_demo_teacher(out, seed=seed, steps=steps, lr=lr, threads=threads, log=typer.echo)
+    acc = ", ".join(f"{g} {100 * v:.0f}%" for g, v in metrics["zero_shot_shape_accuracy"].items())
+    typer.echo(f"{out}: {metrics['steps']} steps in {metrics['seconds']:.0f} s; zero-shot shape accuracy {acc}; sha256 {metrics['weights_sha256']}")
+
+
 @app.command("evaluate")
 def evaluate(
     params: ParamsOpt = Path("params.yaml"),

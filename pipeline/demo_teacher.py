@@ -42,7 +42,7 @@ class Crop:
     label: int  # index into CLASSES; 0 = background
 
 
-def dominant_label(mask: np.ndarray, min_share: float = 0.15) -> int | None:
+def dominant_label(mask: np.ndarray, min_share: float = 0.25) -> int | None:
     """The class that dominates a crop's mask, 0 for plain background, None when ambiguous.
 
     A shape dominates when it covers at least `min_share` of the crop and 1.5x the next shape;
@@ -58,7 +58,8 @@ def dominant_label(mask: np.ndarray, min_share: float = 0.15) -> int | None:
 
 
 def sample_crops(rng: np.random.Generator, n: int, *, size: int = 128, grids: tuple[int, ...] = (1, 2, 3, 4), background_share: float = 0.15) -> list[Crop]:
-    """`n` labelled crops, shuffled: cells of `grids` over fresh scenes, `background_share` of them background."""
+    """`n` labelled crops, shuffled: one cell of every grid per fresh scene (so every scale is
+    equally common, the whole scene included), `background_share` of them background."""
     n_background = round(n * background_share)
     shapes: list[Crop] = []
     background: list[Crop] = []
@@ -67,12 +68,11 @@ def sample_crops(rng: np.random.Generator, n: int, *, size: int = 128, grids: tu
         pixels = np.array(img)  # [size, size, 3]
         for g in grids:
             edges = cell_edges(size, g)
-            for r in range(g):
-                for c in range(g):
-                    cell = (slice(edges[r], edges[r + 1]), slice(edges[c], edges[c + 1]))
-                    label = dominant_label(mask[cell])
-                    if label is not None:
-                        (background if label == 0 else shapes).append(Crop(pixels[cell], label))
+            r, c = int(rng.integers(g)), int(rng.integers(g))
+            cell = (slice(edges[r], edges[r + 1]), slice(edges[c], edges[c + 1]))
+            label = dominant_label(mask[cell])
+            if label is not None:
+                (background if label == 0 else shapes).append(Crop(pixels[cell], label))
     crops = shapes[: n - n_background] + background[:n_background]
     return [crops[i] for i in rng.permutation(len(crops))]
 

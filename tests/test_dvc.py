@@ -25,7 +25,7 @@ def dvc(cwd, *args):
 @pytest.fixture
 def project(tmp_path):
     """A copy of the project's code and pipeline, with params shrunk to the tiny teacher."""
-    for name in ("pipeline", "stages", "cache_schema"):
+    for name in ("pipeline", "stages", "cache_schema", "assets"):
         shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
