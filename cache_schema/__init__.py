@@ -61,13 +61,19 @@ def fingerprint(identity: Mapping[str, Any]) -> str:
 
 
 def open_store(store: str | zarr.Group, mode: str = "r") -> zarr.Group:
-    """Open a store (path, fsspec URL or group) as a zarr group, with a one-line error if it is none."""
+    """Open a store (path, fsspec URL or group) as a zarr group, with a one-line error if it is none.
+
+    URLs (s3://, gs://, ...) go through fsspec; credentials come from each filesystem's usual
+    environment (AWS_* variables, ~/.aws, gcloud), never from arguments here.
+    """
     if isinstance(store, zarr.Group):
         return store
     try:
         return zarr.open_group(store, mode=mode)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError, ValueError) as exc:
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as exc:
         raise CacheSchemaError(f"{store}: not a zarr group ({type(exc).__name__})") from None
+    except Exception as exc:  # noqa: BLE001 - a filesystem's own error: package missing, no credentials, bad URL
+        raise CacheSchemaError(f"{store}: cannot open it ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
 def store_grids(group: zarr.Group) -> tuple[int, ...]:

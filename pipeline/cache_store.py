@@ -3,7 +3,11 @@
 Writes happen in whole shards only: a shard of `shard_rows` images is computed for every grid
 it lacks, then written as one whole shard per array, then its `progress/GxG` marker is set.
 A kill between two writes costs at most that one shard, and shards never overlap, so any number
-of writers may fill one store as long as each owns its shards.
+of writers may fill one store as long as each owns its shards (the dask executor's workers do).
+
+A store lives at a local path or any fsspec URL (s3://, gs://, memory://, ...): zarr opens it
+through fsspec, and credentials come from each filesystem's usual environment (AWS_* variables,
+~/.aws, gcloud, fsspec's config files), never from params.
 """
 
 from __future__ import annotations
@@ -92,27 +96,39 @@ class CacheStore:
         if cfg.shard_rows % cfg.chunk_rows:
             raise ConfigError(f"cache.shard_rows ({cfg.shard_rows}) must be a multiple of cache.chunk_rows ({cfg.chunk_rows})")
         fp = cs.fingerprint(identity)
-        fs, root = fsspec.core.url_to_fs(url)
-        if fs.exists(root):
-            try:
-                group = zarr.open_group(url, mode="r+")
-                existing = dict(group.attrs)
-            except Exception:  # noqa: BLE001 - anything unreadable is "not a store of ours"
-                existing = {}
-            if existing.get("schema") != cs.SCHEMA_NAME:
-                if fs.ls(root):
-                    raise InputError(f"{url}: exists and is not a zeroseg teacher cache; refusing to write into it")
-            elif existing.get("fingerprint") == fp:
-                store = cls(group, url)
-                store._ensure_grids(grids, cfg)
-                return store
-            else:
-                diffs = cs.differences({k: existing.get(k, {}) for k in cs.IDENTITY_FIELDS}, {k: identity[k] for k in cs.IDENTITY_FIELDS})
-                summary = "; ".join(diffs) or "fingerprint differs"
-                if not replace:
-                    raise InputError(f"{url}: holds a cache built for other params ({summary}); pass --replace to rebuild it, or another --out")
-                log.warning("replacing %s, built for other params: %s", url, summary)
-            fs.rm(root, recursive=True)
+        fs, root, exists = _probe(url)
+        summary = ""  # how the store at `url` differs from `identity`, when it does
+        try:
+            if exists:
+                existing, group = _read_attrs(url)
+                if existing.get("schema") != cs.SCHEMA_NAME:
+                    if fs.ls(root):
+                        raise InputError(f"{url}: exists and is not a zeroseg teacher cache; refusing to write into it")
+                elif existing.get("fingerprint") == fp:
+                    # A complete store stays opened read-only (a shared location may be read-only);
+                    # one with work left is reopened for writing.
+                    if not (set(grids) <= set(cs.store_grids(group)) and existing.get("complete")):
+                        group = zarr.open_group(url, mode="r+")
+                    store = cls(group, url)
+                    store._ensure_grids(grids, cfg)
+                    return store
+                else:
+                    diffs = cs.differences({k: existing.get(k, {}) for k in cs.IDENTITY_FIELDS}, {k: identity[k] for k in cs.IDENTITY_FIELDS})
+                    summary = "; ".join(diffs) or "fingerprint differs"
+                    if not replace:
+                        raise InputError(f"{url}: holds a cache built for other params ({summary}); pass --replace to rebuild it, or another --out")
+                    log.warning("replacing %s, built for other params: %s", url, summary)
+                fs.rm(root, recursive=True)
+            store = cls._create(url, identity, fp, paths, cfg)
+            store._ensure_grids(grids, cfg)
+            return store
+        except PermissionError as exc:
+            why = f"it holds a cache built for other params ({summary})" if summary else "a read-only location can only serve stores already built for these params"
+            raise InputError(f"{url}: cannot write there ({exc.strerror or exc}); {why}") from None
+
+    @classmethod
+    def _create(cls, url: str, identity: Mapping[str, Any], fp: str, paths: Sequence[str], cfg: CacheConfig) -> CacheStore:
+        """A new store: per-row arrays, identity and provenance (`_ensure_grids` adds the views)."""
         group = zarr.open_group(url, mode="w")
         n = len(paths)
         rows = max(1, min(cfg.shard_rows, n))
@@ -133,9 +149,22 @@ class CacheStore:
             complete=False,
         )
         group.attrs.update(attrs)
-        store = cls(group, url)
-        store._ensure_grids(grids, cfg)
-        return store
+        return cls(group, url)
+
+    @classmethod
+    def open(cls, url: str, fingerprint: str) -> CacheStore:
+        """Open an existing store for writing shards (a dask task does, in its own process).
+
+        Raises:
+            InputError: the store is gone or now holds another identity (replaced mid-run).
+        """
+        try:
+            group = zarr.open_group(url, mode="r+")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+            raise InputError(f"{url}: store not found ({type(exc).__name__}); was it removed during the run?") from None
+        if group.attrs.get("fingerprint") != fingerprint:
+            raise InputError(f"{url}: the store was replaced during the run (fingerprint {group.attrs.get('fingerprint', '?')[:12]}, expected {fingerprint[:12]})")
+        return cls(group, url)
 
     def _ensure_grids(self, grids: Sequence[int], cfg: CacheConfig) -> None:
         """Add arrays for grids the store lacks; the rest of the store is reused as it is."""
@@ -171,6 +200,10 @@ class CacheStore:
                 todo[shard] = lacking
         return todo
 
+    def lacking(self, shard: int, grids: Sequence[int]) -> tuple[int, ...]:
+        """The grids (of `grids`) whose views shard `shard` still lacks (one marker read per grid)."""
+        return tuple(g for g in grids if not self.group[cs.progress_array(g)][shard])
+
     def write_shard(self, result: ShardResult) -> None:
         """Write one whole shard of every array, then its progress markers (the commit point)."""
         rows = self.shard_rows_range(result.shard)
@@ -187,9 +220,12 @@ class CacheStore:
         all_done = True
         for g in cs.store_grids(self.group):
             done = bool(np.all(self.group[cs.progress_array(g)][:] == 1))
-            self.group[cs.views_array(g)].attrs["complete"] = done
+            arr = self.group[cs.views_array(g)]
+            if arr.attrs.get("complete") != done:  # write only what changes: a shared store may be read-only
+                arr.attrs["complete"] = done
             all_done &= done
-        self.group.attrs["complete"] = all_done
+        if self.group.attrs.get("complete") != all_done:
+            self.group.attrs["complete"] = all_done
         return all_done
 
 
@@ -212,6 +248,29 @@ def load_targets(store: str | zarr.Group, grids: Sequence[int], rows: slice | np
         arr = group[cs.views_array(g)]
         parts.append(arr.get_orthogonal_selection((sel, slice(None), slice(None))) if not isinstance(sel, slice) else arr[sel])
     return np.concatenate(parts, axis=1)  # [N, V, D]
+
+
+def _probe(url: str) -> tuple[fsspec.AbstractFileSystem, str, bool]:
+    """(filesystem, path, whether something is there) of `url`, looked up afresh (no cached listing).
+
+    Raises:
+        InputError: one line for what the filesystem says: package missing, no credentials, bad URL.
+    """
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+        fs.invalidate_cache()  # another process (a dask worker, another team) may have written
+        return fs, root, fs.exists(root)
+    except Exception as exc:  # noqa: BLE001 - a filesystem's own error, e.g. s3:// without s3fs
+        raise InputError(f"{url}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'cannot reach it'}") from None
+
+
+def _read_attrs(url: str) -> tuple[dict, zarr.Group | None]:
+    """(attributes, group opened read-only) of whatever is at `url`; ({}, None) if it is no zarr group."""
+    try:
+        group = zarr.open_group(url, mode="r")
+        return dict(group.attrs), group
+    except Exception:  # noqa: BLE001 - anything unreadable is "not a store of ours"
+        return {}, None
 
 
 def _provenance() -> dict[str, str]:

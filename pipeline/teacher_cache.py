@@ -1,77 +1,55 @@
 """Stage one: embed the multi-scale views of every image with the teacher, into the cache.
 
-Three kinds of work overlap:
-- decode threads read each image once (PIL releases the GIL while decoding) and cut its center
-  square; on a CPU teacher they also make the views, so the model's thread only runs the model;
-- the main thread batches images, makes the views on the GPU when there is one (uint8 upload,
-  crop and resize on the device), and runs the teacher;
-- a writer thread writes each finished shard while the next one is computed.
-Work is planned per shard from the store's progress markers, so a rerun after a crash or kill
-computes only the shards (and, for a new grid, only the arrays) that are missing.
+A run hashes the manifest, learns the teacher's identity, opens (or creates) the store built for
+that identity, and plans the work per shard from the store's progress markers, so a rerun after
+a crash or kill computes only the shards (and, for a new grid, only the arrays) that are missing.
+An executor (`teacher.executor`) then computes those shards:
+
+- `local`: in this process, decode threads + the teacher + a writer thread (pipeline/shard_compute.py);
+- `dask`: one dask.distributed task per shard, on a local cluster or a scheduler's workers
+  (pipeline/dask_executor.py), each running the same per-shard code.
+
+Either way each shard is written whole and then marked done, and the result is the same bytes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
-import queue
 import re
-import threading
 import time
-from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
+import fsspec
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 import cache_schema as cs
-from pipeline.cache_store import CacheStore, ShardResult
+from pipeline.cache_store import CacheStore
 from pipeline.config import Params
-from pipeline.decode import Decoded, decode_center_square
 from pipeline.errors import ConfigError, InputError
 from pipeline.manifest import Manifest, build_manifest
-from pipeline.teacher import Teacher
-from pipeline.views import canonical_grids, make_views
+from pipeline.shard_compute import RunStats, compute_shards
+from pipeline.teacher import Teacher, TeacherIdentity
+from pipeline.views import ViewSpec, canonical_grids
+
+__all__ = ["RunStats", "default_store_url", "expected_identity", "identity_from_params", "run_teacher_cache"]
 
 log = logging.getLogger(__name__)
 
 PREPROCESSING_VERSION = 1  # bump when view geometry or resizing changes meaning
 
 
-@dataclass
-class RunStats:
-    """What one stage-one run did, and where its time went (seconds; thread-seconds for decode/write)."""
-
-    store: str = ""
-    images: int = 0
-    rows_computed: int = 0
-    views_computed: int = 0
-    shards_written: int = 0
-    shards_skipped: int = 0
-    failed: int = 0
-    complete: bool = False
-    wall_s: float = 0.0
-    decode_s: float = 0.0
-    decode_wait_s: float = 0.0
-    views_s: float = 0.0
-    model_s: float = 0.0
-    write_s: float = 0.0
-    write_wait_s: float = 0.0
-    failures: dict[str, str] = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
 def expected_identity(teacher: Teacher, manifest: Manifest, min_side: int) -> dict:
     """The identity sections (see cache_schema) a store built with this teacher and manifest has."""
-    spec = teacher.spec
+    return identity_sections(teacher.identity, teacher.spec, manifest, min_side)
+
+
+def identity_sections(identity: TeacherIdentity, spec: ViewSpec, manifest: Manifest, min_side: int) -> dict:
+    """`expected_identity` from a teacher's identity and view spec (what a dask worker reports)."""
     return {
-        "teacher": teacher.identity.fingerprint_fields(),
+        "teacher": identity.fingerprint_fields(),
         "preprocessing": {
             "version": PREPROCESSING_VERSION,
             "decode": "PIL, EXIF orientation applied, convert RGB (16-bit gray scaled to 8 bits)",
@@ -90,9 +68,23 @@ def expected_identity(teacher: Teacher, manifest: Manifest, min_side: int) -> di
 
 
 def default_store_url(root: str, identity: dict) -> str:
-    """`{root}/{model}-{fingerprint[:12]}.zarr`: a store per identity, so none overwrites another."""
+    """`{root}/{model}-{fingerprint[:12]}.zarr`: a store per identity, so none overwrites another.
+
+    `root` is a directory or an fsspec URL (`s3://bucket/caches`, `memory://`).
+    """
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(identity["teacher"]["model"]).stem).strip("-") or "teacher"
-    return f"{root.rstrip('/')}/{slug}-{cs.fingerprint(identity)[:12]}.zarr"
+    base = root if root.endswith("://") else root.rstrip("/") + "/"
+    return f"{base}{slug}-{cs.fingerprint(identity)[:12]}.zarr"
+
+
+class Executor(Protocol):
+    """Computes the shards of a run; used as a context manager around the run."""
+
+    def teacher(self) -> tuple[TeacherIdentity, ViewSpec]:
+        """The teacher's identity and view spec (loading it if needed)."""
+
+    def run(self, store: CacheStore, manifest: Manifest, todo: dict[int, tuple[int, ...]], params: Params, stats: RunStats, progress: bool) -> None:
+        """Compute and write every shard of `todo` (shard -> grids it lacks), adding to `stats`."""
 
 
 def run_teacher_cache(params: Params, out: str | None = None, *, replace: bool = False, progress: bool = True) -> RunStats:
@@ -100,22 +92,22 @@ def run_teacher_cache(params: Params, out: str | None = None, *, replace: bool =
 
     Args:
         params: the `data`, `teacher` and `cache` sections are read.
-        out: the store's path or URL; None for `default_store_url` under `cache.root`.
+        out: the store's path or fsspec URL; None for `default_store_url` under `cache.root`.
         replace: rebuild a store at `out` that was built for other params (otherwise refused).
         progress: show progress bars.
     """
     start = time.perf_counter()
-    if params.teacher.executor != "local":
-        raise InputError(f"{params.source}: teacher.executor={params.teacher.executor} is not available in this version (use local)")
-    grids, manifest, teacher, identity = _prepare(params, progress)
-    url = out or default_store_url(params.cache.root, identity)
-    store = CacheStore.open_or_create(url, identity, manifest.paths, grids, params.cache, replace=replace)
-    todo = store.missing_grids(grids)
-    stats = RunStats(store=url, images=len(manifest), shards_skipped=store.n_shards - len(todo))
-    if todo:
-        _compute(store, manifest, teacher, todo, params, stats, progress)
+    grids = _grids(params)
+    with _executor(params, out) as executor:  # a dask cluster starts loading teachers meanwhile
+        manifest = build_manifest(params.data.images, params.data.manifest_hash, progress=progress)
+        identity = identity_sections(*executor.teacher(), manifest, params.data.min_side)
+        url = out or default_store_url(params.cache.root, identity)
+        store = CacheStore.open_or_create(url, identity, manifest.paths, grids, params.cache, replace=replace)
+        todo = store.missing_grids(grids)
+        stats = RunStats(store=url, images=len(manifest), shards_skipped=store.n_shards - len(todo))
+        if todo:
+            executor.run(store, manifest, todo, params, stats, progress)
     stats.complete = store.finalize()
-    stats.views_computed = teacher.forward_views
     status = store.group[cs.STATUS][:]
     stats.failed = int(np.sum(status == cs.STATUS_FAILED))
     stats.wall_s = time.perf_counter() - start
@@ -123,201 +115,62 @@ def run_teacher_cache(params: Params, out: str | None = None, *, replace: bool =
 
 
 def identity_from_params(params: Params, progress: bool = True) -> dict:
-    """The identity a store built from `params` must have (loads the teacher, hashes the manifest)."""
-    return _prepare(params, progress)[3]
+    """The identity a store built from `params` must have (loads the teacher, hashes the manifest).
 
-
-def _prepare(params: Params, progress: bool) -> tuple[tuple[int, ...], Manifest, Teacher, dict]:
-    grids = canonical_grids(params.cache.grids)
-    min_side = params.data.min_side
-    if max(grids) > min_side:
-        raise ConfigError(f"{params.source}: cache.grids has {max(grids)}x{max(grids)} but data.min_side is {min_side}; raise data.min_side")
-    manifest = build_manifest(params.data.images, params.data.manifest_hash, progress=progress)
-    teacher = Teacher.load(params.teacher)
-    return grids, manifest, teacher, expected_identity(teacher, manifest, min_side)
-
-
-@dataclass
-class _Item:
-    row: int
-    decoded: Decoded
-    views: torch.Tensor | None  # [V_s, 3, T, T] when made on the decode thread (CPU teacher)
-    seconds: float
-
-
-def _compute(store: CacheStore, manifest: Manifest, teacher: Teacher, todo: dict[int, tuple[int, ...]], params: Params, stats: RunStats, progress: bool) -> None:
-    batch_size = params.teacher.batch_size
-    views_on_decode_thread = teacher.device.type == "cpu"
-    workers = params.teacher.decode_workers or os.cpu_count() or 1
-    writer = _ShardWriter(store, stats)
-    total = sum(len(store.shard_rows_range(s)) for s in todo)
-    bar = tqdm(total=total, desc="teacher cache", unit="img", disable=not progress, smoothing=0.05)
-
-    def decode(row: int, grids: tuple[int, ...]) -> _Item:
-        t0 = time.perf_counter()
-        decoded = decode_center_square(manifest.abspath(row), min_side=params.data.min_side, max_pixels=params.data.max_pixels)
-        views = None
-        if views_on_decode_thread and decoded.square is not None:
-            views = make_views([torch.from_numpy(decoded.square)], grids, teacher.spec)[0]
-        return _Item(row, decoded, views, time.perf_counter() - t0)
-
-    embedder = _Embedder(teacher, writer, stats)
-    try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
-            for shard, grids, items in _decoded_shards(pool, decode, store, todo, lookahead=2 * batch_size):
-                rows = store.shard_rows_range(shard)
-                result = ShardResult(
-                    shard=shard,
-                    views={g: np.full((len(rows), g * g, store.dim), np.nan, dtype=np.float16) for g in grids},
-                    status=np.full(len(rows), cs.STATUS_FAILED, dtype=np.uint8),
-                    failures=[""] * len(rows),
-                )
-                embedder.start_shard(result)
-                batch: list[_Item] = []
-                for future in items:
-                    t0 = time.perf_counter()
-                    item = future.result()
-                    stats.decode_wait_s += time.perf_counter() - t0
-                    stats.decode_s += item.seconds
-                    local = item.row - rows.start
-                    if item.decoded.square is None:
-                        result.failures[local] = item.decoded.reason
-                        stats.failures[manifest.paths[item.row]] = item.decoded.reason
-                        bar.update(1)
-                        continue
-                    result.status[local] = cs.STATUS_OK
-                    batch.append(item)
-                    if len(batch) == batch_size:
-                        embedder.launch(batch, grids, result, rows.start)
-                        bar.update(len(batch))
-                        batch = []
-                if batch:
-                    embedder.launch(batch, grids, result, rows.start)
-                    bar.update(len(batch))
-                embedder.end_shard(result)
-                bar.set_postfix(views_per_s=f"{teacher.forward_views / max(bar.format_dict['elapsed'], 1e-9):.0f}")
-            embedder.flush()
-    finally:
-        writer.close()
-        bar.close()
-    stats.rows_computed = total
-
-
-def _decoded_shards(pool: ThreadPoolExecutor, decode, store: CacheStore, todo: dict[int, tuple[int, ...]], lookahead: int) -> Iterator[tuple[int, tuple[int, ...], Iterator[Future]]]:
-    """Yield (shard, grids, futures of its rows) with decoding running `lookahead` rows ahead."""
-    jobs = ((shard, grids, row) for shard, grids in todo.items() for row in store.shard_rows_range(shard))
-    pending: deque[tuple[int, Future]] = deque()
-
-    def fill():
-        while len(pending) < lookahead:
-            job = next(jobs, None)
-            if job is None:
-                return
-            shard, grids, row = job
-            pending.append((shard, pool.submit(decode, row, grids)))
-
-    for shard, grids in todo.items():
-        def futures(shard=shard):
-            for _ in store.shard_rows_range(shard):
-                fill()
-                s, fut = pending.popleft()
-                assert s == shard
-                yield fut
-
-        yield shard, grids, futures()
-
-
-class _Embedder:
-    """Runs the teacher on batches and hands finished shards to the writer.
-
-    On a GPU the forward of one batch is launched before the previous batch's results are
-    fetched (`depth` 1), so decoding and view cutting of the next batch overlap the model;
-    on a CPU the forward is synchronous anyway (`depth` 0).
+    The teacher is loaded on the CPU: its identity does not depend on the device.
     """
-
-    def __init__(self, teacher: Teacher, writer: _ShardWriter, stats: RunStats):
-        self.teacher, self.writer, self.stats = teacher, writer, stats
-        self.depth = 1 if teacher.device.type == "cuda" else 0
-        self.inflight: deque[tuple[torch.Tensor, list[int], tuple[int, ...], ShardResult]] = deque()
-        self.open: dict[int, list] = {}  # shard -> [result, batches in flight, all batches launched]
-
-    def start_shard(self, result: ShardResult) -> None:
-        self.open[result.shard] = [result, 0, False]
-
-    def launch(self, batch: list[_Item], grids: tuple[int, ...], result: ShardResult, row0: int) -> None:
-        t0 = time.perf_counter()
-        if batch[0].views is not None:
-            views = torch.stack([item.views for item in batch])  # [B, V_s, 3, T, T]
-        else:
-            views = make_views([torch.from_numpy(item.decoded.square) for item in batch], grids, self.teacher.spec, self.teacher.device)
-        t1 = time.perf_counter()
-        b, v = views.shape[:2]
-        feats = self.teacher.encode(views.flatten(0, 1)).view(b, v, -1).to(torch.float16)  # [B, V_s, D], async on GPU
-        self.stats.views_s += t1 - t0
-        self.stats.model_s += time.perf_counter() - t1
-        self.inflight.append((feats, [item.row - row0 for item in batch], grids, result))
-        self.open[result.shard][1] += 1
-        while len(self.inflight) > self.depth:
-            self._collect()
-
-    def end_shard(self, result: ShardResult) -> None:
-        self.open[result.shard][2] = True
-        self._maybe_write(result.shard)
-
-    def flush(self) -> None:
-        while self.inflight:
-            self._collect()
-
-    def _collect(self) -> None:
-        feats, local, grids, result = self.inflight.popleft()
-        t0 = time.perf_counter()
-        values = feats.cpu().numpy()  # [B, V_s, D]; waits for the forward on a GPU
-        self.stats.model_s += time.perf_counter() - t0
-        start = 0
-        for g in grids:
-            result.views[g][local] = values[:, start : start + g * g]  # [B, g*g, D]
-            start += g * g
-        self.open[result.shard][1] -= 1
-        self._maybe_write(result.shard)
-
-    def _maybe_write(self, shard: int) -> None:
-        result, in_flight, launched = self.open[shard]
-        if launched and in_flight == 0:
-            del self.open[shard]
-            self.writer.put(result)
+    _grids(params)
+    manifest = build_manifest(params.data.images, params.data.manifest_hash, progress=progress)
+    teacher = Teacher.load(dataclasses.replace(params.teacher, device="cpu"))
+    return expected_identity(teacher, manifest, params.data.min_side)
 
 
-class _ShardWriter:
-    """Writes finished shards on a thread of its own, two at most in flight; re-raises its errors."""
+class LocalExecutor:
+    """Stage one in this process: decode threads, the teacher, a writer thread."""
 
-    def __init__(self, store: CacheStore, stats: RunStats):
-        self.store, self.stats = store, stats
-        self.queue: queue.Queue[ShardResult | None] = queue.Queue(maxsize=2)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
-        self.thread.start()
+    def __init__(self, params: Params):
+        self.cfg = params.teacher
+        self._teacher: Teacher | None = None
 
-    def _run(self) -> None:
-        while (result := self.queue.get()) is not None:
-            if self.error is not None:
-                continue
-            t0 = time.perf_counter()
-            try:
-                self.store.write_shard(result)
-                self.stats.shards_written += 1
-            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-                self.error = exc
-            self.stats.write_s += time.perf_counter() - t0
+    def __enter__(self) -> LocalExecutor:
+        return self
 
-    def put(self, result: ShardResult) -> None:
-        if self.error is not None:
-            raise self.error
-        t0 = time.perf_counter()
-        self.queue.put(result)
-        self.stats.write_wait_s += time.perf_counter() - t0
+    def __exit__(self, *exc) -> None:
+        self._teacher = None
 
-    def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
+    def teacher(self) -> tuple[TeacherIdentity, ViewSpec]:
+        if self._teacher is None:
+            self._teacher = Teacher.load(self.cfg)
+        return self._teacher.identity, self._teacher.spec
+
+    def run(self, store: CacheStore, manifest: Manifest, todo: dict[int, tuple[int, ...]], params: Params, stats: RunStats, progress: bool) -> None:
+        self.teacher()
+        teacher = self._teacher
+        views_before = teacher.forward_views
+        total = sum(len(store.shard_rows_range(s)) for s in todo)
+        with tqdm(total=total, desc="teacher cache", unit="img", disable=not progress, smoothing=0.05) as bar:
+
+            def advance(n: int) -> None:
+                bar.update(n)
+                bar.set_postfix(views_per_s=f"{(teacher.forward_views - views_before) / max(bar.format_dict['elapsed'], 1e-9):.0f}", refresh=False)
+
+            compute_shards(store, manifest.root, manifest.paths, teacher, todo, params, stats, advance)
+        stats.views_computed += teacher.forward_views - views_before
+
+
+def _executor(params: Params, out: str | None) -> Executor:
+    if params.teacher.executor == "local":
+        return LocalExecutor(params)
+    target = out or params.cache.root
+    if fsspec.utils.get_protocol(target) == "memory":
+        raise InputError(f"{params.source}: teacher.executor=dask cannot write to {target}: a memory:// store lives in one process (use a path or a shared URL)")
+    from pipeline.dask_executor import DaskExecutor
+
+    return DaskExecutor(params)
+
+
+def _grids(params: Params) -> tuple[int, ...]:
+    grids = canonical_grids(params.cache.grids)
+    if max(grids) > params.data.min_side:
+        raise ConfigError(f"{params.source}: cache.grids has {max(grids)}x{max(grids)} but data.min_side is {params.data.min_side}; raise data.min_side")
+    return grids

@@ -1,0 +1,275 @@
+"""Computing whole shards of the teacher cache: decode, views, teacher, write. Shared by executors.
+
+`compute_shards` is the one code path that turns a shard's images into its stored embeddings.
+The local executor calls it once with every shard left to do; the dask executor calls it once
+per task with one shard. Batches never cross a shard boundary (a shard's ok rows are taken in
+order, `teacher.batch_size` at a time), so a shard's values do not depend on which executor,
+task or process computed it: the teacher's forward is not batch-invariant in the last bits
+(a view encoded alone differs from the same view encoded in a batch), but both executors form
+the very same batches, so their float16 outputs are identical.
+
+Three kinds of work overlap:
+- decode threads read each image once (PIL releases the GIL while decoding) and cut its center
+  square; on a CPU teacher they also make the views, so the model's thread only runs the model;
+- the calling thread batches images, makes the views on the GPU when there is one (uint8 upload,
+  crop and resize on the device), and runs the teacher;
+- a writer thread writes each finished shard while the next one is computed.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import cache_schema as cs
+from pipeline.cache_store import CacheStore, ShardResult
+from pipeline.config import Params
+from pipeline.decode import Decoded, decode_center_square
+from pipeline.teacher import Teacher
+from pipeline.views import make_views
+
+
+@dataclass
+class RunStats:
+    """What one stage-one run did, and where its time went (seconds; thread-seconds for decode/write)."""
+
+    store: str = ""
+    images: int = 0
+    rows_computed: int = 0
+    views_computed: int = 0
+    shards_written: int = 0
+    shards_skipped: int = 0
+    failed: int = 0
+    complete: bool = False
+    wall_s: float = 0.0
+    decode_s: float = 0.0
+    decode_wait_s: float = 0.0
+    views_s: float = 0.0
+    model_s: float = 0.0
+    write_s: float = 0.0
+    write_wait_s: float = 0.0
+    failures: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def add(self, other: RunStats) -> None:
+        """Add a part's work (a dask task's shard) to this run's totals."""
+        for f in fields(self):
+            if f.name in ("rows_computed", "views_computed", "shards_written") or (f.name.endswith("_s") and f.name != "wall_s"):
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        self.failures.update(other.failures)
+
+
+@dataclass
+class _Item:
+    row: int
+    decoded: Decoded
+    views: torch.Tensor | None  # [V_s, 3, T, T] when made on the decode thread (CPU teacher)
+    seconds: float
+
+
+def compute_shards(
+    store: CacheStore,
+    root: Path,
+    paths: Sequence[str] | Mapping[int, str],
+    teacher: Teacher,
+    todo: Mapping[int, tuple[int, ...]],
+    params: Params,
+    stats: RunStats,
+    advance: Callable[[int], None] | None = None,
+) -> None:
+    """Compute and write every shard of `todo` (shard -> grids it lacks), then its progress markers.
+
+    Args:
+        store: the store, open for writing.
+        root: the data root the paths are relative to.
+        paths: row -> image path (the manifest's paths, or only the rows of these shards).
+        teacher: the loaded teacher.
+        todo: the shards to compute, in order, each with the grids it lacks.
+        params: `data` (decode limits) and `teacher` (batch size, decode workers) are read.
+        stats: counts and time split are added here.
+        advance: called with the number of images done, for a progress bar.
+    """
+    batch_size = params.teacher.batch_size
+    views_on_decode_thread = teacher.device.type == "cpu"
+    workers = params.teacher.decode_workers or os.cpu_count() or 1
+    advance = advance or (lambda n: None)
+    writer = _ShardWriter(store, stats)
+
+    def decode(row: int, grids: tuple[int, ...]) -> _Item:
+        t0 = time.perf_counter()
+        decoded = decode_center_square(root / paths[row], min_side=params.data.min_side, max_pixels=params.data.max_pixels)
+        views = None
+        if views_on_decode_thread and decoded.square is not None:
+            views = make_views([torch.from_numpy(decoded.square)], grids, teacher.spec)[0]
+        return _Item(row, decoded, views, time.perf_counter() - t0)
+
+    embedder = _Embedder(teacher, writer, stats)
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+            for shard, grids, items in _decoded_shards(pool, decode, store, todo, lookahead=2 * batch_size):
+                rows = store.shard_rows_range(shard)
+                result = ShardResult(
+                    shard=shard,
+                    views={g: np.full((len(rows), g * g, store.dim), np.nan, dtype=np.float16) for g in grids},
+                    status=np.full(len(rows), cs.STATUS_FAILED, dtype=np.uint8),
+                    failures=[""] * len(rows),
+                )
+                embedder.start_shard(result)
+                batch: list[_Item] = []
+                for future in items:
+                    t0 = time.perf_counter()
+                    item = future.result()
+                    stats.decode_wait_s += time.perf_counter() - t0
+                    stats.decode_s += item.seconds
+                    local = item.row - rows.start
+                    if item.decoded.square is None:
+                        result.failures[local] = item.decoded.reason
+                        stats.failures[paths[item.row]] = item.decoded.reason
+                        advance(1)
+                        continue
+                    result.status[local] = cs.STATUS_OK
+                    batch.append(item)
+                    if len(batch) == batch_size:
+                        embedder.launch(batch, grids, result, rows.start)
+                        advance(len(batch))
+                        batch = []
+                if batch:
+                    embedder.launch(batch, grids, result, rows.start)
+                    advance(len(batch))
+                embedder.end_shard(result)
+                stats.rows_computed += len(rows)
+            embedder.flush()
+    finally:
+        writer.close()
+
+
+def _decoded_shards(pool: ThreadPoolExecutor, decode, store: CacheStore, todo: Mapping[int, tuple[int, ...]], lookahead: int) -> Iterator[tuple[int, tuple[int, ...], Iterator[Future]]]:
+    """Yield (shard, grids, futures of its rows) with decoding running `lookahead` rows ahead."""
+    jobs = ((shard, grids, row) for shard, grids in todo.items() for row in store.shard_rows_range(shard))
+    pending: deque[tuple[int, Future]] = deque()
+
+    def fill():
+        while len(pending) < lookahead:
+            job = next(jobs, None)
+            if job is None:
+                return
+            shard, grids, row = job
+            pending.append((shard, pool.submit(decode, row, grids)))
+
+    for shard, grids in todo.items():
+        def futures(shard=shard):
+            for _ in store.shard_rows_range(shard):
+                fill()
+                s, fut = pending.popleft()
+                assert s == shard
+                yield fut
+
+        yield shard, grids, futures()
+
+
+class _Embedder:
+    """Runs the teacher on batches and hands finished shards to the writer.
+
+    On a GPU the forward of one batch is launched before the previous batch's results are
+    fetched (`depth` 1), so decoding and view cutting of the next batch overlap the model;
+    on a CPU the forward is synchronous anyway (`depth` 0).
+    """
+
+    def __init__(self, teacher: Teacher, writer: _ShardWriter, stats: RunStats):
+        self.teacher, self.writer, self.stats = teacher, writer, stats
+        self.depth = 1 if teacher.device.type == "cuda" else 0
+        self.inflight: deque[tuple[torch.Tensor, list[int], tuple[int, ...], ShardResult]] = deque()
+        self.open: dict[int, list] = {}  # shard -> [result, batches in flight, all batches launched]
+
+    def start_shard(self, result: ShardResult) -> None:
+        self.open[result.shard] = [result, 0, False]
+
+    def launch(self, batch: list[_Item], grids: tuple[int, ...], result: ShardResult, row0: int) -> None:
+        t0 = time.perf_counter()
+        if batch[0].views is not None:
+            views = torch.stack([item.views for item in batch])  # [B, V_s, 3, T, T]
+        else:
+            views = make_views([torch.from_numpy(item.decoded.square) for item in batch], grids, self.teacher.spec, self.teacher.device)
+        t1 = time.perf_counter()
+        b, v = views.shape[:2]
+        feats = self.teacher.encode(views.flatten(0, 1)).view(b, v, -1).to(torch.float16)  # [B, V_s, D], async on GPU
+        self.stats.views_s += t1 - t0
+        self.stats.model_s += time.perf_counter() - t1
+        self.inflight.append((feats, [item.row - row0 for item in batch], grids, result))
+        self.open[result.shard][1] += 1
+        while len(self.inflight) > self.depth:
+            self._collect()
+
+    def end_shard(self, result: ShardResult) -> None:
+        self.open[result.shard][2] = True
+        self._maybe_write(result.shard)
+
+    def flush(self) -> None:
+        while self.inflight:
+            self._collect()
+
+    def _collect(self) -> None:
+        feats, local, grids, result = self.inflight.popleft()
+        t0 = time.perf_counter()
+        values = feats.cpu().numpy()  # [B, V_s, D]; waits for the forward on a GPU
+        self.stats.model_s += time.perf_counter() - t0
+        start = 0
+        for g in grids:
+            result.views[g][local] = values[:, start : start + g * g]  # [B, g*g, D]
+            start += g * g
+        self.open[result.shard][1] -= 1
+        self._maybe_write(result.shard)
+
+    def _maybe_write(self, shard: int) -> None:
+        result, in_flight, launched = self.open[shard]
+        if launched and in_flight == 0:
+            del self.open[shard]
+            self.writer.put(result)
+
+
+class _ShardWriter:
+    """Writes finished shards on a thread of its own, two at most in flight; re-raises its errors."""
+
+    def __init__(self, store: CacheStore, stats: RunStats):
+        self.store, self.stats = store, stats
+        self.queue: queue.Queue[ShardResult | None] = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (result := self.queue.get()) is not None:
+            if self.error is not None:
+                continue
+            t0 = time.perf_counter()
+            try:
+                self.store.write_shard(result)
+                self.stats.shards_written += 1
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                self.error = exc
+            self.stats.write_s += time.perf_counter() - t0
+
+    def put(self, result: ShardResult) -> None:
+        if self.error is not None:
+            raise self.error
+        t0 = time.perf_counter()
+        self.queue.put(result)
+        self.stats.write_wait_s += time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error

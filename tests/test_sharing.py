@@ -1,0 +1,108 @@
+"""Sharing teacher caches across teams: through a DVC remote, and from a read-only shared location."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import cache_schema as cs
+import pipeline
+from conftest import run_cli
+from pipeline.config import load_params
+from pipeline.errors import InputError
+from pipeline.student_data import CachePairs
+from pipeline.teacher_cache import default_store_url, identity_from_params, run_teacher_cache
+from pipeline.train import data_root
+from test_dvc import dvc, project  # noqa: F401 - `project` is a fixture: the repo's pipeline with the tiny teacher
+
+GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t.invalid"]
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int, str]]:
+    """Every file under `folder`: (size, mtime in ns, sha256). Equal snapshots: nothing was written."""
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.mark.slow
+def test_team_b_pulls_team_as_cache_and_recomputes_nothing(project, tmp_path_factory):  # noqa: F811
+    team_a, remote = project, tmp_path_factory.mktemp("dvc-remote")
+    dvc(team_a, "remote", "add", "-d", "shared", str(remote))
+    built = dvc(team_a, "repro", "teacher_cache")
+    assert "6 images embedded (180 views" in built  # team A ran the teacher
+    subprocess.run([*GIT, "add", "-A"], cwd=team_a, check=True)
+    subprocess.run([*GIT, "commit", "-qm", "teacher cache"], cwd=team_a, check=True)
+    dvc(team_a, "push")
+
+    team_b = tmp_path_factory.mktemp("team-b") / "repo"
+    subprocess.run(["git", "clone", "-q", str(team_a), str(team_b)], check=True)
+    dvc(team_b, "pull", "--with-deps", "teacher_cache")  # the stage's outputs and its inputs
+    store = team_b / "caches" / "teacher.zarr"
+    pulled = snapshot(store)
+    content = lambda snap: {name: (size, sha) for name, (size, _, sha) in snap.items()}  # noqa: E731
+    assert content(pulled) == content(snapshot(team_a / "caches" / "teacher.zarr"))
+    out = dvc(team_b, "repro", "teacher_cache")
+    assert "Stage 'teacher_cache' didn't change, skipping" in out and "images embedded" not in out
+    # Even forced to run, the stage finds every shard of the pulled store done: no teacher forward.
+    forced = dvc(team_b, "repro", "--force", "--single-item", "teacher_cache")
+    assert "0 images embedded (0 views" in forced and "0 shards written, 2 already done" in forced
+    assert snapshot(store) == pulled
+    assert "up to date" in dvc(team_b, "status", "--with-deps", "teacher_cache")
+    assert subprocess.run(["git", "diff", "--quiet", "dvc.lock"], cwd=team_b).returncode == 0
+
+
+def test_a_read_only_shared_cache_is_validated_then_used_without_writes(built_cache, demo_dir, tmp_path):
+    local, params_file = built_cache
+    shared = tmp_path / "shared"
+    params = load_params(params_file, [f"cache.root={shared}"])
+    identity = identity_from_params(params, progress=False)
+    url = default_store_url(str(shared), identity)
+    shutil.copytree(local, url)  # built elsewhere, published to the shared location
+    subprocess.run(["chmod", "-R", "a-w", str(shared)], check=True)
+    before = snapshot(shared)
+    try:
+        # Provenance: who built it, with which teacher, when, so a team can tell it is the one it wants.
+        info = json.loads(run_cli("cache", "info", url, "--json").stdout)
+        built_by = info["provenance"]
+        assert built_by["tool"] == "zeroseg" and built_by["tool_version"] == pipeline.__version__ and built_by["host"] == socket.gethostname()
+        age = datetime.datetime.now(datetime.timezone.utc) - datetime.datetime.fromisoformat(built_by["created"])
+        assert datetime.timedelta(0) <= age < datetime.timedelta(hours=2)
+        text = run_cli("cache", "info", url).stdout
+        assert f"built by     zeroseg {pipeline.__version__} on {socket.gethostname()} ({built_by['user']}) at {built_by['created']}" in text
+        assert "teacher      open_clip zeroseg-test-vit pretrained=(random init) precision=fp32 D=32" in text
+        assert f"weights      sha256 {identity['teacher']['weights_sha256']}" in text
+
+        # The team's params match: validation passes, stage one finds the store and has nothing to do.
+        assert cs.validate(url, identity, (1, 2, 3, 4))["fingerprint"] == cs.fingerprint(identity)
+        stats = run_teacher_cache(params, progress=False)
+        assert stats.store == url and stats.complete and stats.views_computed == 0 and stats.shards_skipped == 2
+        rows = sorted(row for _, _, row in CachePairs(url, data_root(params.data.images), (1, 2, 3, 4), 32))
+        assert rows == list(range(8))
+
+        # Another team: other weights, and a copy of the dataset with one image changed.
+        theirs_dir = tmp_path / "their_images"
+        shutil.copytree(demo_dir / "images", theirs_dir)
+        (theirs_dir / "scene_000003.jpg").write_bytes((demo_dir / "images" / "scene_000004.jpg").read_bytes())
+        theirs = load_params(params_file, [f"cache.root={shared}", "teacher.seed=3", f"data.images={theirs_dir}"])
+        with pytest.raises(cs.CacheSchemaError) as refused:
+            cs.validate(url, identity_from_params(theirs, progress=False), (1, 2, 3, 4))
+        assert "teacher.weights_sha256: store has" in str(refused.value) and "manifest.hash: store has" in str(refused.value)
+        check = run_cli("cache", "validate", url, "--params", str(params_file), "--set", "teacher.seed=3", check=False)
+        assert check.returncode == 2 and len(check.stderr.strip().splitlines()) == 1
+        assert "teacher.weights_sha256: store has" in check.stderr and "manifest" not in check.stderr
+        if os.geteuid() != 0:  # root writes through chmod; anyone else is refused in one line
+            with pytest.raises(InputError, match="cannot write there"):
+                run_teacher_cache(theirs, progress=False)
+        assert snapshot(shared) == before
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(shared)], check=True)
