@@ -36,12 +36,16 @@ def main() -> None:
     ap.add_argument("--cache", default="caches/teacher.zarr")
     ap.add_argument("--out", type=Path, default=Path("outputs/science"))
     ap.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated subset of: " + ", ".join(RECIPES))
+    ap.add_argument("--base-checkpoint", type=Path, help="reuse a trained Base student (e.g. models/student_base/checkpoint.pt)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra KEY=VALUE for every run (e.g. train.epochs=20)")
     args = ap.parse_args()
-    base_params = load_params(args.params, [*args.overrides, *BASE])
-    t0 = time.perf_counter()
-    run_training(base_params, args.cache, args.out / "base", live_dir=None, progress=False)
-    timings = {"base": time.perf_counter() - t0}
+    base_ckpt = args.base_checkpoint
+    timings = {}
+    if base_ckpt is None:  # train the Base ablation under the same budget
+        t0 = time.perf_counter()
+        run_training(load_params(args.params, [*args.overrides, *BASE]), args.cache, args.out / "base", live_dir=None, progress=False)
+        timings["base"] = time.perf_counter() - t0
+        base_ckpt = args.out / "base" / "checkpoint.pt"
     rows = {}
     for name in args.recipes.split(","):
         params = load_params(args.params, [*args.overrides, *RECIPES[name]])
@@ -49,7 +53,7 @@ def main() -> None:
         summary = run_training(params, args.cache, args.out / name, live_dir=None, progress=False)
         timings[name] = time.perf_counter() - t0
         metrics = run_evaluation(params, args.out / name / "checkpoint.pt", args.out / name / "metrics", None,
-                                 base_checkpoint=args.out / "base" / "checkpoint.pt", progress=False, echo=lambda *_: None)["demo"]
+                                 base_checkpoint=base_ckpt, progress=False, echo=lambda *_: None)["demo"]
         rows[name] = {**metrics["miou"], **{f"oracle_{k}": v for k, v in metrics["oracle"].items()},
                       "segments_per_image": metrics["segments_per_image"], "final_losses": summary.losses, "train_s": timings[name]}
         print(name, json.dumps(rows[name]), flush=True)
