@@ -27,6 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 DENSE_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}
 
 
+def dense_bf16_peak(device_name: str) -> float | None:
+    """The dense bf16 peak (TFLOP/s) of a GPU by its name, None when unknown."""
+    return next((v for k, v in DENSE_BF16_TFLOPS.items() if k in device_name), None)
+
+
 def make_images(folder: Path, n: int, width: int, height: int) -> None:
     """ImageNet-like JPEGs: smooth colour fields plus noise, so decoding costs what it costs."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -151,7 +156,7 @@ def main() -> None:
         import torch
 
         name = torch.cuda.get_device_name()
-        peak = next((v for k, v in DENSE_BF16_TFLOPS.items() if k in name), None)
+        peak = dense_bf16_peak(name)
         flops = teacher_flops_per_view(args)
         achieved = results["pipelined"]["views"] * flops / results["pipelined"]["split"]["wall_s"] / 1e12
         report.update(gpu=name, gflops_per_view=flops / 1e9, achieved_tflops_end_to_end=achieved, fraction_of_dense_bf16_peak=achieved / peak if peak else None)

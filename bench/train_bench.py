@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.config import TrainConfig, load_params
+from bench.teacher_cache_bench import dense_bf16_peak
+from pipeline.config import load_params
 from pipeline.student import ZeroSegStudent, param_groups_for_weight_decay, student_arch
 from pipeline.train import StudentObjective
 
-DENSE_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}
 
 
 def compute_bench(args, device: torch.device) -> dict:
@@ -109,7 +109,7 @@ def main() -> None:
     device = torch.device(args.device)
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "compute": compute_bench(args, device)}
     if device.type == "cuda":
-        peak = next((v for k, v in DENSE_BF16_TFLOPS.items() if k in report["device"]), None)
+        peak = dense_bf16_peak(report["device"])
         report["compute"]["fraction_of_dense_bf16_peak"] = report["compute"]["achieved_tflops"] / peak if peak else None
     if args.json:  # written now too, so the compute figures survive a failing end-to-end run
         args.json.write_text(json.dumps(report, indent=2))
