@@ -67,7 +67,7 @@ def test_training_free_baseline_paints_cells(model):
     image = np.random.default_rng(1).integers(0, 256, (40, 70, 3), dtype=np.uint8)
     pred = GridTeacherSegmenter(model.teacher, text, model.embedder.logit_scale, BackgroundRule("cosine", -2.0), short_side=48).predict(image)
     assert pred.labels.shape == (40, 70) and set(np.unique(pred.labels)) <= {1, 2}
-    assert np.allclose(pred.score.max(), pred.score.max()) and (pred.score >= -1).all() and (pred.score <= 1).all()
+    assert (pred.score >= -1).all() and (pred.score <= 1).all()  # cosine scores
 
 
 def test_class_embeddings_average_normalized_prompts_and_are_cached(model, tmp_path):
