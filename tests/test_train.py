@@ -1,7 +1,12 @@
 """Stage two end to end on a real 8-row cache: overfitting, exact resume, checkpoints, divergence."""
 
+import os
 import pickle
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -145,9 +150,6 @@ def test_schedule_math():
 @pytest.mark.slow
 def test_torchrun_two_ranks_on_cpu(built_cache, tmp_path):
     """DistributedDataParallel with gloo: both ranks step together and rank 0 writes the checkpoint."""
-    import subprocess
-    import sys
-
     from conftest import REPO
 
     store, params = built_cache
@@ -171,3 +173,46 @@ def test_dvclive_is_never_started_in_a_folder_it_would_clear(tmp_path, monkeypat
     with pytest.raises(InputError, match="must be a folder of its own"):
         _open_live(str(tmp_path), resume=False)
     assert (tmp_path / "params.yaml").exists()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_sigterm_stops_training_with_its_worker_processes_and_keeps_the_checkpoint(built_cache, tmp_path):
+    from conftest import REPO
+
+    store, params = built_cache
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pipeline.cli", "train", "--params", str(params), "--cache", str(store), "--out", str(out), "--live-dir", "", "-q",
+           *[a for kv in [*TINY_TRAIN, "train.num_workers=2", "train.epochs=100000"] for a in ("--set", kv)]]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.pt").exists() or len(_descendants(proc.pid)) < 3:  # forkserver + 2 workers
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no workers"
+        time.sleep(0.2)
+    helpers = _descendants(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    time.sleep(1.0)
+    left = [p for p in helpers if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"{len(left)} helper processes outlived the run"
+    assert load_checkpoint(out / "checkpoint.pt")["step"] >= 1  # resumable
