@@ -51,6 +51,10 @@ class TeacherConfig:
     dask_address: str = ""  # a dask scheduler address; "": start a local cluster
     dask_workers: int = 2  # workers of that local cluster (one per GPU when there are GPUs)
     decode_workers: int = 0  # threads decoding images; 0: one per CPU core
+    # 0: off. Otherwise large JPEGs decode at a reduced DCT scale (1/2, 1/4, 1/8) as long as the
+    # center square keeps this side; at least largest grid x input size (896 for 4x4 at 224).
+    # Part of the cache identity when on.
+    jpeg_draft_side: int = 0
     views_per_forward: int = 0  # views per teacher forward; 0: 64 on CPU (cache-friendly), 4096 on GPU
     seed: int = 0  # seeds random initialisation when pretrained is ""
     weights_dir: str = ""  # where open_clip keeps downloaded weights ("": its default)

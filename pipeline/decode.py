@@ -9,6 +9,7 @@ convert would clip to white and which is scaled to 8 bits instead. EXIF orientat
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,23 +46,25 @@ def center_square_box(width: int, height: int) -> tuple[int, int, int, int]:
     return left, top, left + side, top + side
 
 
-def decode_center_square(path: str | Path, *, min_side: int = 1, max_pixels: int = 178_956_970) -> Decoded:
+def decode_center_square(path: str | Path, *, min_side: int = 1, max_pixels: int = 178_956_970, draft_side: int = 0) -> Decoded:
     """Read `path`, apply EXIF orientation, convert to RGB and cut the center square.
 
     Args:
         path: the image file.
         min_side: the smallest acceptable square side (the largest grid: every cell needs a pixel).
         max_pixels: images with more pixels are refused as decompression bombs before decoding.
+        draft_side: 0, or let a JPEG decode at a reduced DCT scale (1/2, 1/4 or 1/8: libjpeg
+            skips most of the work) as long as the center square keeps at least this side.
+            The square is then smaller than the source's; `size` still reports the source.
     """
-    rgb, reason = _open_rgb(Path(path), max_pixels)
+    rgb, reason, size = _open_rgb(Path(path), max_pixels, draft_side=draft_side)
     if rgb is None:
-        return Decoded(None, reason)
+        return Decoded(None, reason, size)
     width, height = rgb.size
-    side = min(width, height)
-    if side < min_side:
-        return Decoded(None, f"too small: {width}x{height}, the center square needs at least {min_side} px", (width, height))
+    if min(size) < min_side:
+        return Decoded(None, f"too small: {size[0]}x{size[1]}, the center square needs at least {min_side} px", size)
     square = np.array(rgb.crop(center_square_box(width, height)))  # [S, S, 3] uint8, writable
-    return Decoded(square, "", (width, height))
+    return Decoded(square, "", size)
 
 
 def load_rgb(path: str | Path, *, max_pixels: int = 178_956_970, exif: bool = True) -> np.ndarray:
@@ -72,34 +75,45 @@ def load_rgb(path: str | Path, *, max_pixels: int = 178_956_970, exif: bool = Tr
     Raises:
         InputError: naming the file and what is wrong with it.
     """
-    rgb, reason = _open_rgb(Path(path), max_pixels, exif)
+    rgb, reason, _ = _open_rgb(Path(path), max_pixels, exif)
     if rgb is None:
         raise InputError(f"{path}: {reason}")
     return np.array(rgb)
 
 
-def _open_rgb(path: Path, max_pixels: int, exif: bool = True) -> tuple[Image.Image | None, str]:
-    """The decoded RGB image, or None and the reason."""
+def _open_rgb(path: Path, max_pixels: int, exif: bool = True, draft_side: int = 0) -> tuple[Image.Image | None, str, tuple[int, int]]:
+    """The decoded RGB image, or None and the reason; and the source's (width, height) after EXIF rotation."""
     try:
         if path.stat().st_size == 0:
-            return None, "empty file (0 bytes)"
+            return None, "empty file (0 bytes)", (0, 0)
     except OSError as exc:
-        return None, f"cannot read file ({exc.strerror or exc})"
+        return None, f"cannot read file ({exc.strerror or exc})", (0, 0)
+    size = (0, 0)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 width, height = img.size
                 if width * height > max_pixels:
-                    return None, f"decompression bomb: {width}x{height} pixels exceeds data.max_pixels={max_pixels}"
+                    return None, f"decompression bomb: {width}x{height} pixels exceeds data.max_pixels={max_pixels}", (width, height)
+                size = (width, height)
+                side = min(width, height)
+                if draft_side and img.format == "JPEG" and side > draft_side:
+                    # PIL picks the largest DCT reduction whose result is at least the requested size.
+                    scale = draft_side / side
+                    img.draft(img.mode, (math.ceil(width * scale), math.ceil(height * scale)))
                 img.load()
-                return _to_rgb(ImageOps.exif_transpose(img) if exif else img), ""
+                rgb = _to_rgb(ImageOps.exif_transpose(img) if exif else img)
+                if (rgb.width > rgb.height) != (width > height):  # EXIF rotated it by 90 degrees
+                    size = (height, width)
+                return rgb, "", size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        return None, f"decompression bomb: {exc}"
+        return None, f"decompression bomb: {exc}", size
     except UnidentifiedImageError:
-        return None, "not an image PIL can identify"
+        return None, "not an image PIL can identify", size
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        return None, f"corrupt or truncated image ({str(exc) or type(exc).__name__})"
+        return None, f"corrupt or truncated image ({str(exc) or type(exc).__name__})", size
+
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

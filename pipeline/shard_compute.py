@@ -109,7 +109,7 @@ def compute_shards(
 
     def decode(row: int, grids: tuple[int, ...]) -> _Item:
         t0 = time.perf_counter()
-        decoded = decode_center_square(root / paths[row], min_side=params.data.min_side, max_pixels=params.data.max_pixels)
+        decoded = decode_center_square(root / paths[row], min_side=params.data.min_side, max_pixels=params.data.max_pixels, draft_side=params.teacher.jpeg_draft_side)
         views = None
         if views_on_decode_thread and decoded.square is not None:
             views = make_views([torch.from_numpy(decoded.square)], grids, teacher.spec)[0]

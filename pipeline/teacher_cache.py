@@ -41,13 +41,18 @@ log = logging.getLogger(__name__)
 PREPROCESSING_VERSION = 1  # bump when view geometry or resizing changes meaning
 
 
-def expected_identity(teacher: Teacher, manifest: Manifest, min_side: int) -> dict:
+def expected_identity(teacher: Teacher, manifest: Manifest, min_side: int, draft_side: int = 0) -> dict:
     """The identity sections (see cache_schema) a store built with this teacher and manifest has."""
-    return identity_sections(teacher.identity, teacher.spec, manifest, min_side)
+    return identity_sections(teacher.identity, teacher.spec, manifest, min_side, draft_side)
 
 
-def identity_sections(identity: TeacherIdentity, spec: ViewSpec, manifest: Manifest, min_side: int) -> dict:
-    """`expected_identity` from a teacher's identity and view spec (what a dask worker reports)."""
+def identity_sections(identity: TeacherIdentity, spec: ViewSpec, manifest: Manifest, min_side: int, draft_side: int = 0) -> dict:
+    """`expected_identity` from a teacher's identity and view spec (what a dask worker reports).
+
+    `draft_side` (teacher.jpeg_draft_side) changes the pixels of large JPEGs, so it is part of
+    the identity when it is on; stores built without it keep their fingerprint.
+    """
+    draft = {"jpeg_draft_side": draft_side} if draft_side else {}
     return {
         "teacher": identity.fingerprint_fields(),
         "preprocessing": {
@@ -62,6 +67,7 @@ def identity_sections(identity: TeacherIdentity, spec: ViewSpec, manifest: Manif
             "mean": list(spec.mean),
             "std": list(spec.std),
             "min_side": min_side,
+            **draft,
         },
         "manifest": {"hash": manifest.hash, "hash_mode": manifest.hash_mode, "n": len(manifest)},
     }
@@ -100,7 +106,9 @@ def run_teacher_cache(params: Params, out: str | None = None, *, replace: bool =
     grids = _grids(params)
     with _executor(params, out) as executor:  # a dask cluster starts loading teachers meanwhile
         manifest = build_manifest(params.data.images, params.data.manifest_hash, progress=progress)
-        identity = identity_sections(*executor.teacher(), manifest, params.data.min_side)
+        teacher_identity, spec = executor.teacher()
+        _check_draft(params, grids, spec)
+        identity = identity_sections(teacher_identity, spec, manifest, params.data.min_side, params.teacher.jpeg_draft_side)
         url = out or default_store_url(params.cache.root, identity)
         store = CacheStore.open_or_create(url, identity, manifest.paths, grids, params.cache, replace=replace)
         todo = store.missing_grids(grids)
@@ -122,7 +130,7 @@ def identity_from_params(params: Params, progress: bool = True) -> dict:
     _grids(params)
     manifest = build_manifest(params.data.images, params.data.manifest_hash, progress=progress)
     teacher = Teacher.load(dataclasses.replace(params.teacher, device="cpu"))
-    return expected_identity(teacher, manifest, params.data.min_side)
+    return expected_identity(teacher, manifest, params.data.min_side, params.teacher.jpeg_draft_side)
 
 
 class LocalExecutor:
@@ -174,3 +182,13 @@ def _grids(params: Params) -> tuple[int, ...]:
     if max(grids) > params.data.min_side:
         raise ConfigError(f"{params.source}: cache.grids has {max(grids)}x{max(grids)} but data.min_side is {params.data.min_side}; raise data.min_side")
     return grids
+
+
+def _check_draft(params: Params, grids: tuple[int, ...], spec: ViewSpec) -> None:
+    """A draft-decoded square must still give every cell of the largest grid the teacher's input size."""
+    side = params.teacher.jpeg_draft_side
+    if side and side < max(grids) * spec.size:
+        raise ConfigError(
+            f"{params.source}: teacher.jpeg_draft_side={side} would upsample the {max(grids)}x{max(grids)} cells; "
+            f"use 0 (off) or at least {max(grids) * spec.size} (largest grid x teacher input {spec.size})"
+        )

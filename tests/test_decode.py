@@ -1,5 +1,7 @@
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from bad_images import write_bad_images
 from pipeline.decode import center_square_box, decode_center_square
@@ -53,3 +55,44 @@ def test_missing_file_and_max_pixels(tmp_path, bad_dir):
 def test_center_square_box_matches_torchvision_rounding():
     assert center_square_box(96, 64) == (16, 0, 80, 64)
     assert center_square_box(5, 8) == (0, 2, 5, 7)  # round(1.5) == 2, as torchvision rounds
+
+
+def smooth_photo(width: int, height: int) -> np.ndarray:
+    """A smooth, photo-like RGB image (gradients and a few soft blobs), [H, W, 3] uint8."""
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    r = 128 + 100 * np.sin(6 * x) * np.cos(4 * y)
+    g = 255 * y
+    b = 128 + 120 * np.exp(-((x - 0.5) ** 2 + (y - 0.4) ** 2) * 20)
+    return np.clip(np.stack([r, g, b], -1), 0, 255).astype(np.uint8)
+
+
+def test_jpeg_draft_decodes_a_smaller_square_with_the_same_picture(tmp_path):
+    from pipeline.views import ViewSpec, make_views
+
+    path = tmp_path / "big.jpg"
+    Image.fromarray(smooth_photo(1600, 1200)).save(path, quality=92)
+    full = decode_center_square(path)
+    draft = decode_center_square(path, draft_side=256)
+    assert full.square.shape == (1200, 1200, 3) and full.size == draft.size == (1600, 1200)
+    # 1/4 scale gives 300 >= 256; 1/8 (150) would be too small
+    assert draft.square.shape == (300, 300, 3)
+    # the views a teacher sees (4x4 cells at 64 px, every cell still downsampled) are nearly the same
+    spec = ViewSpec(size=64, interpolation="bicubic", mean=(0.0, 0.0, 0.0), std=(1 / 255,) * 3)
+    a, b = (make_views([torch.from_numpy(d.square)], (1, 2, 4), spec)[0] for d in (full, draft))
+    diff = (a - b).abs()
+    assert float(diff.mean()) < 2.0 and float(diff.quantile(0.99)) < 8.0  # 8-bit levels
+    # no reduction when the source is already small enough, and never for other formats
+    assert decode_center_square(path, draft_side=1200).square.shape == (1200, 1200, 3)
+    png = tmp_path / "big.png"
+    Image.fromarray(smooth_photo(800, 600)).save(png)
+    assert decode_center_square(png, draft_side=100).square.shape == (600, 600, 3)
+
+
+def test_jpeg_draft_keeps_the_exif_rotation_and_reports_the_source_size(tmp_path):
+    img = Image.fromarray(smooth_photo(1200, 800))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    path = tmp_path / "rot.jpg"
+    img.save(path, exif=exif, quality=92)
+    d = decode_center_square(path, draft_side=200)
+    assert d.size == (800, 1200) and d.square.shape == (200, 200, 3)  # 1/4 of 800

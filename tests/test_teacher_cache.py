@@ -122,6 +122,27 @@ def test_store_for_other_params_is_refused_or_replaced_on_request(tmp_path, demo
     assert (tmp_path / "junk" / "file.txt").read_text() == "mine"
 
 
+def test_jpeg_draft_is_keyed_in_the_identity_and_never_upsamples_cells(tmp_path):
+    from pipeline.errors import ConfigError
+    from test_decode import smooth_photo
+
+    folder = tmp_path / "big"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.roll(smooth_photo(1000, 800), 40 * i, axis=1)).save(folder / f"p{i}.jpg", quality=90)
+    params = write_params(tmp_path / "params.yaml", folder, tmp_path / "caches", cache={"grids": [1, 2]})
+    size = Teacher.load(load_params(params).teacher).spec.size
+    with pytest.raises(ConfigError, match=f"would upsample the 2x2 cells; use 0 \\(off\\) or at least {2 * size}"):
+        run_teacher_cache(load_params(params, ["teacher.jpeg_draft_side=16"]), str(tmp_path / "bad.zarr"), progress=False)
+    plain = run_teacher_cache(load_params(params), str(tmp_path / "plain.zarr"), progress=False)
+    draft = run_teacher_cache(load_params(params, [f"teacher.jpeg_draft_side={2 * size}"]), str(tmp_path / "draft.zarr"), progress=False)
+    a, b = cs.validate(plain.store), cs.validate(draft.store)
+    assert "jpeg_draft_side" not in a["preprocessing"] and b["preprocessing"]["jpeg_draft_side"] == 2 * size
+    assert a["fingerprint"] != b["fingerprint"] and draft.failed == 0
+    ta, tb = (torch.from_numpy(load_targets(s, (1, 2)).astype(np.float32)) for s in (plain.store, draft.store))
+    assert torch.nn.functional.cosine_similarity(ta, tb, dim=-1).min() > 0.98  # the same pictures, decoded smaller
+
+
 def test_default_store_path_is_keyed_by_fingerprint(tmp_path, demo_dir):
     params = write_params(tmp_path / "params.yaml", demo_dir / "images", tmp_path / "caches", cache={"grids": [1]})
     a = run_teacher_cache(load_params(params), progress=False).store
