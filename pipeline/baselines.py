@@ -35,7 +35,7 @@ class GridTeacherSegmenter:
 
     Args:
         teacher: the loaded CLIP teacher.
-        text: [K, D] unit class embeddings (background excluded).
+        text: [K', D] unit class embeddings (background words first under the `class` rule).
         logit_scale, rule, short_side: as for the student.
         grids: grid sizes whose cells are classified (the cache's local views by default).
     """
@@ -63,8 +63,8 @@ class GridTeacherSegmenter:
         for p, (y0, y1, x0, x1) in zip(probs, boxes):
             acc[:, y0:y1, x0:x1] += p[:, None, None]
         acc /= len(self.grids)  # every pixel lies in exactly one cell per grid
-        score, cls = acc.max(dim=0)  # [h, w]
-        return finish(cls + 1, score, self.rule, image.shape[:2])
+        score, label = self.rule.decide(acc.permute(1, 2, 0))  # [h, w]
+        return finish(label, score, self.rule, image.shape[:2])
 
 
 class MaskCLIPSegmenter:
@@ -117,5 +117,5 @@ class MaskCLIPSegmenter:
         for s, (t, l) in zip(scores, origins):
             acc[:, t : t + size, l : l + size] += s
             count[:, t : t + size, l : l + size] += 1
-        score, cls = (acc / count).max(dim=0)  # [h, w]
-        return finish(cls + 1, score, self.rule, image.shape[:2])
+        score, label = self.rule.decide((acc / count).permute(1, 2, 0))  # [h, w]
+        return finish(label, score, self.rule, image.shape[:2])

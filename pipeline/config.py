@@ -128,7 +128,10 @@ class EvalConfig:
     """Zero-shot evaluation: datasets, background rule, prompts, resolution, baselines."""
 
     datasets: dict[str, str] = field(default_factory=lambda: {"demo": "data/demo"})  # name -> root folder
-    bg_rule: Literal["probability", "cosine"] = "probability"  # threshold softmax probability (GroupViT) or raw cosine
+    # probability: threshold the softmax of cosine x logit scale (GroupViT); cosine: threshold the raw
+    # cosine; class: `bg_words` join the vocabulary and a pixel is background where one of them wins.
+    bg_rule: Literal["probability", "cosine", "class"] = "probability"
+    bg_words: tuple[str, ...] = ("background",)  # the background's names under bg_rule: class
     # Per dataset; the paper's: 0.95 VOC, 0.05 Context, 0.35 COCO-Object (on probabilities).
     bg_threshold: dict[str, float] = field(default_factory=lambda: {"voc": 0.95, "context": 0.05, "coco_object": 0.35, "demo": 0.5})
     templates: Literal["single", "imagenet"] = "imagenet"  # "a photo of a {}." or open_clip's 80 ImageNet prompts

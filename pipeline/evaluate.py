@@ -22,7 +22,7 @@ from pipeline.decode import load_rgb
 from pipeline.errors import InputError
 from pipeline.evaluation import ConfusionMatrix, SegmentationScores, open_dataset
 from pipeline.baselines import GridTeacherSegmenter, MaskCLIPSegmenter
-from pipeline.inference import BackgroundRule, StudentSegmenter
+from pipeline.inference import StudentSegmenter, vocabulary
 from pipeline.oracle import grid_regions, majority_labels
 from pipeline.overlay import write_overlay
 from pipeline.segment import load_model
@@ -56,7 +56,8 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
     maskclip, trivial}` (those that ran), `oracle.{student, grid}` (segments labelled by their
     majority true class: the grouping alone, beside a content-blind 3x3 grid),
     `pixel_accuracy.*`, `per_class_iou.*`, `segments_per_image` (distinct student segments
-    per image: 1 means collapse) and `images`.
+    per image), `segments_per_window` (segments owning at least 1% of a window, averaged: 1
+    means the grouping collapsed) and `images`.
 
     Args:
         base_checkpoint: a second student (the paper's "Base" ablation), evaluated beside.
@@ -76,11 +77,10 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
     results: dict[str, dict] = {}
     for name, root in e.datasets.items():
         dataset = open_dataset(name, root)
-        if name not in e.bg_threshold:
+        if name not in e.bg_threshold and e.bg_rule != "class":
             raise InputError(f"eval.bg_threshold: no threshold for dataset {name!r} (have: {', '.join(e.bg_threshold)})")
         classes = list(dataset.class_names[1:])  # index 0 is background, decided by the threshold
-        text = model.embedder(classes, templates)
-        rule = BackgroundRule(e.bg_rule, e.bg_threshold[name])
+        text, rule = vocabulary(model.embedder, classes, templates, mode=e.bg_rule, threshold=e.bg_threshold.get(name, 0.0), bg_words=e.bg_words)
         window = dict(short_side=e.short_side, window=e.window, stride=e.stride, topk_classes=e.topk_classes, device=device)
         methods = {"student": StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, **window)}
         if base is not None:
@@ -92,7 +92,7 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
         scored = [*methods, "trivial", "oracle_student", "oracle_grid"]
         matrices = {m: ConfusionMatrix(dataset.num_classes, dataset.ignore_index) for m in scored}
         n = len(dataset) if not e.max_images else min(e.max_images, len(dataset))
-        segments_used = 0
+        segments_used, per_window = 0, 0.0
         for i in tqdm(range(n), desc=f"evaluate {name}", unit="img", disable=not progress):
             sample = dataset[i]
             image = load_rgb(sample.image_path, max_pixels=params.data.max_pixels, exif=False)
@@ -102,6 +102,7 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
                 if method == "student":
                     matrices["oracle_student"].update(majority_labels(pred.segments, sample.mask, dataset.num_classes, dataset.ignore_index), sample.mask)
                     segments_used += len(np.unique(pred.segments))
+                    per_window += pred.segments_per_window
                 if pictures_dir is not None and i < e.pictures:
                     out = Path(pictures_dir) / name
                     out.mkdir(parents=True, exist_ok=True)
@@ -118,11 +119,13 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
             "pixel_accuracy": {m: scores[m].as_dict(names)["pixel_accuracy"] for m in ran},
             "per_class_iou": {m: scores[m].as_dict(names)["per_class_iou"] for m in ran},
             "segments_per_image": segments_used / max(1, n),
+            "segments_per_window": per_window / max(1, n),
             "images": n,
         }
-        echo(f"\n{name} ({n} images, {len(classes)} classes + background, threshold {rule.threshold} on {rule.mode})")
+        how = f"background words {', '.join(e.bg_words)} in the vocabulary" if rule.mode == "class" else f"threshold {rule.threshold} on {rule.mode}"
+        echo(f"\n{name} ({n} images, {len(classes)} classes + background, {how})")
         echo(side_by_side(names, {m: scores[m] for m in scored}))
-        echo(f"student segments per image: {segments_used / max(1, n):.1f} (1 means the grouping collapsed)")
+        echo(f"student segments per image: {segments_used / max(1, n):.1f}, per window: {per_window / max(1, n):.2f} (1 means the grouping collapsed)")
         path = Path(metrics_dir) / f"{name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results[name], indent=2))

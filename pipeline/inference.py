@@ -21,20 +21,58 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.errors import ConfigError
 from pipeline.student import ZeroSegStudent
 from pipeline.student_data import normalize_images
 
 
 @dataclass(frozen=True)
 class BackgroundRule:
-    """Background where the best class score is under `threshold`.
+    """Which pixels are background.
 
-    `probability` thresholds the softmax over the vocabulary of cosine x logit scale (GroupViT's
-    rule); `cosine` thresholds the raw cosine similarity.
+    `probability` thresholds the best softmax probability over the vocabulary (cosine x logit
+    scale; GroupViT's rule); `cosine` thresholds the best raw cosine similarity. `class` puts
+    `background_rows` background words first in the vocabulary (see `vocabulary`): a pixel is
+    background where one of them scores best (SCLIP and NACLIP evaluate VOC and Context so);
+    `vocabulary` sets its threshold to -inf, so no pixel is thresholded away.
     """
 
     mode: str = "probability"
     threshold: float = 0.5
+    background_rows: int = 0
+
+    def __post_init__(self):
+        if self.mode not in ("probability", "cosine", "class"):
+            raise ValueError(f"unknown background rule {self.mode!r} (probability, cosine, class)")
+        if (self.mode == "class") != (self.background_rows > 0):
+            raise ValueError("background_rows > 0 goes with mode 'class', and only with it")
+
+    def decide(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[..., K'] scores over the vocabulary -> best score [...] and label [...] (0 = background).
+
+        The threshold is applied later, by `finish`, on the best score.
+        """
+        best, idx = scores.max(dim=-1)
+        return best, (idx + 1 - self.background_rows).clamp_min(0)
+
+
+def vocabulary(embed, classes: list[str], templates, *, mode: str, threshold: float, bg_words=("background",)) -> tuple[torch.Tensor, BackgroundRule]:
+    """Class embeddings and the background rule that reads them.
+
+    Args:
+        embed: `ClassEmbedder`-like: (names, templates) -> [n, D] unit embeddings.
+        classes: the K class names (background excluded).
+        mode, threshold: the rule; under `class` the background words' rows come first and
+            `threshold` is not used (-inf).
+
+    Returns:
+        text [K', D] (K' = K, or K + len(bg_words) under `class`) and the rule.
+    """
+    if mode != "class":
+        return embed(list(classes), templates), BackgroundRule(mode, threshold)
+    if not bg_words:
+        raise ConfigError("eval.bg_words: bg_rule 'class' needs at least one background word")
+    return embed([*bg_words, *classes], templates), BackgroundRule(mode, -math.inf, background_rows=len(bg_words))
 
 
 @dataclass
@@ -43,17 +81,20 @@ class Prediction:
 
     segments: [H, W] int64 region ids (window x S + segment for the student), for grouping
     oracles; None where the method has no regions of its own.
+    segments_per_window: the student's segments that own at least 1% of a window's pixels,
+    averaged over its windows (1.0 means the grouping collapsed); None for other methods.
     """
 
     labels: np.ndarray
     score: np.ndarray
     segments: np.ndarray | None = None
+    segments_per_window: float | None = None
 
 
 def class_scores(emb: torch.Tensor, text: torch.Tensor, logit_scale: float, mode: str) -> torch.Tensor:
     """[N, D] region embeddings x [K, D] unit class embeddings -> [N, K] scores under `mode`."""
     cos = F.normalize(emb.float(), dim=-1) @ text.T  # [N, K]
-    return cos if mode == "cosine" else (cos * logit_scale).softmax(dim=-1)
+    return cos if mode == "cosine" else (cos * logit_scale).softmax(dim=-1)  # probability and class
 
 
 def resize_short_side(image: np.ndarray, short: int) -> torch.Tensor:
@@ -89,7 +130,7 @@ class StudentSegmenter:
 
     Args:
         student: a trained student in eval mode.
-        text: [K, D] unit class embeddings (background excluded).
+        text: [K', D] unit class embeddings (background words first under the `class` rule).
         logit_scale: the teacher's.
         rule: background rule.
         short_side, window, stride: resolution protocol, in pixels of the resized image.
@@ -114,21 +155,27 @@ class StudentSegmenter:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             out = self.student.infer(normalize_images(crops))  # masks [n, S, gh, gw], segments [n, S, D]
         probs = class_scores(out.segments.flatten(0, 1), self.text, self.scale, self.rule.mode).view(len(origins), -1, self.text.shape[0])  # [n, S, K]
-        if self.topk and self.topk < self.text.shape[0]:
-            keep = class_scores(out.z, self.text, self.scale, self.rule.mode).topk(self.topk, dim=-1).indices  # [n, k]
-            mask = torch.zeros_like(probs[:, 0]).scatter_(1, keep, 1.0)  # [n, K]
+        nbg = self.rule.background_rows
+        if self.topk and self.topk < self.text.shape[0] - nbg:
+            keep = class_scores(out.z, self.text, self.scale, self.rule.mode)[:, nbg:].topk(self.topk, dim=-1).indices + nbg  # [n, k]
+            mask = torch.zeros_like(probs[:, 0]).scatter_(1, keep, 1.0)  # [n, K']
+            mask[:, :nbg] = 1.0  # background words always stay
             probs = probs * mask[:, None]
-        best, cls = probs.max(dim=-1)  # [n, S] score and class of each segment
+        best, cls = self.rule.decide(probs)  # [n, S] score and label of each segment
         masks = F.interpolate(out.masks.float(), size=(win, win), mode="bilinear", align_corners=False)  # [n, S, win, win]
         seg = masks.argmax(dim=1)  # [n, win, win] segment of each pixel
+        share = F.one_hot(seg.flatten(1), masks.shape[1]).float().mean(dim=1)  # [n, S] pixel share per segment
+        per_window = float((share >= 0.01).sum(dim=1).float().mean())
         labels = torch.zeros(h, w, dtype=torch.long, device=self.device)
         segments = torch.zeros(h, w, dtype=torch.long, device=self.device)
         score = torch.full((h, w), -math.inf, device=self.device)
         for i, (t, l) in enumerate(origins):
-            s_win, c_win = best[i][seg[i]], cls[i][seg[i]] + 1  # [win, win]
+            s_win, c_win = best[i][seg[i]], cls[i][seg[i]]  # [win, win]
             region = score[t : t + win, l : l + win]
             better = s_win > region
             region[better] = s_win[better]
             labels[t : t + win, l : l + win][better] = c_win[better]
             segments[t : t + win, l : l + win][better] = (i * best.shape[1] + seg[i])[better]
-        return finish(labels, score, self.rule, image.shape[:2], segments)
+        pred = finish(labels, score, self.rule, image.shape[:2], segments)
+        pred.segments_per_window = per_window
+        return pred

@@ -12,7 +12,7 @@ from pipeline.checkpoint import load_checkpoint
 from pipeline.config import Params
 from pipeline.decode import load_rgb
 from pipeline.errors import InputError
-from pipeline.inference import BackgroundRule, StudentSegmenter
+from pipeline.inference import StudentSegmenter, vocabulary
 from pipeline.manifest import IMAGE_EXTENSIONS, list_images
 from pipeline.overlay import write_mask, write_overlay
 from pipeline.student import StudentArch, ZeroSegStudent
@@ -93,8 +93,8 @@ def run_segment(params: Params, checkpoint: str | Path, images: Sequence[str | P
     """
     model = load_model(params, checkpoint)
     e = params.eval
-    text = model.embedder(list(classes), template_set(e.templates))
-    rule = BackgroundRule(e.bg_rule, threshold if threshold is not None else e.bg_threshold.get("default", 0.5))
+    threshold = threshold if threshold is not None else e.bg_threshold.get("default", 0.5)
+    text, rule = vocabulary(model.embedder, list(classes), template_set(e.templates), mode=e.bg_rule, threshold=threshold, bg_words=e.bg_words)
     device = resolve_device(e.device, key="eval.device")
     seg = StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, short_side=e.short_side, window=e.window, stride=e.stride, topk_classes=e.topk_classes, device=device)
     out_dir = Path(out_dir)

@@ -1,5 +1,6 @@
 """The DVC contract, on the project's real dvc.yaml in a temporary git repository."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -59,6 +60,11 @@ def test_repro_builds_everything_and_params_edits_make_exactly_their_stages_stal
     metrics = dvc(project, "metrics", "show")
     assert "loss" in metrics and "miou.student" in metrics and "miou.base" in metrics and "oracle.grid" in metrics
     assert len(list((project / "outputs" / "eval" / "demo").glob("*_student.png"))) == 2
+    demo = json.loads((project / "metrics" / "demo.json").read_text())
+    for value in [*demo["miou"].values(), *demo["oracle"].values()]:
+        assert 0 <= value <= 1
+    assert set(demo["miou"]) == {"student", "base", "training_free", "trivial"}
+    assert demo["segments_per_window"] > 1  # held-out scenes: the grouping did not collapse
     assert "up to date" in dvc(project, "status")
     set_param(project, "eval", "stride", 16)
     status = dvc(project, "status")

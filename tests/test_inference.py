@@ -14,7 +14,7 @@ from pipeline.config import load_params
 from pipeline.decode import load_rgb
 from pipeline.evaluate import run_evaluation
 from pipeline.baselines import GridTeacherSegmenter, MaskCLIPSegmenter
-from pipeline.inference import BackgroundRule, StudentSegmenter, window_origins
+from pipeline.inference import BackgroundRule, StudentSegmenter, vocabulary, window_origins
 from pipeline.segment import load_model
 from pipeline.text import ClassEmbedder, template_set
 from pipeline.train import run_training
@@ -70,6 +70,34 @@ def test_training_free_baseline_paints_cells(model):
     assert (pred.score >= -1).all() and (pred.score <= 1).all()  # cosine scores
 
 
+def test_class_rule_makes_background_words_compete_with_the_classes():
+    rule = BackgroundRule("class", float("-inf"), background_rows=2)
+    scores = torch.tensor([[0.5, 0.1, 0.2, 0.2], [0.1, 0.4, 0.3, 0.2], [0.1, 0.1, 0.7, 0.1], [0.1, 0.1, 0.2, 0.6]])
+    best, label = rule.decide(scores)  # rows 0-1 are background words, rows 2-3 classes 1-2
+    assert label.tolist() == [0, 0, 1, 2] and best.tolist() == pytest.approx([0.5, 0.4, 0.7, 0.6])
+    best, label = BackgroundRule("probability", 0.5).decide(scores[:, 2:])
+    assert label.tolist() == [1, 1, 1, 2]  # without them, the threshold alone decides background
+    with pytest.raises(ValueError):
+        BackgroundRule("probability", 0.5, background_rows=1)
+
+
+def test_class_rule_through_the_segmenters(model):
+    classes = ["circle", "square", "star"]
+    text, rule = vocabulary(model.embedder, classes, template_set("single"), mode="class", threshold=0.9, bg_words=("background", "wall"))
+    plain = model.embedder(classes, template_set("single"))
+    assert text.shape[0] == 5 and torch.allclose(text[2:], plain, atol=1e-5) and rule.threshold == float("-inf")
+    image = np.random.default_rng(3).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    for seg in (StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, short_side=48, window=32, stride=16),
+                GridTeacherSegmenter(model.teacher, text, model.embedder.logit_scale, rule, short_side=48)):
+        pred = seg.predict(image)
+        assert pred.labels.min() >= 0 and pred.labels.max() <= 3
+        assert (pred.score > 0).all() and (pred.score <= 1).all()  # probabilities over all five rows
+    # with the background words' rows equal to a class's row, that class can never win
+    text_dup = torch.cat([plain[:1], plain])
+    pred = GridTeacherSegmenter(model.teacher, text_dup, model.embedder.logit_scale, BackgroundRule("class", float("-inf"), 1), short_side=48).predict(image)
+    assert not (pred.labels == 1).any()
+
+
 def test_class_embeddings_average_normalized_prompts_and_are_cached(model, tmp_path):
     teacher = model.teacher
     embedder = ClassEmbedder(teacher, cache_dir=tmp_path)
@@ -123,6 +151,7 @@ def test_evaluation_writes_the_science_metrics(trained, tmp_path):
     assert saved["miou"]["trivial"] == pytest.approx(saved["per_class_iou"]["trivial"]["background"] / sum(v is not None for v in saved["per_class_iou"]["trivial"].values()))
     assert saved["oracle"]["grid"] > saved["miou"]["trivial"]  # majority labels beat all-background
     assert saved["segments_per_image"] >= 1
+    assert 1 <= saved["segments_per_window"] <= 4  # the micro student's last stage has 4 segments
     assert len(list((tmp_path / "pics" / "demo").glob("*.png"))) == 2 * 3
 
 
