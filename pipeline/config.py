@@ -93,9 +93,11 @@ class LossConfig:
     segment_match: float = 1.0  # each segment to its nearest local view
     bidirectional_matching: bool = False  # also each local view to its nearest segment
     view_match: float = 1.0  # weight of that reverse term
+    region_match: float = 0.0  # stabilizer: each segment to the views of the cells it covers
     reconstruction: float = 1.0  # MAE pixel loss on masked patches
     norm_pix: bool = True
     infomax: float = 0.0  # information maximization on assignments (stabilizer)
+    infomax_usage: Literal["image", "batch"] = "image"  # spread tokens over groups per image, or over the batch
 
 
 @dataclass(frozen=True)

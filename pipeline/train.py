@@ -36,7 +36,8 @@ from pipeline.checkpoint import load_checkpoint, rng_state, save_checkpoint, set
 from pipeline.config import Params, TrainConfig, section_dict
 from pipeline.errors import ConfigError, InputError, ZerosegError
 from pipeline.student import ZeroSegStudent, param_groups_for_weight_decay, student_arch
-from pipeline.student.losses import AssignmentInfoMaxLoss, DistillationLoss, ReconstructionLoss, SegmentMatchingLoss, local_view_mask
+from pipeline.student.grouping import compose_assignments
+from pipeline.student.losses import AssignmentInfoMaxLoss, DistillationLoss, ReconstructionLoss, RegionMatchingLoss, SegmentMatchingLoss, local_view_mask, token_cells
 from pipeline.student_data import CachePairs, normalize_images
 from pipeline.teacher import resolve_device
 
@@ -110,7 +111,9 @@ class StudentObjective(torch.nn.Module):
         self.distill = DistillationLoss()
         self.matching = SegmentMatchingLoss(bidirectional=self.cfg.bidirectional_matching)
         self.reconstruction = ReconstructionLoss(norm_pix=self.cfg.norm_pix)
-        self.infomax = AssignmentInfoMaxLoss()
+        self.infomax = AssignmentInfoMaxLoss(usage=self.cfg.infomax_usage)
+        self.region = RegionMatchingLoss()
+        self.grids = grids
         self.register_buffer("local", local_view_mask(grids), persistent=False)
 
     def forward(self, out, targets: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -120,6 +123,10 @@ class StudentObjective(torch.nn.Module):
         if c.segment_match and bool(self.local.any()):
             terms.update(self.matching(out.segments, targets, self.local))
             weights.update(segment_match=c.segment_match, view_match=c.view_match)
+        if c.region_match and bool(self.local.any()):
+            cells = token_cells(out.ids_keep, out.grid, self.grids)  # [B, N, V]
+            terms.update(self.region(out.segments, targets, compose_assignments(out.hard_assignments), cells))
+            weights["region_match"] = c.region_match
         if c.reconstruction and out.pred is not None:
             terms.update(self.reconstruction(out.pred, patches, out.mask))
             weights["reconstruction"] = c.reconstruction

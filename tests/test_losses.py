@@ -117,8 +117,55 @@ def test_infomax_extremes():
     assert out["token_entropy"].item() == pytest.approx(0.5)
 
 
+def test_infomax_batch_usage_lets_one_image_keep_one_large_group():
+    S, N = 4, 8
+    per_image = torch.zeros(S, S, N)
+    for b in range(S):
+        per_image[b, b] = 1.0  # image b puts every token in group b: collapsed per image
+    image, batch = AssignmentInfoMaxLoss("image")([per_image]), AssignmentInfoMaxLoss("batch")([per_image])
+    assert image["usage_neg_entropy"].item() == pytest.approx(0.0, abs=1e-6)  # each image uses one group
+    assert batch["usage_neg_entropy"].item() == pytest.approx(-1.0)  # the batch uses all four evenly
+    assert image["token_entropy"].item() == batch["token_entropy"].item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="image or batch"):
+        AssignmentInfoMaxLoss("pixel")
+
+
 def test_infomax_gradient_flows():
     logits = torch.randn(2, 5, 7, requires_grad=True)
     out = AssignmentInfoMaxLoss()([logits.softmax(1)])
     (out["usage_neg_entropy"] + out["token_entropy"]).backward()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_token_cells_put_each_patch_in_one_cell_per_local_grid():
+    from pipeline.student.losses import token_cells
+
+    ids = torch.arange(64)[None]  # every patch of an 8x8 grid, row-major
+    cells = token_cells(ids, (8, 8), (1, 2, 3, 4))  # [1, 64, 30]
+    assert cells[0, :, 0].sum() == 0  # the whole image is not a region
+    for start, g in ((1, 2), (5, 3), (14, 4)):
+        assert torch.equal(cells[0, :, start : start + g * g].sum(dim=1), torch.ones(64))  # exactly one cell
+    assert cells[0, 0, 1] == 1 and cells[0, 63, 4] == 1  # corners of the 2x2 grid
+    # patch centers 0.5..7.5 at thirds: rows 0-2 | 3-4 | 5-7
+    assert cells[0, :, 5 : 14].sum(dim=0).view(3, 3).tolist() == [[9, 6, 9], [6, 4, 6], [9, 6, 9]]
+    # a masked subset keeps the patch identity, not the token position
+    assert torch.equal(token_cells(torch.tensor([[63, 0]]), (8, 8), (2,))[0], torch.tensor([[0.0, 0, 0, 1], [1, 0, 0, 0]]))
+
+
+def test_region_matching_rewards_a_segment_lying_where_the_teacher_sees_its_content():
+    from pipeline.student.losses import RegionMatchingLoss, token_cells
+
+    ids = torch.arange(16)[None]  # a 4x4 patch grid, grids 1 and 2
+    cells = token_cells(ids, (4, 4), (1, 2))  # [1, 16, 5]
+    targets = torch.cat([torch.ones(1, 1, 4), torch.eye(4)[None]], dim=1)  # 1x1, then quadrant q -> axis q
+    quadrant = cells[0, :, 1:].argmax(dim=1)  # [16]
+    right = torch.zeros(1, 4, 16)
+    right[0, quadrant, torch.arange(16)] = 1.0  # segment q covers quadrant q
+    segments = torch.eye(4)[None]  # segment q says "axis q"
+    loss = RegionMatchingLoss()
+    assert loss(segments, targets, right, cells)["region_match"].item() == pytest.approx(0.0, abs=1e-6)
+    wrong = right[:, [1, 0, 3, 2]]  # same segments, lying in the neighbouring quadrant
+    assert loss(segments, targets, wrong, cells)["region_match"].item() == pytest.approx(0.5)  # |e_a - e_b| mean over 4 dims
+    logits = torch.zeros(1, 4, 16, requires_grad=True)  # the gradient reaches the assignment
+    loss(segments, targets, logits.softmax(dim=1), cells)["region_match"].backward()
     assert logits.grad.abs().sum() > 0

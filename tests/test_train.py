@@ -41,6 +41,15 @@ def test_tiny_student_overfits_the_cache_and_every_term_falls(built_cache, tmp_p
         assert summary.losses[term] < 0.7 * summary.first_losses[term], (term, summary.first_losses[term], summary.losses[term])
 
 
+def test_the_stabilizers_train_and_region_matching_falls(built_cache, tmp_path):
+    store, _ = built_cache
+    params = params_for(built_cache, "train.epochs=40", "train.log_every=10", "loss.region_match=1.0", "loss.infomax=0.5",
+                        "loss.infomax_usage=batch", "loss.bidirectional_matching=true")
+    summary = run_training(params, str(store), tmp_path / "run", progress=False)
+    assert {"region_match", "view_match", "usage_neg_entropy", "token_entropy"} <= set(summary.losses)
+    assert summary.losses["region_match"] < 0.8 * summary.first_losses["region_match"]
+
+
 def test_resume_continues_exactly(built_cache, tmp_path):
     store, _ = built_cache
     straight = run_training(params_for(built_cache, "train.epochs=6"), str(store), tmp_path / "a", progress=False)

@@ -91,6 +91,59 @@ class SegmentMatchingLoss(nn.Module):
         return out
 
 
+def token_cells(ids_keep: Tensor, grid: tuple[int, int], grids: Sequence[int]) -> Tensor:
+    """Which view's box each token's patch lies in, for views ordered grid by grid.
+
+    A patch belongs to the cell that contains its center (cells cut the square at i*S/g, so a
+    patch on a 3x3 edge goes to one side). 1x1 views get no tokens: they are not regions.
+
+    Args:
+        ids_keep: [B, N] patch index (row-major on `grid`) of each token.
+        grid: (h, w) patch grid of the input.
+        grids: the targets' grids in canonical order (V = sum g*g).
+
+    Returns:
+        [B, N, V] float, 1 where the token lies in the view's box.
+    """
+    h, w = grid
+    layout = [(g, r, c) for g in grids for r in range(g) for c in range(g)]
+    g, r, c = (torch.tensor(col, device=ids_keep.device, dtype=torch.float32) for col in zip(*layout))  # [V] each
+    rows = (ids_keep // w).float()[..., None] + 0.5  # [B, N, 1] patch centers
+    cols = (ids_keep % w).float()[..., None] + 0.5
+    inside = (torch.floor(rows * g / h) == r) & (torch.floor(cols * g / w) == c) & (g > 1)  # [B, N, V]
+    return inside.float()
+
+
+class RegionMatchingLoss(nn.Module):
+    """Each segment to the teacher views of the cells it covers (a stabilizer, not in the paper).
+
+    A segment's target is the mean of the local views' embeddings weighted by the share of the
+    segment's tokens inside each view's box (so, grid by grid, the views of the cells it
+    covers). Unlike nearest-view matching the target depends on where the segment lies, and
+    the gradient reaches the assignment too: a segment is pulled both to say what the teacher
+    sees in its cells and to lie where the teacher sees what it says. Segments are weighted by
+    their share of the image's tokens, so an empty segment costs nothing.
+    """
+
+    def forward(self, segments: Tensor, targets: Tensor, assignment: Tensor, cells: Tensor) -> dict[str, Tensor]:
+        """Args:
+            segments: [B, S, D] segment embeddings.
+            targets: [B, V, D] teacher view embeddings.
+            assignment: [B, S, N] token-to-segment weights, summing to 1 over S.
+            cells: [B, N, V] from `token_cells` (zero columns for 1x1 views).
+
+        Returns:
+            {"region_match": mean over B of sum over S of share_i * L1(g_i, target_i)}.
+        """
+        g = F.normalize(segments.float(), dim=-1)  # [B, S, D]
+        t = F.normalize(targets.float(), dim=-1)  # [B, V, D]
+        a = assignment.float()
+        weight = torch.bmm(a, cells.float())  # [B, S, V] segment mass inside each view
+        target = F.normalize(torch.bmm(weight, t), dim=-1)  # [B, S, D] (grids weigh alike: each sums to the mass)
+        share = a.sum(dim=2) / a.shape[2]  # [B, S], sums to 1 over S
+        return {"region_match": (share * l1_distance(g, target)).sum(dim=1).mean()}
+
+
 class ReconstructionLoss(nn.Module):
     """MAE's pixel loss: MSE per patch, averaged over the removed patches only.
 
@@ -129,11 +182,22 @@ def _entropy(p: Tensor, dim: int) -> Tensor:
 class AssignmentInfoMaxLoss(nn.Module):
     """Information maximization on soft group assignments (a stabilizer, not in the paper).
 
-    Minimizing `usage_neg_entropy` spreads an image's tokens over its groups (against the
-    collapse to one segment); minimizing `token_entropy` makes each token's choice confident.
-    Entropies are divided by log(S_k) so stages of different sizes weigh alike: the terms lie
-    in [-1, 0] and [0, 1]. Terms are averaged over the stages given.
+    Minimizing `usage_neg_entropy` spreads tokens over the groups (against the collapse to one
+    segment); minimizing `token_entropy` makes each token's choice confident. Entropies are
+    divided by log(S_k) so stages of different sizes weigh alike: the terms lie in [-1, 0] and
+    [0, 1]. Terms are averaged over the stages given.
+
+    Args:
+        usage: "image" spreads each image's tokens evenly over its groups, which also splits a
+            large background into equal parts; "batch" spreads the batch's tokens (the marginal
+            of IIC-style clustering), so one image may keep a large group and small ones.
     """
+
+    def __init__(self, usage: str = "image") -> None:
+        super().__init__()
+        if usage not in ("image", "batch"):
+            raise ValueError(f"infomax usage {usage!r}: image or batch")
+        self.usage = usage
 
     def forward(self, assignments: Sequence[Tensor]) -> dict[str, Tensor]:
         """Args:
@@ -149,6 +213,8 @@ class AssignmentInfoMaxLoss(nn.Module):
             S = p.shape[1]
             scale = math.log(S) if S > 1 else 1.0
             usage = p.mean(dim=2)  # [B, S] share of the image's tokens per group
+            if self.usage == "batch":
+                usage = usage.mean(dim=0, keepdim=True)  # [1, S] share of the batch's tokens
             usage_terms.append(-_entropy(usage, dim=1).mean() / scale)
             token_terms.append(_entropy(p, dim=1).mean() / scale)  # [B, N] -> scalar
         return {
