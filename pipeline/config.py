@@ -94,6 +94,7 @@ class LossConfig:
     bidirectional_matching: bool = False  # also each local view to its nearest segment
     view_match: float = 1.0  # weight of that reverse term
     region_match: float = 0.0  # stabilizer: each segment to the views of the cells it covers
+    region_grids: tuple[int, ...] = ()  # the grids whose cells region matching uses; (): all of loss.grids
     reconstruction: float = 1.0  # MAE pixel loss on masked patches
     norm_pix: bool = True
     infomax: float = 0.0  # information maximization on assignments (stabilizer)

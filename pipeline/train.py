@@ -115,6 +115,10 @@ class StudentObjective(torch.nn.Module):
         self.region = RegionMatchingLoss()
         self.grids = grids
         self.register_buffer("local", local_view_mask(grids), persistent=False)
+        region = set(self.cfg.region_grids or grids)
+        if self.cfg.region_grids and (not region <= set(grids) or region == {1}):
+            raise ConfigError(f"loss.region_grids {list(self.cfg.region_grids)}: must be local grids among loss.grids {list(grids)}")
+        self.register_buffer("region_views", torch.tensor([float(g in region) for g in grids for _ in range(g * g)]), persistent=False)
 
     def forward(self, out, targets: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         c = self.cfg
@@ -124,7 +128,7 @@ class StudentObjective(torch.nn.Module):
             terms.update(self.matching(out.segments, targets, self.local))
             weights.update(segment_match=c.segment_match, view_match=c.view_match)
         if c.region_match and bool(self.local.any()):
-            cells = token_cells(out.ids_keep, out.grid, self.grids)  # [B, N, V]
+            cells = token_cells(out.ids_keep, out.grid, self.grids) * self.region_views  # [B, N, V]
             terms.update(self.region(out.segments, targets, compose_assignments(out.hard_assignments), cells))
             weights["region_match"] = c.region_match
         if c.reconstruction and out.pred is not None:

@@ -225,3 +225,14 @@ def test_sigterm_stops_training_with_its_worker_processes_and_keeps_the_checkpoi
         os.kill(p, signal.SIGKILL)
     assert not left, f"{len(left)} helper processes outlived the run"
     assert load_checkpoint(out / "checkpoint.pt")["step"] >= 1  # resumable
+
+
+def test_region_grids_choose_the_cells_region_matching_uses(built_cache):
+    from pipeline.train import StudentObjective
+
+    every = StudentObjective(params_for(built_cache, "loss.region_match=1.0"), (1, 2, 3, 4))
+    finest = StudentObjective(params_for(built_cache, "loss.region_match=1.0", "loss.region_grids=[4]"), (1, 2, 3, 4))
+    assert every.region_views.tolist() == [1.0] * 30  # token_cells already leaves the 1x1 view out
+    assert finest.region_views.tolist() == [0.0] * 14 + [1.0] * 16
+    with pytest.raises(ConfigError, match="must be local grids among loss.grids"):
+        StudentObjective(params_for(built_cache, "loss.region_grids=[5]"), (1, 2, 3, 4))
