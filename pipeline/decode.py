@@ -115,7 +115,6 @@ def _open_rgb(path: Path, max_pixels: int, exif: bool = True, draft_side: int = 
         return None, f"corrupt or truncated image ({str(exc) or type(exc).__name__})", size
 
 
-
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16-bit (or 32-bit integer) grayscale: PIL's convert("RGB") clips at 255, so scale instead.

@@ -79,7 +79,7 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
         dataset = open_dataset(name, root)
         if name not in e.bg_threshold and e.bg_rule != "class":
             raise InputError(f"eval.bg_threshold: no threshold for dataset {name!r} (have: {', '.join(e.bg_threshold)})")
-        classes = list(dataset.class_names[1:])  # index 0 is background, decided by the threshold
+        classes = list(dataset.class_names[1:])  # index 0 is background, decided by the background rule
         text, rule = vocabulary(model.embedder, classes, templates, mode=e.bg_rule, threshold=e.bg_threshold.get(name, 0.0), bg_words=e.bg_words)
         window = dict(short_side=e.short_side, window=e.window, stride=e.stride, topk_classes=e.topk_classes, device=device)
         methods = {"student": StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, **window)}

@@ -164,8 +164,9 @@ class StudentSegmenter:
         best, cls = self.rule.decide(probs)  # [n, S] score and label of each segment
         masks = F.interpolate(out.masks.float(), size=(win, win), mode="bilinear", align_corners=False)  # [n, S, win, win]
         seg = masks.argmax(dim=1)  # [n, win, win] segment of each pixel
-        share = F.one_hot(seg.flatten(1), masks.shape[1]).float().mean(dim=1)  # [n, S] pixel share per segment
-        per_window = float((share >= 0.01).sum(dim=1).float().mean())
+        n, S = masks.shape[:2]
+        counts = torch.bincount((seg + S * torch.arange(n, device=seg.device).view(n, 1, 1)).flatten(), minlength=n * S).view(n, S)  # pixels per segment
+        per_window = float((counts >= 0.01 * win * win).sum(dim=1).float().mean())
         labels = torch.zeros(h, w, dtype=torch.long, device=self.device)
         segments = torch.zeros(h, w, dtype=torch.long, device=self.device)
         score = torch.full((h, w), -math.inf, device=self.device)

@@ -40,6 +40,7 @@ from pipeline.student.grouping import compose_assignments
 from pipeline.student.losses import AssignmentInfoMaxLoss, DistillationLoss, ReconstructionLoss, RegionMatchingLoss, SegmentMatchingLoss, local_view_mask, token_cells
 from pipeline.student_data import CachePairs, normalize_images
 from pipeline.teacher import resolve_device
+from pipeline.views import view_layout
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ class StudentObjective(torch.nn.Module):
         region = set(self.cfg.region_grids or grids)
         if self.cfg.region_grids and (not region <= set(grids) or region == {1}):
             raise ConfigError(f"loss.region_grids {list(self.cfg.region_grids)}: must be local grids among loss.grids {list(grids)}")
-        self.register_buffer("region_views", torch.tensor([float(g in region) for g in grids for _ in range(g * g)]), persistent=False)
+        self.register_buffer("region_views", torch.tensor([float(g in region) for g, _, _ in view_layout(grids)]), persistent=False)
 
     def forward(self, out, targets: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         c = self.cfg

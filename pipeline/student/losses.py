@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.views import view_layout
+
 
 def l1_distance(a: Tensor, b: Tensor) -> Tensor:
     """Mean absolute difference over the last axis (broadcasting): [..., D] x [..., D] -> [...]."""
@@ -106,8 +108,7 @@ def token_cells(ids_keep: Tensor, grid: tuple[int, int], grids: Sequence[int]) -
         [B, N, V] float, 1 where the token lies in the view's box.
     """
     h, w = grid
-    layout = [(g, r, c) for g in grids for r in range(g) for c in range(g)]
-    g, r, c = (torch.tensor(col, device=ids_keep.device, dtype=torch.float32) for col in zip(*layout))  # [V] each
+    g, r, c = (torch.tensor(col, device=ids_keep.device, dtype=torch.float32) for col in zip(*view_layout(grids)))  # [V] each
     rows = (ids_keep // w).float()[..., None] + 0.5  # [B, N, 1] patch centers
     cols = (ids_keep % w).float()[..., None] + 0.5
     inside = (torch.floor(rows * g / h) == r) & (torch.floor(cols * g / w) == c) & (g > 1)  # [B, N, V]
