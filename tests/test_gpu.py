@@ -49,3 +49,18 @@ def test_training_on_the_gpu_in_bf16(built_cache, tmp_path):
     assert summary.losses["distill"] < summary.first_losses["distill"]
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")  # opens on the CPU
     assert all(t.device.type == "cpu" for t in ckpt["model"].values())
+
+
+def test_cutting_views_and_launching_the_teacher_never_wait_for_the_gpu(demo_dir):
+    # Stage one launches batch k's forward, then cuts batch k+1's views: any synchronous copy in
+    # between would wait for forward k and leave the GPU idle while the CPU works.
+    teacher = Teacher.load(TeacherConfig(model="zeroseg-test-vit", pretrained="", precision="bf16", device="cuda"))
+    squares = [torch.from_numpy(decode_center_square(p).square) for p in sorted((demo_dir / "images").glob("*.jpg"))]
+    teacher.encode(make_views(squares, [1, 2, 3, 4], teacher.spec, "cuda").flatten(0, 1))  # warm-up
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        views = make_views(squares, [1, 2, 3, 4], teacher.spec, "cuda")
+        feats = teacher.encode(views.flatten(0, 1))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert feats.shape == (len(squares) * 30, teacher.identity.embed_dim) and torch.isfinite(feats).all()
