@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import zarr
+
+# `images/S` uses numcodecs' Delta filter (zarr-python reads it through numcodecs, a dependency of
+# zarr itself); zarr warns on every open that other zarr implementations may lack it. Said once,
+# in README.md beside this file, instead of at each read.
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification", category=UserWarning)
 
 SCHEMA_NAME = "zeroseg.teacher_cache"
 SCHEMA_VERSION = 1
@@ -21,7 +27,8 @@ SCHEMA_VERSION = 1
 STATUS_PENDING, STATUS_OK, STATUS_FAILED = 0, 1, 2
 STATUS_NAMES = {STATUS_PENDING: "pending", STATUS_OK: "ok", STATUS_FAILED: "failed"}
 
-# Arrays of the group (besides one views/GxG and one progress/GxG per grid).
+# Arrays of the group (besides one views/GxG and one progress/GxG per grid, and optionally one
+# images/S and one progress/images-S per stored student input side).
 STATUS, PATHS, FAILURES = "status", "paths", "failures"
 
 # The identity sections whose canonical JSON (with the schema version) the fingerprint hashes.
@@ -44,6 +51,19 @@ def views_array(g: int) -> str:
 def progress_array(g: int) -> str:
     """`progress/GxG`: uint8 [n_shards], 1 once that shard of `views/GxG` is written (the resume marker)."""
     return f"progress/{grid_name(g)}"
+
+
+def images_array(size: int) -> str:
+    """`images/S`: uint8 [N, 3, S, S], each row's center square resized for the student (optional).
+
+    Stage two reads these instead of decoding the source images; zeros where the row is not ok.
+    """
+    return f"images/{size}"
+
+
+def images_progress_array(size: int) -> str:
+    """`progress/images-S`: uint8 [n_shards], 1 once that shard of `images/S` is written."""
+    return f"progress/images-{size}"
 
 
 def canonical_json(obj: Any) -> str:
@@ -78,6 +98,11 @@ def open_store(store: str | zarr.Group, mode: str = "r") -> zarr.Group:
 
 def store_grids(group: zarr.Group) -> tuple[int, ...]:
     return tuple(sorted(int(g) for g in group.attrs.get("grids", [])))
+
+
+def store_image_sizes(group: zarr.Group) -> tuple[int, ...]:
+    """The sides S of the `images/S` arrays the store has (none unless stage one was asked for them)."""
+    return tuple(sorted(int(s) for s in group.attrs.get("image_sizes", [])))
 
 
 def differences(stored: Mapping[str, Any], expected: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -124,9 +149,10 @@ def validate(store: str | zarr.Group, expected: Mapping[str, Any] | None = None,
     if missing:
         problems.append(f"views: store lacks grids {', '.join(grid_name(g) for g in missing)} (has {', '.join(map(grid_name, have)) or 'none'})")
     n, dim = attrs.get("manifest", {}).get("n"), attrs.get("teacher", {}).get("embed_dim")
+    sizes = store_image_sizes(group)
     for name, shape in [(STATUS, (n,)), (PATHS, (n,)), (FAILURES, (n,))] + [
         (views_array(g), (n, g * g, dim)) for g in wanted if g in have
-    ]:
+    ] + [(images_array(s), (n, 3, s, s)) for s in sizes]:
         if name not in group:
             problems.append(f"{name}: array missing")
         elif tuple(group[name].shape) != shape:

@@ -32,6 +32,11 @@ def describe(store: str) -> dict:
         "grids": list(grids),
         "num_views": sum(g * g for g in grids),
         "grid_complete": {cs.grid_name(g): bool(group[cs.views_array(g)].attrs.get("complete", False)) for g in grids},
+        "student_images": {
+            str(s): {"complete": bool(arr.attrs.get("complete", False)), "bytes_per_image": arr.nbytes_stored() / max(1, arr.shape[0])}
+            for s in cs.store_image_sizes(group)
+            for arr in [group[cs.images_array(s)]]
+        },
         "rows": {name: int(np.sum(status == code)) for code, name in cs.STATUS_NAMES.items()},
         "complete": bool(attrs.get("complete", False)),
         "layout": attrs.get("layout", {}),

@@ -147,6 +147,8 @@ def cache_info(
         f"teacher      {t['library']} {t['model']} pretrained={t['pretrained'] or '(random init)'} precision={t['precision']} D={t['embed_dim']}",
         f"weights      sha256 {t['weights_sha256']}",
         f"views        {grids_text}  V={info['num_views']}",
+        *[f"images       {size}x{size} ({'complete' if im['complete'] else 'incomplete'}), {im['bytes_per_image'] / 1024:.1f} KiB per image stored"
+          for size, im in info["student_images"].items()],
         f"manifest     {m['n']} images, {m['hash_mode']} hash {m['hash']}",
         f"rows         " + ", ".join(f"{k} {v}" for k, v in info["rows"].items()),
         f"complete     {info['complete']}",

@@ -70,6 +70,9 @@ class CacheConfig:
     shard_rows: int = 1024  # images per shard: the unit of a write and of resume
     codec: Literal["zstd", "blosc-zstd", "none"] = "blosc-zstd"  # chosen by bench/codec_bench.py
     codec_level: int = 3
+    # 0: off. Else stage one also stores every image's center square resized to this side (set it
+    # to the student's input size), uint8, lossless, so stage two reads it instead of decoding.
+    student_image_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     num_workers: int = 4  # DataLoader workers per device (forkserver start method)
     shuffle_buffer: int = 2048  # samples held for shuffling across cache chunks
+    # Where the student's images come from: the cache's images/S array (cache.student_image_size),
+    # decoding the source files, or auto (the cache's when it has them complete at the student's size).
+    images: Literal["auto", "cache", "decode"] = "auto"
     seed: int = 0
     checkpoint_every: int = 0  # also checkpoint every N optimizer steps; 0: each epoch only
     log_every: int = 10  # optimizer steps between metric logs

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.cache_store import CacheStore
+from pipeline.cache_store import CacheStore, ShardWork
 from pipeline.config import Params, TeacherConfig
 from pipeline.errors import ConfigError, InputError
 from pipeline.manifest import Manifest
@@ -72,13 +72,13 @@ def describe_teacher(cfg: TeacherConfig) -> tuple[TeacherIdentity, ViewSpec, str
     return teacher.identity, teacher.spec, socket.gethostname()
 
 
-def shard_task(url: str, fingerprint: str, shard: int, grids: tuple[int, ...], root: str, paths: dict[int, str], params: Params, teacher_fields: dict) -> RunStats:
+def shard_task(url: str, fingerprint: str, shard: int, work: ShardWork, root: str, paths: dict[int, str], params: Params, teacher_fields: dict) -> RunStats:
     """One dask task: compute shard `shard` of the store at `url` and write it (data, then marker).
 
     Args:
         url: the store (path or URL), opened here, in the worker's process.
         fingerprint: the store's expected fingerprint (a replaced store is refused).
-        shard, grids: the shard and the grids it lacks.
+        shard, work: the shard and what it lacks (grids, student images).
         root, paths: the data root and row -> path of this shard's rows.
         params: the run's params (`data`, `teacher`).
         teacher_fields: the run's teacher identity; the worker's teacher must have the same.
@@ -92,11 +92,11 @@ def shard_task(url: str, fingerprint: str, shard: int, grids: tuple[int, ...], r
         raise InputError(f"dask worker on {socket.gethostname()}: its teacher differs from the run's in {differ} (same weights on every worker?)")
     store = CacheStore.open(url, fingerprint)
     stats = RunStats(store=url)
-    grids = store.lacking(shard, grids)
-    if not grids:  # written and marked by an earlier run of this task, whose result dask lost
+    work = store.lacking(shard, work)
+    if not work:  # written and marked by an earlier run of this task, whose result dask lost
         return stats
     views_before = teacher.forward_views
-    compute_shards(store, Path(root), paths, teacher, {shard: grids}, params, stats)
+    compute_shards(store, Path(root), paths, teacher, {shard: work}, params, stats)
     stats.views_computed = teacher.forward_views - views_before
     return stats
 
@@ -165,7 +165,7 @@ class DaskExecutor:
         self.identity = identity
         return identity, spec
 
-    def run(self, store: CacheStore, manifest: Manifest, todo: dict[int, tuple[int, ...]], params: Params, stats: RunStats, progress: bool) -> None:
+    def run(self, store: CacheStore, manifest: Manifest, todo: dict[int, ShardWork], params: Params, stats: RunStats, progress: bool) -> None:
         from distributed import KilledWorker, as_completed
 
         if self.identity is None:
@@ -175,10 +175,10 @@ class DaskExecutor:
         root = os.path.abspath(manifest.root)  # workers elsewhere need paths that do not depend on a cwd
         url = store.url if "://" in store.url else os.path.abspath(store.url)
         rows = {}
-        for shard, grids in todo.items():
+        for shard, work in todo.items():
             shard_rows = store.shard_rows_range(shard)
             future = self.client.submit(
-                shard_task, url, fingerprint, shard, grids, root, {r: manifest.paths[r] for r in shard_rows}, task_params, fields,
+                shard_task, url, fingerprint, shard, work, root, {r: manifest.paths[r] for r in shard_rows}, task_params, fields,
                 key=f"zeroseg-shard-{shard}-{run}", retries=TASK_RETRIES, pure=False,
             )
             rows[future] = len(shard_rows)

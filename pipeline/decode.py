@@ -67,6 +67,16 @@ def decode_center_square(path: str | Path, *, min_side: int = 1, max_pixels: int
     return Decoded(square, "", size)
 
 
+def student_input(square: np.ndarray, size: int) -> np.ndarray:
+    """[3, size, size] uint8: a center square [S, S, 3] resized for the student (PIL bicubic, antialiased).
+
+    The one definition of the student's pixels: stage two decoding on the fly and stage one
+    storing them in the cache (`cache.student_image_size`) both call it, so both give the same bytes.
+    """
+    img = Image.fromarray(square).resize((size, size), Image.Resampling.BICUBIC)
+    return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))  # [3, size, size]
+
+
 def load_rgb(path: str | Path, *, max_pixels: int = 178_956_970, exif: bool = True) -> np.ndarray:
     """The whole image as [H, W, 3] uint8 RGB, for inference.
 

@@ -11,6 +11,7 @@ the very same batches, so their float16 outputs are identical.
 Three kinds of work overlap:
 - decode threads read each image once (PIL releases the GIL while decoding) and cut its center
   square; on a CPU teacher they also make the views, so the model's thread only runs the model;
+  when the cache stores the student's images (`cache.student_image_size`), they resize those too;
 - the calling thread batches images, makes the views on the GPU when there is one (uint8 upload,
   crop and resize on the device), and runs the teacher;
 - a writer thread writes each finished shard while the next one is computed.
@@ -32,9 +33,9 @@ import numpy as np
 import torch
 
 import cache_schema as cs
-from pipeline.cache_store import CacheStore, ShardResult
+from pipeline.cache_store import CacheStore, ShardResult, ShardWork
 from pipeline.config import Params
-from pipeline.decode import Decoded, decode_center_square
+from pipeline.decode import Decoded, decode_center_square, student_input
 from pipeline.teacher import Teacher
 from pipeline.views import make_views
 
@@ -76,6 +77,7 @@ class _Item:
     row: int
     decoded: Decoded
     views: torch.Tensor | None  # [V_s, 3, T, T] when made on the decode thread (CPU teacher)
+    image: np.ndarray | None  # [3, S, S] uint8 student image, when the shard stores them
     seconds: float
 
 
@@ -84,19 +86,19 @@ def compute_shards(
     root: Path,
     paths: Sequence[str] | Mapping[int, str],
     teacher: Teacher,
-    todo: Mapping[int, tuple[int, ...]],
+    todo: Mapping[int, ShardWork],
     params: Params,
     stats: RunStats,
     advance: Callable[[int], None] | None = None,
 ) -> None:
-    """Compute and write every shard of `todo` (shard -> grids it lacks), then its progress markers.
+    """Compute and write every shard of `todo` (shard -> what it lacks), then its progress markers.
 
     Args:
         store: the store, open for writing.
         root: the data root the paths are relative to.
         paths: row -> image path (the manifest's paths, or only the rows of these shards).
         teacher: the loaded teacher.
-        todo: the shards to compute, in order, each with the grids it lacks.
+        todo: the shards to compute, in order, each with the grids (and student images) it lacks.
         params: `data` (decode limits) and `teacher` (batch size, decode workers) are read.
         stats: counts and time split are added here.
         advance: called with the number of images done, for a progress bar.
@@ -107,24 +109,28 @@ def compute_shards(
     advance = advance or (lambda n: None)
     writer = _ShardWriter(store, stats)
 
-    def decode(row: int, grids: tuple[int, ...]) -> _Item:
+    def decode(row: int, work: ShardWork) -> _Item:
         t0 = time.perf_counter()
         decoded = decode_center_square(root / paths[row], min_side=params.data.min_side, max_pixels=params.data.max_pixels, draft_side=params.teacher.jpeg_draft_side)
-        views = None
-        if views_on_decode_thread and decoded.square is not None:
-            views = make_views([torch.from_numpy(decoded.square)], grids, teacher.spec)[0]
-        return _Item(row, decoded, views, time.perf_counter() - t0)
+        views = image = None
+        if decoded.square is not None:
+            if views_on_decode_thread and work.grids:
+                views = make_views([torch.from_numpy(decoded.square)], work.grids, teacher.spec)[0]
+            if work.image_size:
+                image = student_input(decoded.square, work.image_size)
+        return _Item(row, decoded, views, image, time.perf_counter() - t0)
 
     embedder = _Embedder(teacher, writer, stats)
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
-            for shard, grids, items in _decoded_shards(pool, decode, store, todo, lookahead=2 * batch_size):
-                rows = store.shard_rows_range(shard)
+            for shard, work, items in _decoded_shards(pool, decode, store, todo, lookahead=2 * batch_size):
+                rows, grids, size = store.shard_rows_range(shard), work.grids, work.image_size
                 result = ShardResult(
                     shard=shard,
                     views={g: np.full((len(rows), g * g, store.dim), np.nan, dtype=np.float16) for g in grids},
                     status=np.full(len(rows), cs.STATUS_FAILED, dtype=np.uint8),
                     failures=[""] * len(rows),
+                    images=np.zeros((len(rows), 3, size, size), dtype=np.uint8) if size else None,
                 )
                 embedder.start_shard(result)
                 batch: list[_Item] = []
@@ -140,6 +146,11 @@ def compute_shards(
                         advance(1)
                         continue
                     result.status[local] = cs.STATUS_OK
+                    if item.image is not None:
+                        result.images[local] = item.image
+                    if not grids:  # only the student images were missing: no teacher work
+                        advance(1)
+                        continue
                     batch.append(item)
                     if len(batch) == batch_size:
                         embedder.launch(batch, grids, result, rows.start)
@@ -155,9 +166,9 @@ def compute_shards(
         writer.close()
 
 
-def _decoded_shards(pool: ThreadPoolExecutor, decode, store: CacheStore, todo: Mapping[int, tuple[int, ...]], lookahead: int) -> Iterator[tuple[int, tuple[int, ...], Iterator[Future]]]:
-    """Yield (shard, grids, futures of its rows) with decoding running `lookahead` rows ahead."""
-    jobs = ((shard, grids, row) for shard, grids in todo.items() for row in store.shard_rows_range(shard))
+def _decoded_shards(pool: ThreadPoolExecutor, decode, store: CacheStore, todo: Mapping[int, ShardWork], lookahead: int) -> Iterator[tuple[int, ShardWork, Iterator[Future]]]:
+    """Yield (shard, work, futures of its rows) with decoding running `lookahead` rows ahead."""
+    jobs = ((shard, work, row) for shard, work in todo.items() for row in store.shard_rows_range(shard))
     pending: deque[tuple[int, Future]] = deque()
 
     def fill():
@@ -165,10 +176,10 @@ def _decoded_shards(pool: ThreadPoolExecutor, decode, store: CacheStore, todo: M
             job = next(jobs, None)
             if job is None:
                 return
-            shard, grids, row = job
-            pending.append((shard, pool.submit(decode, row, grids)))
+            shard, work, row = job
+            pending.append((shard, pool.submit(decode, row, work)))
 
-    for shard, grids in todo.items():
+    for shard, work in todo.items():
         def futures(shard=shard):
             for _ in store.shard_rows_range(shard):
                 fill()
@@ -176,7 +187,7 @@ def _decoded_shards(pool: ThreadPoolExecutor, decode, store: CacheStore, todo: M
                 assert s == shard
                 yield fut
 
-        yield shard, grids, futures()
+        yield shard, work, futures()
 
 
 class _Embedder:

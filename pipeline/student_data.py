@@ -9,7 +9,10 @@ rank, worker). That makes the sample order a pure function of those numbers, whi
 lets `--resume` skip the samples already trained on without decoding them.
 
 Images get the center square the teacher saw, resized to the student's input size with
-antialiased bicubic, and travel as uint8; normalization happens on the device.
+antialiased bicubic, and travel as uint8; normalization happens on the device. When stage one
+stored those very pixels in the cache (`images/S`, `cache.student_image_size`), they are read
+from it, chunk by chunk with the targets, instead of decoding the source files: same bytes,
+no JPEG decoding in stage two (`train.images`).
 """
 
 from __future__ import annotations
@@ -20,26 +23,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+import zarr
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import IterableDataset, get_worker_info
 
 import cache_schema as cs
 from pipeline.cache_store import load_targets
-from pipeline.decode import decode_center_square
+from pipeline.decode import decode_center_square, student_input
 from pipeline.errors import InputError
 
 # The student is normalized as timm / MAE ViTs are, so their checkpoints can initialize it.
 STUDENT_MEAN, STUDENT_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 
-def student_image(path: str | Path, size: int, *, max_pixels: int = 178_956_970) -> torch.Tensor:
-    """[3, size, size] uint8: the image's center square (as the teacher saw it) at `size`."""
-    decoded = decode_center_square(path, max_pixels=max_pixels)
+def student_image(path: str | Path, size: int, *, max_pixels: int = 178_956_970, draft_side: int = 0) -> torch.Tensor:
+    """[3, size, size] uint8: the image's center square (as the teacher saw it: `draft_side` is the cache's) at `size`."""
+    decoded = decode_center_square(path, max_pixels=max_pixels, draft_side=draft_side)
     if decoded.square is None:
         raise InputError(f"{path}: {decoded.reason} (the cache had it as ok: did the dataset change?)")
-    img = Image.fromarray(decoded.square).resize((size, size), Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # [3, size, size]
+    return torch.from_numpy(student_input(decoded.square, size))
 
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:
@@ -57,6 +59,22 @@ class Stream:
     rows: int
 
 
+def image_source(group: zarr.Group, store: str, size: int, choice: str) -> str:
+    """"cache" or "decode": where `CachePairs` gets the student's images from (see `train.images`).
+
+    Raises:
+        InputError: `choice` is "cache" and the store has no complete `images/{size}`.
+    """
+    sizes = cs.store_image_sizes(group)
+    stored = size in sizes and bool(group[cs.images_array(size)].attrs.get("complete", False))
+    if choice == "decode" or (choice == "auto" and not stored):
+        return "decode"
+    if not stored:
+        what = f"an incomplete images/{size}" if size in sizes else f"no images/{size} (has: {', '.join(map(str, sizes)) or 'none'})"
+        raise InputError(f"{store}: train.images=cache but the store has {what}; run stage one with cache.student_image_size={size}, or use train.images=auto")
+    return "cache"
+
+
 class CachePairs(IterableDataset):
     """(image uint8 [3, S, S], targets float16 [V, D], row) for every ok row of a teacher cache.
 
@@ -68,11 +86,16 @@ class CachePairs(IterableDataset):
         rank, world: this process's share of the chunks (distributed training).
         seed: base of the per-epoch shuffles.
         shuffle_buffer: rows held for shuffling across chunks.
+        images: "cache" (read the store's `images/{img_size}`), "decode" (decode the source
+            files), or "auto" (the store's when it has them complete at `img_size`).
     """
 
-    def __init__(self, store: str, data_root: str | Path, grids: tuple[int, ...], img_size: int, *, rank: int = 0, world: int = 1, seed: int = 0, shuffle_buffer: int = 2048, max_pixels: int = 178_956_970):
+    def __init__(self, store: str, data_root: str | Path, grids: tuple[int, ...], img_size: int, *, rank: int = 0, world: int = 1, seed: int = 0, shuffle_buffer: int = 2048, max_pixels: int = 178_956_970, images: str = "auto"):
         super().__init__()
         group = cs.open_store(store)
+        self.image_source = image_source(group, store, img_size, images)
+        # Decode as stage one did (draft scale included), so both sources give the same pixels.
+        self.draft_side = int(group.attrs["preprocessing"].get("jpeg_draft_side", 0))
         self.store, self.data_root = store, str(data_root)
         self.grids, self.img_size = tuple(sorted(set(grids))), img_size
         self.rank, self.world, self.seed = rank, world, seed
@@ -139,20 +162,30 @@ class CachePairs(IterableDataset):
             self._group = cs.open_store(self.store)
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
         skip = self._skipped_rows(worker, num_workers)
-        for row, targets in self._shuffled_rows(stream, rng):
+        for row, targets, image in self._shuffled_rows(stream, rng):
             if skip > 0:
                 skip -= 1
                 continue
-            image = student_image(Path(self.data_root) / str(self.paths[row]), self.img_size, max_pixels=self.max_pixels)
+            if image is None:
+                image = student_image(Path(self.data_root) / str(self.paths[row]), self.img_size, max_pixels=self.max_pixels, draft_side=self.draft_side)
+            else:
+                image = torch.from_numpy(image)
             yield image, torch.from_numpy(targets), row
 
-    def _shuffled_rows(self, stream: Stream, rng: np.random.Generator) -> Iterator[tuple[int, np.ndarray]]:
-        """(row, targets [V, D]) over the stream's ok rows, chunks in random order, rows mixed in a buffer."""
-        buffer: list[tuple[int, np.ndarray]] = []
+    def _shuffled_rows(self, stream: Stream, rng: np.random.Generator) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+        """(row, targets [V, D], stored image [3, S, S] or None) over the stream's ok rows.
+
+        Chunks come in random order and rows are mixed in a buffer. Rows are copied out of their
+        chunk, so the buffer holds only its own rows, not every chunk one of them came from.
+        """
+        buffer: list[tuple[int, np.ndarray, np.ndarray | None]] = []
         for index in rng.permutation(len(stream.chunks)):
             a, b = stream.chunks[index]
             targets = load_targets(self._group, self.grids, slice(a, b))  # [b-a, V, D] one read per grid
-            buffer.extend((a + i, targets[i]) for i in np.flatnonzero(self.status[a:b] == cs.STATUS_OK))
+            images = self._group[cs.images_array(self.img_size)][a:b] if self.image_source == "cache" else None  # [b-a, 3, S, S]
+            buffer.extend(
+                (a + i, targets[i].copy(), None if images is None else images[i].copy()) for i in np.flatnonzero(self.status[a:b] == cs.STATUS_OK)
+            )
             while len(buffer) >= self.shuffle_buffer:
                 j = int(rng.integers(len(buffer)))
                 buffer[j], buffer[-1] = buffer[-1], buffer[j]

@@ -26,7 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import cache_schema as cs
-from pipeline.cache_store import CacheStore
+from pipeline.cache_store import CacheStore, ShardWork
 from pipeline.config import Params
 from pipeline.errors import ConfigError, InputError
 from pipeline.manifest import Manifest, build_manifest
@@ -89,8 +89,8 @@ class Executor(Protocol):
     def teacher(self) -> tuple[TeacherIdentity, ViewSpec]:
         """The teacher's identity and view spec (loading it if needed)."""
 
-    def run(self, store: CacheStore, manifest: Manifest, todo: dict[int, tuple[int, ...]], params: Params, stats: RunStats, progress: bool) -> None:
-        """Compute and write every shard of `todo` (shard -> grids it lacks), adding to `stats`."""
+    def run(self, store: CacheStore, manifest: Manifest, todo: dict[int, ShardWork], params: Params, stats: RunStats, progress: bool) -> None:
+        """Compute and write every shard of `todo` (shard -> what it lacks), adding to `stats`."""
 
 
 def run_teacher_cache(params: Params, out: str | None = None, *, replace: bool = False, progress: bool = True) -> RunStats:
@@ -111,7 +111,7 @@ def run_teacher_cache(params: Params, out: str | None = None, *, replace: bool =
         identity = identity_sections(teacher_identity, spec, manifest, params.data.min_side, params.teacher.jpeg_draft_side)
         url = out or default_store_url(params.cache.root, identity)
         store = CacheStore.open_or_create(url, identity, manifest.paths, grids, params.cache, replace=replace)
-        todo = store.missing_grids(grids)
+        todo = store.missing(grids, params.cache.student_image_size)
         stats = RunStats(store=url, images=len(manifest), shards_skipped=store.n_shards - len(todo))
         if todo:
             executor.run(store, manifest, todo, params, stats, progress)
@@ -151,7 +151,7 @@ class LocalExecutor:
             self._teacher = Teacher.load(self.cfg)
         return self._teacher.identity, self._teacher.spec
 
-    def run(self, store: CacheStore, manifest: Manifest, todo: dict[int, tuple[int, ...]], params: Params, stats: RunStats, progress: bool) -> None:
+    def run(self, store: CacheStore, manifest: Manifest, todo: dict[int, ShardWork], params: Params, stats: RunStats, progress: bool) -> None:
         self.teacher()
         teacher = self._teacher
         views_before = teacher.forward_views
@@ -179,6 +179,9 @@ def _executor(params: Params, out: str | None) -> Executor:
 
 def _grids(params: Params) -> tuple[int, ...]:
     grids = canonical_grids(params.cache.grids)
+    size = params.cache.student_image_size
+    if size < 0 or 0 < size < 8:
+        raise ConfigError(f"{params.source}: cache.student_image_size={size}: use 0 (off) or the student's input side (e.g. 224)")
     if max(grids) > params.data.min_side:
         raise ConfigError(f"{params.source}: cache.grids has {max(grids)}x{max(grids)} but data.min_side is {params.data.min_side}; raise data.min_side")
     return grids

@@ -216,7 +216,8 @@ def _train(params: Params, cache: str, out_dir: str | Path, *, resume: str, live
     model.to(device)
     objective = StudentObjective(params, grids).to(device)
 
-    dataset = CachePairs(cache, data_root(params.data.images), grids, arch.img_size, rank=rank, world=world, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, max_pixels=params.data.max_pixels)
+    dataset = CachePairs(cache, data_root(params.data.images), grids, arch.img_size, rank=rank, world=world, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, max_pixels=params.data.max_pixels, images=cfg.images)
+    log.info("student images: %s", f"read from {cs.images_array(arch.img_size)} in the cache" if dataset.image_source == "cache" else "decoded from the source files")
     batches = dataset.batches_per_epoch(cfg.micro_batch, cfg.num_workers)
     if world > 1:  # every rank must take the same number of steps
         t = torch.tensor(batches, device=device)

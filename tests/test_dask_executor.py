@@ -26,10 +26,10 @@ distributed = pytest.importorskip("distributed", reason="the dask executor needs
 ARRAYS = [cs.STATUS, cs.FAILURES, cs.PATHS] + [cs.views_array(g) for g in (1, 2, 3, 4)] + [cs.progress_array(g) for g in (1, 2, 3, 4)]
 
 
-def assert_same_store(a, b):
+def assert_same_store(a, b, more=()):
     """Every array equal bit for bit (float16 compared as bits, so NaN rows must match too)."""
     ga, gb = zarr.open_group(a, mode="r"), zarr.open_group(b, mode="r")
-    for name in ARRAYS:
+    for name in ARRAYS + list(more):
         x, y = ga[name][:], gb[name][:]
         if x.dtype == np.float16:
             x, y = x.view(np.uint16), y.view(np.uint16)
@@ -61,13 +61,13 @@ def mixed_images(tmp_path_factory, demo_dir):
 
 def test_own_local_cluster_builds_the_local_executors_bytes(tmp_path, mixed_images):
     # batch_size 3 in shards of 4 rows, with a failed row in two shards: batches [3,1], [3], [3,1]...
-    params = write_params(tmp_path / "params.yaml", mixed_images, tmp_path / "caches", teacher={"batch_size": 3})
+    params = write_params(tmp_path / "params.yaml", mixed_images, tmp_path / "caches", teacher={"batch_size": 3}, cache={"student_image_size": 24})
     local = run_teacher_cache(load_params(params), str(tmp_path / "local.zarr"), progress=False)
     dask = run_teacher_cache(load_params(params, ["teacher.executor=dask", "teacher.dask_workers=2"]), str(tmp_path / "dask.zarr"), progress=False)
     assert dask.complete and dask.shards_written == local.shards_written == 3
     assert dask.views_computed == local.views_computed == 8 * 30 and dask.failed == local.failed == 2
     assert dask.failures == local.failures and set(dask.failures) == {"scene_000002b.jpg", "scene_000005b.jpg"}
-    assert_same_store(tmp_path / "local.zarr", tmp_path / "dask.zarr")
+    assert_same_store(tmp_path / "local.zarr", tmp_path / "dask.zarr", [cs.images_array(24), cs.images_progress_array(24)])
 
 
 def test_resume_on_a_scheduler_computes_only_unmarked_shards(tmp_path, mixed_images, cluster):
