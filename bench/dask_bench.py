@@ -25,6 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench import emit  # noqa: E402
 from bench.teacher_cache_bench import make_images  # noqa: E402
 
 RUNS = {"local": [], "dask_1": ["teacher.executor=dask", "teacher.dask_workers=1"], "dask_2": ["teacher.executor=dask", "teacher.dask_workers=2"]}
@@ -104,10 +105,7 @@ def main() -> None:
         "dask_1_overhead_vs_local_compute": one["compute_s"] / local["compute_s"] - 1,
         "stores_identical": identical,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
+    emit(report, args.json)
 
 
 if __name__ == "__main__":

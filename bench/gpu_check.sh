@@ -31,7 +31,7 @@ fi
 if run_step stage2; then
 echo "== stage two: ViT-B/16 student bf16"
 timeout 150 python3 -m bench.train_bench --variant zeroseg_vit_b16 --device cuda --micro-batch 256 --steps 10 \
-  --e2e-images 2048 --e2e-steps 16 --e2e-micro-batch 128 --workers 8 --json "$OUT/stage2.json" > "$OUT/stage2.log" 2>&1
+  --e2e-images 2048 --e2e-steps 16 --e2e-micro-batch 128 --e2e-sources decode,cache --workers 8 --json "$OUT/stage2.json" > "$OUT/stage2.log" 2>&1
 tail -3 "$OUT/stage2.log"
 fi
 if run_step inference; then

@@ -33,7 +33,11 @@ def main() -> None:
         ]
         if "end_to_end" in s2:
             e = s2["end_to_end"]
-            lines.append(f"- end to end ({e['workers']} workers, {e['images']} generated 500x375 JPEGs): {e['images_per_s_second_half']:.0f} images/s, data wait {100 * e['data_wait_fraction_second_half']:.1f}% of step time")
+            for source, what in (("decode", "decoding the JPEGs"), ("cache", "images stored in the cache")):
+                if source in e:
+                    r = e[source]
+                    lines.append(f"- end to end, {what} ({e['workers']} workers, {e['images']} generated 500x375 JPEGs): "
+                                 f"{r['images_per_s_second_half']:.0f} images/s, data wait {100 * r['data_wait_fraction_second_half']:.1f}% of step time")
     inf = load(out / "inference.json")
     if inf:
         lines.append(f"\n## Inference ({inf['variant']}, short side {inf['short_side']}, window {inf['window']}, stride {inf['stride']}, {inf['classes']} classes)")
