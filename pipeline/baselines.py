@@ -87,7 +87,7 @@ class MaskCLIPSegmenter:
     def dense_features(self, views: torch.Tensor) -> torch.Tensor:
         """[n, 3, T, T] normalized -> [n, gh, gw, D] per-patch embeddings in the text space."""
         visual = self.teacher.model.visual
-        x = visual._embeds(views)  # [n, 1 + N, C]
+        x = visual._embeds(views.to(self.teacher.view_dtype))  # [n, 1 + N, C]
         blocks = visual.transformer.resblocks
         for block in blocks[:-1]:
             x = block(x)
@@ -96,7 +96,7 @@ class MaskCLIPSegmenter:
         c = y.shape[-1]
         v = F.linear(y, last.attn.in_proj_weight[2 * c :], last.attn.in_proj_bias[2 * c :])  # [n, 1 + N, C] values only
         v = visual.ln_post(last.attn.out_proj(v)[:, 1:])  # [n, N, C], class token dropped
-        feats = v @ visual.proj  # [n, N, D]
+        feats = (v @ visual.proj).float()  # [n, N, D]
         side = int(round(feats.shape[1] ** 0.5))
         return feats.view(feats.shape[0], side, side, -1)  # [n, gh, gw, D]
 

@@ -44,7 +44,9 @@ class TeacherConfig:
 
     model: str = "ViT-L-14"  # open_clip model name, or a path to an open_clip model-config JSON
     pretrained: str = "openai"  # pretrained tag, local checkpoint file, or "" (random init)
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    # bf16, fp16: autocast on CUDA (the CPU encodes in fp32); pure_bf16: the image tower's weights
+    # and activations in bf16 on any device (open_clip's name). Part of the cache identity.
+    precision: Literal["fp32", "bf16", "fp16", "pure_bf16"] = "bf16"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = 64  # images per teacher batch; each image gives V views
     executor: Literal["local", "dask"] = "local"
@@ -56,6 +58,7 @@ class TeacherConfig:
     # Part of the cache identity when on.
     jpeg_draft_side: int = 0
     views_per_forward: int = 0  # views per teacher forward; 0: 64 on CPU (cache-friendly), 4096 on GPU
+    compile: bool = False  # torch.compile the image encoder (not part of the identity: same values within float rounding)
     seed: int = 0  # seeds random initialisation when pretrained is ""
     weights_dir: str = ""  # where open_clip keeps downloaded weights ("": its default)
 

@@ -31,7 +31,7 @@ def test_overrides_use_dvc_exp_run_syntax(tmp_path):
     [
         ("teacher:\n  modle: x\n", [], "params.yaml: unknown key teacher.modle"),
         ("teachers:\n  model: x\n", [], "params.yaml: unknown section 'teachers'"),
-        ("teacher:\n  precision: fp64\n", [], "teacher.precision: expected one of fp32, bf16, fp16, got 'fp64'"),
+        ("teacher:\n  precision: fp64\n", [], "teacher.precision: expected one of fp32, bf16, fp16, pure_bf16, got 'fp64'"),
         ("teacher:\n  batch_size: many\n", [], "teacher.batch_size: expected int, got 'many'"),
         ("cache:\n  grids: 4\n", [], "cache.grids: expected a list"),
         ("teacher:\n  batch_size: true\n", [], "teacher.batch_size: expected int"),
