@@ -15,8 +15,11 @@ def main() -> None:
     s1, s2 = load(out / "stage1.json"), load(out / "stage2.json")
     tests = (out / "gpu_tests.log").read_text().strip().splitlines()[-1:] if (out / "gpu_tests.log").exists() else ["not run"]
     lines = [f"# GPU check\n\nDevice: {gpu}\n\nGPU tests: {tests[0] if tests else '?'}\n"]
+    for extra in ("elapsed.txt", "skipped.txt"):
+        if (out / extra).exists():
+            lines.append((out / extra).read_text().strip() + "\n")
     if s1:
-        p, n = s1["pipelined"], s1["naive"]
+        p, n = s1["pipelined"], s1.get("naive")
         lines += [
             f"## Stage one ({s1['model']}, {s1['precision']}, {s1['image_size']} JPEGs, grids {s1['grids']})",
             f"- pipelined: {p['images_per_s']:.1f} images/s, {p['views_per_s']:.0f} views/s steady; {p['process_images_per_s']:.1f} images/s whole process",
@@ -38,6 +41,18 @@ def main() -> None:
                     r = e[source]
                     lines.append(f"- end to end, {what} ({e['workers']} workers, {e['images']} generated 500x375 JPEGs): "
                                  f"{r['images_per_s_second_half']:.0f} images/s, data wait {100 * r['data_wait_fraction_second_half']:.1f}% of step time")
+    for name, what in (("stage1_pure", "pure_bf16"), ("stage1_compile", "pure_bf16 + torch.compile")):
+        v = load(out / f"{name}.json")
+        if v:
+            p = v["pipelined"]
+            base = s1.get("pipelined", {}).get("images_per_s")
+            ratio = f"; {p['images_per_s'] / base:.2f}x the bf16 autocast run above" if base else ""
+            lines += [
+                f"## Stage one, {what} ({v['image_size']} JPEGs)",
+                f"- {p['images_per_s']:.1f} images/s, {p['views_per_s']:.0f} views/s steady{ratio}; "
+                f"{100 * (v.get('fraction_of_dense_bf16_peak') or 0):.0f}% of dense bf16 peak end to end; compile warm-up {p.get('compile_warmup_s', 0):.0f} s",
+                f"- time split (s): " + ", ".join(f"{k} {x:.1f}" for k, x in p["split"].items()) + "\n",
+            ]
     inf = load(out / "inference.json")
     if inf:
         lines.append(f"\n## Inference ({inf['variant']}, short side {inf['short_side']}, window {inf['window']}, stride {inf['stride']}, {inf['classes']} classes)")
