@@ -53,6 +53,11 @@ def main() -> None:
                 f"{100 * (v.get('fraction_of_dense_bf16_peak') or 0):.0f}% of dense bf16 peak end to end; compile warm-up {p.get('compile_warmup_s', 0):.0f} s",
                 f"- time split (s): " + ", ".join(f"{k} {x:.1f}" for k, x in p["split"].items()) + "\n",
             ]
+    c2 = load(out / "stage2_compile.json").get("compute")
+    if c2:
+        lines.append(f"## Stage two with torch.compile ({c2['variant']}, micro-batch {c2['micro_batch']}, bf16)")
+        lines.append(f"- compute: {c2['images_per_s']:.0f} images/s, {c2['achieved_tflops']:.0f} TFLOP/s = {100 * (c2.get('fraction_of_dense_bf16_peak') or 0):.0f}% of dense bf16 peak "
+                     f"(warm-up with compilation {c2['warmup_s']:.0f} s), {c2['peak_memory_gb'] or 0:.1f} GB\n")
     inf = load(out / "inference.json")
     if inf:
         lines.append(f"\n## Inference ({inf['variant']}, short side {inf['short_side']}, window {inf['window']}, stride {inf['stride']}, {inf['classes']} classes)")

@@ -43,21 +43,23 @@ def compute_bench(args, device: torch.device) -> dict:
     targets = torch.randn(args.micro_batch, v, args.dim, device=device)
     amp = torch.bfloat16 if device.type == "cuda" else None
 
-    def step():
+    def step(m=step_model):
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            out = step_model(images, args.mask_ratio)
+            out = m(images, args.mask_ratio)
             total, _ = objective(out, targets, model.patchify(images))
         total.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     with FlopCounterMode(display=False) as counter:
-        step()
+        step(model)  # counted on the eager model: the counter does not see into compiled graphs
     flops = counter.get_total_flops()
+    t_warm = time.perf_counter()
     for _ in range(args.warmup):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t_warm
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()
@@ -65,7 +67,7 @@ def compute_bench(args, device: torch.device) -> dict:
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / args.steps
     return {"variant": args.variant, "micro_batch": args.micro_batch, "mask_ratio": args.mask_ratio, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
-            "gflops_per_image": flops / args.micro_batch / 1e9, "step_s": dt, "images_per_s": args.micro_batch / dt, "achieved_tflops": flops / dt / 1e12,
+            "compile": args.compile, "warmup_s": warmup_s, "gflops_per_image": flops / args.micro_batch / 1e9, "step_s": dt, "images_per_s": args.micro_batch / dt, "achieved_tflops": flops / dt / 1e12,
             "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None}
 
 

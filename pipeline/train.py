@@ -293,7 +293,9 @@ def _train(params: Params, cache: str, out_dir: str | Path, *, resume: str, live
                 lr = sched.lr_at(step, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                terms_sum: dict[str, float] = {}
+                # Loss terms stay on the device until the step's end: one host sync per optimizer
+                # step, instead of one per term per micro-batch, each of which idled the GPU.
+                term_sums: dict[str, torch.Tensor] = {}
                 for micro in range(sched.accum):
                     t0 = time.perf_counter()
                     images, targets, _ = next(batches_iter)
@@ -305,10 +307,10 @@ def _train(params: Params, cache: str, out_dir: str | Path, *, resume: str, live
                         out = train_model(images, params.student.mask_ratio, decode=bool(params.loss.reconstruction))
                         total, terms = objective(out, targets, model.patchify(images))
                     scaler.scale(total / sched.accum).backward()
-                    for k, v in terms.items():
-                        terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / sched.accum
-                    terms_sum["total"] = terms_sum.get("total", 0.0) + float(total.detach()) / sched.accum
+                    for k, v in {**terms, "total": total}.items():
+                        term_sums[k] = term_sums.get(k, 0.0) + v.detach().float() / sched.accum
                     seen += images.shape[0] * world
+                terms_sum = dict(zip(term_sums, torch.stack(list(term_sums.values())).tolist()))  # the one sync
                 if not all(math.isfinite(v) for v in terms_sum.values()):
                     shown = ", ".join(f"{k}={v:.4g}" for k, v in terms_sum.items())
                     kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
