@@ -64,3 +64,27 @@ def test_cutting_views_and_launching_the_teacher_never_wait_for_the_gpu(demo_dir
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert feats.shape == (len(squares) * 30, teacher.identity.embed_dim) and torch.isfinite(feats).all()
+
+
+def test_stage_one_never_waits_for_the_gpu_between_batches(tmp_path, demo_dir):
+    # Each batch's results come back through pinned memory and an event, never a stream-wide sync:
+    # a sync would drain the queue (the next batch's forward included) and idle the GPU while the
+    # following batch is cut.
+    from pipeline.cache_store import CacheStore
+    from pipeline.manifest import build_manifest
+    from pipeline.shard_compute import RunStats, compute_shards
+    from pipeline.teacher_cache import expected_identity
+
+    params = load_params(write_params(tmp_path / "params.yaml", demo_dir / "images", tmp_path / "caches", teacher={"device": "cuda", "batch_size": 2}))
+    teacher = Teacher.load(params.teacher)
+    manifest = build_manifest(params.data.images, "stat", progress=False)
+    store = CacheStore.open_or_create(str(tmp_path / "s.zarr"), expected_identity(teacher, manifest, params.data.min_side), manifest.paths, (1, 2, 3, 4), params.cache)
+    teacher.encode(make_views([torch.from_numpy(decode_center_square(manifest.root / manifest.paths[0]).square)], [1, 2, 3, 4], teacher.spec, "cuda")[0])
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        compute_shards(store, manifest.root, manifest.paths, teacher, store.missing((1, 2, 3, 4)), params, RunStats())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert store.finalize()
+    run_teacher_cache(params, str(tmp_path / "again.zarr"), progress=False)
+    np.testing.assert_array_equal(load_targets(tmp_path / "s.zarr", [1, 2, 3, 4]).view(np.uint16), load_targets(tmp_path / "again.zarr", [1, 2, 3, 4]).view(np.uint16))
