@@ -7,7 +7,7 @@
 # STEPS picks the steps. The default, "tests stage1 stage2 inference stage1_pure", is the first
 # run; the torch.compile steps are a second run of their own (compilation takes minutes):
 #   STEPS="stage1_compile stage2_compile" bash bench/gpu_check.sh
-#   Carry:  .whl (python3.12 wheels of open_clip_torch, timm, zarr, numcodecs, dask, ...; see README)
+#   Carry:  .whl (python3.12 wheels of open_clip_torch, timm, zarr, numcodecs, dask, ...: bench/fetch_wheels.sh)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
