@@ -145,7 +145,7 @@ class StudentObjective(torch.nn.Module):
 def compatibility(params: Params, cache_attrs: dict) -> dict:
     """What must be equal for a checkpoint to be resumed (run mechanics excluded)."""
     train = section_dict(params.train)
-    for key in ("max_steps", "log_every", "checkpoint_every", "num_workers", "compile", "device"):
+    for key in ("max_steps", "log_every", "checkpoint_every", "num_workers", "compile", "device", "images"):
         train.pop(key)
     return {"student": section_dict(params.student), "loss": section_dict(params.loss), "train": train, "cache_fingerprint": cache_attrs["fingerprint"]}
 
