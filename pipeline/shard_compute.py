@@ -36,6 +36,7 @@ import cache_schema as cs
 from pipeline.cache_store import CacheStore, ShardResult, ShardWork
 from pipeline.config import Params
 from pipeline.decode import Decoded, decode_center_square, student_input
+from pipeline.errors import InputError
 from pipeline.teacher import Teacher
 from pipeline.views import make_views
 
@@ -125,6 +126,7 @@ def compute_shards(
         with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
             for shard, work, items in _decoded_shards(pool, decode, store, todo, lookahead=2 * batch_size):
                 rows, grids, size = store.shard_rows_range(shard), work.grids, work.image_size
+                stored = store.stored_rows(shard)  # set when other arrays already hold this shard
                 result = ShardResult(
                     shard=shard,
                     views={g: np.full((len(rows), g * g, store.dim), np.nan, dtype=np.float16) for g in grids},
@@ -140,6 +142,15 @@ def compute_shards(
                     stats.decode_wait_s += time.perf_counter() - t0
                     stats.decode_s += item.seconds
                     local = item.row - rows.start
+                    if stored is not None and stored[0][local] != cs.STATUS_OK:  # failed when first written: stays so
+                        result.failures[local] = stored[1][local]
+                        advance(1)
+                        continue
+                    if stored is not None and item.decoded.square is None:
+                        raise InputError(
+                            f"{root / paths[item.row]}: {item.decoded.reason}, but it decoded when {store.url} was first written "
+                            f"(did the file or data.max_pixels change?); the finished shards are kept"
+                        )
                     if item.decoded.square is None:
                         result.failures[local] = item.decoded.reason
                         stats.failures[paths[item.row]] = item.decoded.reason
@@ -263,7 +274,7 @@ class _Fetch:
             self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
             self.host.copy_(values, non_blocking=True)
             self.event = torch.cuda.Event()
-            self.event.record()
+            self.event.record(torch.cuda.current_stream(values.device))  # the copy's stream, whatever device is current
         else:
             self.host = values
 

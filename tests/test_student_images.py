@@ -147,3 +147,21 @@ def test_draft_decoded_stores_keep_both_sources_identical(tmp_path):
         assert torch.equal(cached[row], decoded[row]), row
     full = student_image(folder / "p0.jpg", 24)  # without the draft: close, not equal
     assert not torch.equal(full, decoded[0]) and (full.float() - decoded[0].float()).abs().mean() < 3
+
+
+def test_arrays_added_later_follow_the_rows_the_store_settled(tmp_path, demo_dir):
+    # data.max_pixels is not part of the identity: a rerun may decode differently than the first
+    # run did. Rows that failed stay failed (zeros, their reason kept); a row that was embedded and
+    # now fails stops the run with the file named, and what was written stays.
+    params = write_params(tmp_path / "params.yaml", demo_dir / "images", tmp_path / "caches", cache={"grids": [1]})
+    strict = run_teacher_cache(load_params(params, ["data.max_pixels=100"]), str(tmp_path / "a.zarr"), progress=False)
+    assert strict.failed == 8
+    added = run_teacher_cache(load_params(params, ["cache.student_image_size=16", "cache.grids=[1,2]"]), strict.store, progress=False)
+    group = zarr.open_group(strict.store, mode="r")
+    assert added.failed == 8 and not group[cs.images_array(16)][:].any() and np.isnan(group[cs.views_array(2)][:]).all()
+    assert all("decompression bomb" in r for r in group[cs.FAILURES][:])
+
+    loose = run_teacher_cache(load_params(params), str(tmp_path / "b.zarr"), progress=False)
+    with pytest.raises(InputError, match=r"scene_\d+\.\w+: decompression bomb.*but it decoded when .*b.zarr was first written"):
+        run_teacher_cache(load_params(params, ["data.max_pixels=100", "cache.student_image_size=16"]), loose.store, progress=False)
+    assert cs.validate(loose.store, grids=(1,))["manifest"]["n"] == 8  # the views are intact
