@@ -115,7 +115,11 @@ class StudentObjective(torch.nn.Module):
         self.infomax = AssignmentInfoMaxLoss(usage=self.cfg.infomax_usage)
         self.region = RegionMatchingLoss()
         self.grids = grids
-        self.register_buffer("local", local_view_mask(grids), persistent=False)
+        # Local views as indices, not a mask, and their presence as a Python bool: indexing with
+        # a boolean CUDA mask and `bool(tensor)` each make the host wait for the GPU.
+        local = local_view_mask(grids)
+        self.has_local = bool(local.any())
+        self.register_buffer("local", local.nonzero().squeeze(1), persistent=False)  # [V_local] view indices
         region = set(self.cfg.region_grids or grids)
         if self.cfg.region_grids and (not region <= set(grids) or region == {1}):
             raise ConfigError(f"loss.region_grids {list(self.cfg.region_grids)}: must be local grids among loss.grids {list(grids)}")
@@ -125,10 +129,10 @@ class StudentObjective(torch.nn.Module):
         c = self.cfg
         terms = dict(self.distill(out.z, targets))
         weights = {"distill": c.distill}
-        if c.segment_match and bool(self.local.any()):
+        if c.segment_match and self.has_local:
             terms.update(self.matching(out.segments, targets, self.local))
             weights.update(segment_match=c.segment_match, view_match=c.view_match)
-        if c.region_match and bool(self.local.any()):
+        if c.region_match and self.has_local:
             cells = token_cells(out.ids_keep, out.grid, self.grids) * self.region_views  # [B, N, V]
             terms.update(self.region(out.segments, targets, compose_assignments(out.hard_assignments), cells))
             weights["region_match"] = c.region_match
@@ -218,6 +222,9 @@ def _train(params: Params, cache: str, out_dir: str | Path, *, resume: str, live
 
     dataset = CachePairs(cache, data_root(params.data.images), grids, arch.img_size, rank=rank, world=world, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, max_pixels=params.data.max_pixels, images=cfg.images)
     log.info("student images: %s", f"read from {cs.images_array(arch.img_size)} in the cache" if dataset.image_source == "cache" else "decoded from the source files")
+    other = [s for s in attrs.get("image_sizes", []) if s != arch.img_size]
+    if dataset.image_source == "decode" and cfg.images == "auto" and other:
+        log.warning("%s stores student images at %s px, but %s takes %d px: decoding the source files instead", cache, other, params.student.variant, arch.img_size)
     batches = dataset.batches_per_epoch(cfg.micro_batch, cfg.num_workers)
     if world > 1:  # every rank must take the same number of steps
         t = torch.tensor(batches, device=device)

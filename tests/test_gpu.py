@@ -88,3 +88,32 @@ def test_stage_one_never_waits_for_the_gpu_between_batches(tmp_path, demo_dir):
     assert store.finalize()
     run_teacher_cache(params, str(tmp_path / "again.zarr"), progress=False)
     np.testing.assert_array_equal(load_targets(tmp_path / "s.zarr", [1, 2, 3, 4]).view(np.uint16), load_targets(tmp_path / "again.zarr", [1, 2, 3, 4]).view(np.uint16))
+
+
+def test_a_training_step_queues_without_waiting_for_the_gpu(built_cache):
+    # Forward, every loss term and backward are queued without the host waiting; run_training
+    # then reads the terms back once per optimizer step.
+    from pipeline.student import ZeroSegStudent, student_arch
+    from pipeline.train import StudentObjective
+
+    _, params_file = built_cache
+    params = load_params(params_file, ["loss.region_match=1.0", "loss.infomax=0.5", "loss.bidirectional_matching=true"])
+    grids = (1, 2, 3, 4)
+    model = ZeroSegStudent(arch=student_arch("zeroseg_micro"), out_dim=32).cuda()
+    objective = StudentObjective(params, grids).cuda()
+    images = torch.randn(4, 3, model.arch.img_size, model.arch.img_size, device="cuda")
+    targets = torch.randn(4, 30, 32, device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            total, terms = objective(model(images, 0.6), targets, model.patchify(images))
+        total.backward()
+        return terms
+
+    step()  # warm-up: library handles, allocator
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        terms = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert {"distill", "segment_match", "region_match", "reconstruction"} <= set(terms)

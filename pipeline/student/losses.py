@@ -67,18 +67,19 @@ class SegmentMatchingLoss(nn.Module):
         super().__init__()
         self.bidirectional = bidirectional
 
-    def forward(self, segments: Tensor, targets: Tensor, local_mask: Tensor) -> dict[str, Tensor]:
+    def forward(self, segments: Tensor, targets: Tensor, local: Tensor) -> dict[str, Tensor]:
         """Args:
             segments: [B, S, D] segment embeddings g_i.
             targets: [B, V, D] teacher view embeddings.
-            local_mask: [V] bool, True for the views segments may match (1x1 excluded).
+            local: the views segments may match (1x1 excluded): [V_local] indices (no host
+                sync on a GPU), or a [V] bool mask.
 
         Returns:
             {"segment_match": mean over B, S of L1(g_i, nearest local view)} and, when
             bidirectional, {"view_match": mean over B, V_local of L1(view, nearest segment)}.
         """
         g = F.normalize(segments.float(), dim=-1)  # [B, S, D]
-        t = F.normalize(targets.float(), dim=-1)[:, local_mask]  # [B, Vl, D]
+        t = F.normalize(targets.float(), dim=-1)[:, local]  # [B, Vl, D]
         B, S, D = g.shape
         with torch.no_grad():
             dist = torch.cdist(g, t, p=1) / D  # [B, S, Vl] mean-over-D L1
