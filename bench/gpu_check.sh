@@ -33,32 +33,32 @@ run_step() {
 }
 STAGE1="--model ViT-L-14 --device cuda --batch-size 64 --shard-rows 256"
 if run_step tests 90; then
-  timeout $LIMIT_S python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_views.py tests/test_inference.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
+  timeout -k 10 $LIMIT_S python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_views.py tests/test_inference.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
 fi
 if run_step stage1 150; then
-  timeout $LIMIT_S python3 bench/teacher_cache_bench.py $STAGE1 --precision bf16 --images 1536 --naive-images 4 --json "$OUT/stage1.json" > "$OUT/stage1.log" 2>&1
+  timeout -k 10 $LIMIT_S python3 bench/teacher_cache_bench.py $STAGE1 --precision bf16 --images 1536 --naive-images 4 --json "$OUT/stage1.json" > "$OUT/stage1.log" 2>&1
   tail -3 "$OUT/stage1.log"
 fi
 if run_step stage2 120; then
-  timeout $LIMIT_S python3 -m bench.train_bench --variant zeroseg_vit_b16 --device cuda --micro-batch 256 --steps 10 \
+  timeout -k 10 $LIMIT_S python3 -m bench.train_bench --variant zeroseg_vit_b16 --device cuda --micro-batch 256 --steps 10 \
     --e2e-images 2048 --e2e-steps 16 --e2e-micro-batch 128 --e2e-sources decode,cache --workers 8 --json "$OUT/stage2.json" > "$OUT/stage2.log" 2>&1
   tail -3 "$OUT/stage2.log"
 fi
 if run_step inference 45; then
-  timeout $LIMIT_S python3 bench/inference_bench.py --variant zeroseg_vit_b16 --device cuda --images 64 > "$OUT/inference.json" 2> "$OUT/inference.log"
+  timeout -k 10 $LIMIT_S python3 bench/inference_bench.py --variant zeroseg_vit_b16 --device cuda --images 64 > "$OUT/inference.json" 2> "$OUT/inference.log"
   cat "$OUT/inference.json"
 fi
 # The untried speed options, on the same kind of images, against stage1's bf16 autocast figure.
 if run_step stage1_pure 60; then
-  timeout $LIMIT_S python3 bench/teacher_cache_bench.py $STAGE1 --precision pure_bf16 --images 1024 --naive-images 0 --json "$OUT/stage1_pure.json" > "$OUT/stage1_pure.log" 2>&1
+  timeout -k 10 $LIMIT_S python3 bench/teacher_cache_bench.py $STAGE1 --precision pure_bf16 --images 1024 --naive-images 0 --json "$OUT/stage1_pure.json" > "$OUT/stage1_pure.log" 2>&1
   tail -3 "$OUT/stage1_pure.log"
 fi
 if run_step stage2_compile 200; then
-  timeout $LIMIT_S python3 -m bench.train_bench --variant zeroseg_vit_b16 --device cuda --micro-batch 256 --steps 10 --compile --json "$OUT/stage2_compile.json" > "$OUT/stage2_compile.log" 2>&1
+  timeout -k 10 $LIMIT_S python3 -m bench.train_bench --variant zeroseg_vit_b16 --device cuda --micro-batch 256 --steps 10 --compile --json "$OUT/stage2_compile.json" > "$OUT/stage2_compile.log" 2>&1
   tail -3 "$OUT/stage2_compile.log"
 fi
 if run_step stage1_compile 200; then
-  timeout $LIMIT_S python3 bench/teacher_cache_bench.py $STAGE1 --precision pure_bf16 --compile --images 1024 --naive-images 0 --json "$OUT/stage1_compile.json" > "$OUT/stage1_compile.log" 2>&1
+  timeout -k 10 $LIMIT_S python3 bench/teacher_cache_bench.py $STAGE1 --precision pure_bf16 --compile --images 1024 --naive-images 0 --json "$OUT/stage1_compile.json" > "$OUT/stage1_compile.log" 2>&1
   tail -3 "$OUT/stage1_compile.log"
 fi
 echo "== done in ${SECONDS} s" | tee "$OUT/elapsed.txt"

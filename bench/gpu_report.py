@@ -19,7 +19,8 @@ def main() -> None:
         if (out / extra).exists():
             lines.append((out / extra).read_text().strip() + "\n")
     if s1:
-        p, n = s1["pipelined"], s1.get("naive")
+        p, n = s1["pipelined"], s1.get("naive") or {"images_per_s": 0, "views_per_s": 0, "peak_rss_mb": 0}
+        s1.setdefault("speedup_steady", 0)
         lines += [
             f"## Stage one ({s1['model']}, {s1['precision']}, {s1['image_size']} JPEGs, grids {s1['grids']})",
             f"- pipelined: {p['images_per_s']:.1f} images/s, {p['views_per_s']:.0f} views/s steady; {p['process_images_per_s']:.1f} images/s whole process",

@@ -10,8 +10,10 @@ of the GPU's dense bf16 peak, counting the teacher's FLOPs with torch's FlopCoun
     python bench/teacher_cache_bench.py --model ViT-L-14 --precision pure_bf16 --compile --device cuda --images 1024 --naive-images 0
 
 With --compile the pipelined side first builds a throw-away store from one shard of the images
-in the same process, so torch.compile's compilation (reused by every later teacher of the same
-shapes in the process) is reported as `compile_warmup_s` and left out of the figures.
+in the same process, so torch.compile's compilation is reported as `compile_warmup_s` and left
+out of the figures: a later teacher of the same model and shapes in the process reuses the
+compiled code (measured on the CPU with the test ViT: 2.4 s for the first teacher's first batch,
+0.04 s for a new teacher's).
 """
 
 from __future__ import annotations

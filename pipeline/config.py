@@ -44,7 +44,7 @@ class TeacherConfig:
 
     model: str = "ViT-L-14"  # open_clip model name, or a path to an open_clip model-config JSON
     pretrained: str = "openai"  # pretrained tag, local checkpoint file, or "" (random init)
-    # bf16, fp16: autocast on CUDA (the CPU encodes in fp32); pure_bf16: the image tower's weights
+    # bf16, fp16: autocast in that dtype on the teacher's device; pure_bf16: the image tower's weights
     # and activations in bf16 on any device (open_clip's name). Part of the cache identity.
     precision: Literal["fp32", "bf16", "fp16", "pure_bf16"] = "bf16"
     device: str = "auto"  # auto | cpu | cuda | cuda:N

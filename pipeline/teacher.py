@@ -29,7 +29,7 @@ from pipeline.views import ViewSpec
 SHIPPED_CONFIGS = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(SHIPPED_CONFIGS)
 
-# Autocast dtypes on CUDA (the CPU encodes in fp32). pure_bf16 is open_clip's name for weights
+# Autocast dtypes, on whatever device the teacher runs. pure_bf16 is open_clip's name for weights
 # and activations in bf16 throughout: no autocast casts, and nn.MultiheadAttention takes its
 # fused inference path, which autocast turns off. Only the image tower is cast.
 _AUTOCAST = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "pure_bf16": torch.float32}
