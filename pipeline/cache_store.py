@@ -57,10 +57,16 @@ def image_codecs(cfg: CacheConfig) -> dict:
 
 @dataclass(frozen=True)
 class ShardWork:
-    """What one shard still lacks: the views of `grids`, and the student images at `image_size` (0: not)."""
+    """What one shard still lacks: the views of `grids`, and the student images at `image_size` (0: not).
+
+    `settled`: other arrays already hold this shard, so which of its rows are ok was decided
+    when they were written; what is added now must follow that (`CacheStore.settled_rows`),
+    not a fresh decode.
+    """
 
     grids: tuple[int, ...] = ()
     image_size: int = 0
+    settled: bool = False
 
     def __bool__(self) -> bool:
         return bool(self.grids or self.image_size)
@@ -246,34 +252,39 @@ class CacheStore:
             self.group.create_array(cs.progress_array(g), shape=(self.n_shards,), dtype="uint8", chunks=(1,), fill_value=0)
         self.group.attrs.update(grids=sorted(have | set(new)), complete=False)
 
+    def _markers(self, shards: slice | int = slice(None)) -> dict[str, np.ndarray]:
+        """Progress marker name -> its values at `shards`, for every array the store has."""
+        names = [cs.progress_array(g) for g in cs.store_grids(self.group)] + [cs.images_progress_array(s) for s in cs.store_image_sizes(self.group)]
+        return {name: self.group[name][shards] for name in names}
+
     def missing(self, grids: Sequence[int], image_size: int = 0) -> dict[int, ShardWork]:
         """shard -> what it still lacks: views of (some of) `grids`, the student images at `image_size`."""
-        done = {g: self.group[cs.progress_array(g)][:] for g in grids}  # [n_shards] each
-        images_done = self.group[cs.images_progress_array(image_size)][:] if image_size else None  # [n_shards]
+        done = self._markers()  # [n_shards] per array, one read each
+        settled = np.any(list(done.values()), axis=0) if done else np.zeros(self.n_shards, bool)  # [n_shards]
+        images = cs.images_progress_array(image_size)
         todo = {}
         for shard in range(self.n_shards):
-            work = ShardWork(tuple(g for g in grids if not done[g][shard]), image_size if image_size and not images_done[shard] else 0)
+            work = ShardWork(
+                tuple(g for g in grids if not done[cs.progress_array(g)][shard]),
+                image_size if image_size and not done[images][shard] else 0,
+                bool(settled[shard]),
+            )
             if work:
                 todo[shard] = work
         return todo
 
     def lacking(self, shard: int, work: ShardWork) -> ShardWork:
         """The part of `work` shard `shard` still lacks (one marker read per array)."""
+        done = self._markers(shard)
         size = work.image_size
         return ShardWork(
-            tuple(g for g in work.grids if not self.group[cs.progress_array(g)][shard]),
-            size if size and not self.group[cs.images_progress_array(size)][shard] else 0,
+            tuple(g for g in work.grids if not done[cs.progress_array(g)]),
+            size if size and not done[cs.images_progress_array(size)] else 0,
+            any(bool(v) for v in done.values()),
         )
 
-    def stored_rows(self, shard: int) -> tuple[np.ndarray, list[str]] | None:
-        """(status [rows] uint8, failure reasons) of a shard that some array already holds, else None.
-
-        Once a shard is written, which of its rows are ok is settled: arrays added to it later
-        (a new grid, the student images) must follow that, not a fresh decode.
-        """
-        markers = [cs.progress_array(g) for g in cs.store_grids(self.group)] + [cs.images_progress_array(s) for s in cs.store_image_sizes(self.group)]
-        if not any(self.group[m][shard] for m in markers):
-            return None
+    def settled_rows(self, shard: int) -> tuple[np.ndarray, list[str]]:
+        """(status [rows] uint8, failure reasons) as stored for a settled shard (see `ShardWork`)."""
         rows = self.shard_rows_range(shard)
         sl = slice(rows.start, rows.stop)
         return self.group[cs.STATUS][sl], [str(r) for r in self.group[cs.FAILURES][sl]]
@@ -309,24 +320,34 @@ class CacheStore:
         return all_done
 
 
-def load_targets(store: str | zarr.Group, grids: Sequence[int], rows: slice | np.ndarray | None = None) -> np.ndarray:
+def view_arrays(store: str | zarr.Group, grids: Sequence[int]) -> list[zarr.Array]:
+    """The `views/GxG` arrays of `grids` in canonical order, opened (each lookup reads metadata,
+    so a reader of many slices opens them once).
+
+    Raises:
+        InputError: the store has no views for one of `grids`.
+    """
+    group = cs.open_store(store)
+    have = cs.store_grids(group)
+    for g in sorted(set(grids)):
+        if g not in have:
+            raise InputError(f"{store}: no views for grid {g}x{g} (has {', '.join(map(cs.grid_name, have))})")
+    return [group[cs.views_array(g)] for g in sorted(set(grids))]
+
+
+def load_targets(store: str | zarr.Group | Sequence[zarr.Array], grids: Sequence[int] = (), rows: slice | np.ndarray | None = None) -> np.ndarray:
     """Teacher targets for `grids` in canonical order (grid ascending, row-major cells).
 
     Args:
-        store: path, URL or open group.
+        store: path, URL or open group; or the arrays `view_arrays` opened (then `grids` is unused).
         grids: which grids; their views are concatenated along V.
         rows: a slice or index array of images; None for all.
     Returns:
         [N, V, D] float16, as stored (not normalized).
     """
-    group = cs.open_store(store)
+    arrays = store if isinstance(store, (list, tuple)) else view_arrays(store, grids)
     sel = slice(None) if rows is None else rows
-    parts = []
-    for g in sorted(set(grids)):
-        if cs.views_array(g) not in group:
-            raise InputError(f"{store}: no views for grid {g}x{g} (has {', '.join(map(cs.grid_name, cs.store_grids(group)))})")
-        arr = group[cs.views_array(g)]
-        parts.append(arr.get_orthogonal_selection((sel, slice(None), slice(None))) if not isinstance(sel, slice) else arr[sel])
+    parts = [arr[sel] if isinstance(sel, slice) else arr.get_orthogonal_selection((sel, slice(None), slice(None))) for arr in arrays]
     return np.concatenate(parts, axis=1)  # [N, V, D]
 
 

@@ -126,7 +126,7 @@ def compute_shards(
         with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
             for shard, work, items in _decoded_shards(pool, decode, store, todo, lookahead=2 * batch_size):
                 rows, grids, size = store.shard_rows_range(shard), work.grids, work.image_size
-                stored = store.stored_rows(shard)  # set when other arrays already hold this shard
+                stored = store.settled_rows(shard) if work.settled else None
                 result = ShardResult(
                     shard=shard,
                     views={g: np.full((len(rows), g * g, store.dim), np.nan, dtype=np.float16) for g in grids},

@@ -28,7 +28,7 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import IterableDataset, get_worker_info
 
 import cache_schema as cs
-from pipeline.cache_store import load_targets
+from pipeline.cache_store import load_targets, view_arrays
 from pipeline.decode import decode_center_square, student_input
 from pipeline.errors import InputError
 
@@ -109,7 +109,10 @@ class CachePairs(IterableDataset):
         # (epoch, skip_batches, micro_batch) in shared memory: persistent DataLoader workers keep
         # their copy of the dataset across epochs, and read the new epoch from here.
         self._epoch_state = torch.tensor([0, 0, 1], dtype=torch.int64).share_memory_()
-        self._group = None  # opened lazily in each worker (zarr's event loop is not fork-safe)
+        # The arrays read, opened lazily in each worker (zarr's event loop is not fork-safe) and
+        # then kept: each lookup in the group reads metadata, one more request per chunk remotely.
+        self._views: list | None = None
+        self._images = None
 
     def __len__(self) -> int:
         return sum(s.rows for s in self.streams(1))
@@ -158,8 +161,10 @@ class CachePairs(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         stream = self.streams(num_workers)[worker]
-        if self._group is None:
-            self._group = cs.open_store(self.store)
+        if self._views is None:
+            group = cs.open_store(self.store)
+            self._views = view_arrays(group, self.grids)
+            self._images = group[cs.images_array(self.img_size)] if self.image_source == "cache" else None
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
         skip = self._skipped_rows(worker, num_workers)
         for row, targets, image in self._shuffled_rows(stream, rng):
@@ -181,8 +186,8 @@ class CachePairs(IterableDataset):
         buffer: list[tuple[int, np.ndarray, np.ndarray | None]] = []
         for index in rng.permutation(len(stream.chunks)):
             a, b = stream.chunks[index]
-            targets = load_targets(self._group, self.grids, slice(a, b))  # [b-a, V, D] one read per grid
-            images = self._group[cs.images_array(self.img_size)][a:b] if self.image_source == "cache" else None  # [b-a, 3, S, S]
+            targets = load_targets(self._views, rows=slice(a, b))  # [b-a, V, D] one read per grid
+            images = self._images[a:b] if self._images is not None else None  # [b-a, 3, S, S]
             buffer.extend(
                 (a + i, targets[i].copy(), None if images is None else images[i].copy()) for i in np.flatnonzero(self.status[a:b] == cs.STATUS_OK)
             )

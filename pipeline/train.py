@@ -302,7 +302,7 @@ def _train(params: Params, cache: str, out_dir: str | Path, *, resume: str, live
                     group["lr"] = lr
                 # Loss terms stay on the device until the step's end: one host sync per optimizer
                 # step, instead of one per term per micro-batch, each of which idled the GPU.
-                term_sums: dict[str, torch.Tensor] = {}
+                on_device: dict[str, torch.Tensor] = {}
                 for micro in range(sched.accum):
                     t0 = time.perf_counter()
                     images, targets, _ = next(batches_iter)
@@ -315,9 +315,9 @@ def _train(params: Params, cache: str, out_dir: str | Path, *, resume: str, live
                         total, terms = objective(out, targets, model.patchify(images))
                     scaler.scale(total / sched.accum).backward()
                     for k, v in {**terms, "total": total}.items():
-                        term_sums[k] = term_sums.get(k, 0.0) + v.detach().float() / sched.accum
+                        on_device[k] = on_device.get(k, 0.0) + v.detach().float() / sched.accum
                     seen += images.shape[0] * world
-                terms_sum = dict(zip(term_sums, torch.stack(list(term_sums.values())).tolist()))  # the one sync
+                terms_sum = dict(zip(on_device, torch.stack(list(on_device.values())).tolist()))  # the one sync
                 if not all(math.isfinite(v) for v in terms_sum.values()):
                     shown = ", ".join(f"{k}={v:.4g}" for k, v in terms_sum.items())
                     kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
