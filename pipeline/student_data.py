@@ -17,6 +17,7 @@ no JPEG decoding in stage two (`train.images`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ import cache_schema as cs
 from pipeline.cache_store import load_targets, view_arrays
 from pipeline.decode import decode_center_square, student_input
 from pipeline.errors import InputError
+from pipeline.views import upload
 
 # The student is normalized as timm / MAE ViTs are, so their checkpoints can initialize it.
 STUDENT_MEAN, STUDENT_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -46,9 +48,26 @@ def student_image(path: str | Path, size: int, *, max_pixels: int = 178_956_970,
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:
     """uint8 [B, 3, H, W] -> float [B, 3, H, W] normalized with the student's mean and std."""
-    mean = torch.tensor(STUDENT_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(STUDENT_STD, device=images.device).view(1, 3, 1, 1)
+    mean = upload(torch.tensor(STUDENT_MEAN), images.device).view(1, 3, 1, 1)
+    std = upload(torch.tensor(STUDENT_STD), images.device).view(1, 3, 1, 1)
     return (images.float() / 255.0 - mean) / std
+
+
+class ParentEnviron:
+    """DataLoader `worker_init_fn`: give each worker the environment its loader was made in.
+
+    Forkserver workers are forked from a server that starts with the first DataLoader of the
+    process and keeps the environment of that moment. Credentials or endpoints set later (AWS_*,
+    GOOGLE_*, a notebook's second run against a remote cache) would not reach the workers, and
+    their reads of the store would fail while the main process's succeed.
+    """
+
+    def __init__(self) -> None:
+        self.environ = dict(os.environ)
+
+    def __call__(self, worker_id: int) -> None:
+        os.environ.clear()
+        os.environ.update(self.environ)
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,8 @@ from pipeline.config import Params, TrainConfig, section_dict
 from pipeline.errors import ConfigError, InputError, ZerosegError
 from pipeline.student import ZeroSegStudent, param_groups_for_weight_decay, student_arch
 from pipeline.student.grouping import compose_assignments
-from pipeline.student.losses import AssignmentInfoMaxLoss, DistillationLoss, ReconstructionLoss, RegionMatchingLoss, SegmentMatchingLoss, local_view_mask, token_cells
-from pipeline.student_data import CachePairs, normalize_images
+from pipeline.student.losses import AssignmentInfoMaxLoss, DistillationLoss, ReconstructionLoss, RegionMatchingLoss, SegmentMatchingLoss, cell_layout, local_view_mask, token_cells
+from pipeline.student_data import CachePairs, ParentEnviron, normalize_images
 from pipeline.teacher import resolve_device
 from pipeline.views import view_layout
 
@@ -124,6 +124,7 @@ class StudentObjective(torch.nn.Module):
         if self.cfg.region_grids and (not region <= set(grids) or region == {1}):
             raise ConfigError(f"loss.region_grids {list(self.cfg.region_grids)}: must be local grids among loss.grids {list(grids)}")
         self.register_buffer("region_views", torch.tensor([float(g in region) for g, _, _ in view_layout(grids)]), persistent=False)
+        self.register_buffer("layout", cell_layout(grids), persistent=False)  # [3, V]
 
     def forward(self, out, targets: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         c = self.cfg
@@ -133,7 +134,7 @@ class StudentObjective(torch.nn.Module):
             terms.update(self.matching(out.segments, targets, self.local))
             weights.update(segment_match=c.segment_match, view_match=c.view_match)
         if c.region_match and self.has_local:
-            cells = token_cells(out.ids_keep, out.grid, self.grids) * self.region_views  # [B, N, V]
+            cells = token_cells(out.ids_keep, out.grid, self.layout) * self.region_views  # [B, N, V]
             terms.update(self.region(out.segments, targets, compose_assignments(out.hard_assignments), cells))
             weights["region_match"] = c.region_match
         if c.reconstruction and out.pred is not None:
@@ -234,7 +235,7 @@ def _train(params: Params, cache: str, out_dir: str | Path, *, resume: str, live
     loader = DataLoader(
         dataset, batch_size=cfg.micro_batch, drop_last=True, num_workers=cfg.num_workers,
         multiprocessing_context="forkserver" if cfg.num_workers > 0 else None, persistent_workers=cfg.num_workers > 0,
-        pin_memory=device.type == "cuda",
+        worker_init_fn=ParentEnviron() if cfg.num_workers > 0 else None, pin_memory=device.type == "cuda",
     )
     optimizer = torch.optim.AdamW(param_groups_for_weight_decay(model, cfg.weight_decay), lr=sched.peak_lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and cfg.precision == "fp16")

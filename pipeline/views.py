@@ -126,20 +126,21 @@ def make_views(squares: Sequence[torch.Tensor], grids: Sequence[int], spec: View
             batch = batch.clamp_(0, 255).round_()  # the 8-bit levels PIL's resize would produce
         top, left = int(round((rh - spec.size) / 2.0)), int(round((rw - spec.size) / 2.0))
         batch = batch[:, :, top : top + spec.size, left : left + spec.size]  # [n, 3, T, T]
-        b_idx = _upload(torch.tensor([b for b, _, _ in cells]), device)
-        v_idx = _upload(torch.tensor([v for _, v, _ in cells]), device)
+        b_idx = upload(torch.tensor([b for b, _, _ in cells]), device)
+        v_idx = upload(torch.tensor([v for _, v, _ in cells]), device)
         out[b_idx, v_idx] = batch
-    mean = _upload(torch.tensor(spec.mean), device).view(1, 1, 3, 1, 1) * 255.0
-    std = _upload(torch.tensor(spec.std), device).view(1, 1, 3, 1, 1) * 255.0
+    mean = upload(torch.tensor(spec.mean), device).view(1, 1, 3, 1, 1) * 255.0
+    std = upload(torch.tensor(spec.std), device).view(1, 1, 3, 1, 1) * 255.0
     return out.sub_(mean).div_(std)  # [B, V, 3, size, size]
 
 
-def _upload(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+def upload(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """Copy a small host tensor without waiting for the device.
 
     `torch.tensor(..., device="cuda")` copies synchronously, and a synchronous copy first waits
-    for every kernel queued on the stream: the teacher's forward of the previous batch, which
-    stage one launches before cutting the next batch's views. An asynchronous copy from pageable
-    memory is staged at once and keeps the GPU busy. tests/test_gpu.py checks that no copy waits.
+    for every kernel queued on the stream: in stage one the teacher's forward of the previous
+    batch, launched before this batch's views are cut; in stage two the previous micro-batch's
+    backward. An asynchronous copy from pageable memory is staged at once and keeps the GPU busy.
+    tests/test_gpu.py checks that no copy waits.
     """
     return t.to(device, non_blocking=True)

@@ -91,9 +91,11 @@ def test_stage_one_never_waits_for_the_gpu_between_batches(tmp_path, demo_dir):
 
 
 def test_a_training_step_queues_without_waiting_for_the_gpu(built_cache):
-    # Forward, every loss term and backward are queued without the host waiting; run_training
-    # then reads the terms back once per optimizer step.
+    # The batch's upload and normalization, the forward, every loss term and backward are
+    # queued without the host waiting; run_training then reads the terms back once per
+    # optimizer step.
     from pipeline.student import ZeroSegStudent, student_arch
+    from pipeline.student_data import normalize_images
     from pipeline.train import StudentObjective
 
     _, params_file = built_cache
@@ -101,10 +103,13 @@ def test_a_training_step_queues_without_waiting_for_the_gpu(built_cache):
     grids = (1, 2, 3, 4)
     model = ZeroSegStudent(arch=student_arch("zeroseg_micro"), out_dim=32).cuda()
     objective = StudentObjective(params, grids).cuda()
-    images = torch.randn(4, 3, model.arch.img_size, model.arch.img_size, device="cuda")
-    targets = torch.randn(4, 30, 32, device="cuda")
+    size = model.arch.img_size
+    host_images = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8).pin_memory()  # as the DataLoader gives them
+    host_targets = torch.randn(4, 30, 32).half().pin_memory()
 
     def step():
+        images = normalize_images(host_images.to("cuda", non_blocking=True))
+        targets = host_targets.to("cuda", non_blocking=True).float()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             total, terms = objective(model(images, 0.6), targets, model.patchify(images))
         total.backward()

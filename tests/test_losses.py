@@ -138,10 +138,10 @@ def test_infomax_gradient_flows():
 
 
 def test_token_cells_put_each_patch_in_one_cell_per_local_grid():
-    from pipeline.student.losses import token_cells
+    from pipeline.student.losses import cell_layout, token_cells
 
     ids = torch.arange(64)[None]  # every patch of an 8x8 grid, row-major
-    cells = token_cells(ids, (8, 8), (1, 2, 3, 4))  # [1, 64, 30]
+    cells = token_cells(ids, (8, 8), cell_layout((1, 2, 3, 4)))  # [1, 64, 30]
     assert cells[0, :, 0].sum() == 0  # the whole image is not a region
     for start, g in ((1, 2), (5, 3), (14, 4)):
         assert torch.equal(cells[0, :, start : start + g * g].sum(dim=1), torch.ones(64))  # exactly one cell
@@ -149,14 +149,14 @@ def test_token_cells_put_each_patch_in_one_cell_per_local_grid():
     # patch centers 0.5..7.5 at thirds: rows 0-2 | 3-4 | 5-7
     assert cells[0, :, 5 : 14].sum(dim=0).view(3, 3).tolist() == [[9, 6, 9], [6, 4, 6], [9, 6, 9]]
     # a masked subset keeps the patch identity, not the token position
-    assert torch.equal(token_cells(torch.tensor([[63, 0]]), (8, 8), (2,))[0], torch.tensor([[0.0, 0, 0, 1], [1, 0, 0, 0]]))
+    assert torch.equal(token_cells(torch.tensor([[63, 0]]), (8, 8), cell_layout((2,)))[0], torch.tensor([[0.0, 0, 0, 1], [1, 0, 0, 0]]))
 
 
 def test_region_matching_rewards_a_segment_lying_where_the_teacher_sees_its_content():
-    from pipeline.student.losses import RegionMatchingLoss, token_cells
+    from pipeline.student.losses import RegionMatchingLoss, cell_layout, token_cells
 
     ids = torch.arange(16)[None]  # a 4x4 patch grid, grids 1 and 2
-    cells = token_cells(ids, (4, 4), (1, 2))  # [1, 16, 5]
+    cells = token_cells(ids, (4, 4), cell_layout((1, 2)))  # [1, 16, 5]
     targets = torch.cat([torch.ones(1, 1, 4), torch.eye(4)[None]], dim=1)  # 1x1, then quadrant q -> axis q
     quadrant = cells[0, :, 1:].argmax(dim=1)  # [16]
     right = torch.zeros(1, 4, 16)

@@ -19,7 +19,7 @@ from pipeline.cache_store import load_targets
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import TrainConfig, load_params
 from pipeline.errors import ConfigError, InputError
-from pipeline.student_data import CachePairs, student_image
+from pipeline.student_data import CachePairs, ParentEnviron, student_image
 from pipeline.train import TrainingDiverged, make_schedule, run_training
 
 TINY_TRAIN = [
@@ -143,6 +143,28 @@ def test_skipping_batches_with_workers_reproduces_the_rest_of_the_epoch(built_ca
     assert rows(3) == full[3:]
 
 
+class EnvironProbe(torch.utils.data.Dataset):
+    """One sample: the value of $ZEROSEG_PROBE in the process that loads it."""
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        return os.environ.get("ZEROSEG_PROBE", "unset")
+
+
+def test_workers_get_the_environment_their_loader_was_made_in(monkeypatch):
+    def probe(init):
+        loader = DataLoader(EnvironProbe(), batch_size=1, num_workers=1, multiprocessing_context="forkserver", worker_init_fn=init)
+        return next(iter(loader))[0]
+
+    monkeypatch.delenv("ZEROSEG_PROBE", raising=False)
+    assert probe(None) == "unset"  # the process's forkserver is running now, whoever started it
+    monkeypatch.setenv("ZEROSEG_PROBE", "credentials set later")
+    assert probe(None) == "unset"  # the forkserver's own environment: what training workers used to get
+    assert probe(ParentEnviron()) == "credentials set later"
+
+
 def test_schedule_math():
     cfg = TrainConfig(batch_size=4096, micro_batch=256, base_lr=1.5e-4, epochs=80, warmup_epochs=20, min_lr=0.0)
     s = make_schedule(cfg, batches_per_epoch=1000, world=2)
@@ -236,3 +258,51 @@ def test_region_grids_choose_the_cells_region_matching_uses(built_cache):
     assert finest.region_views.tolist() == [0.0] * 14 + [1.0] * 16
     with pytest.raises(ConfigError, match="must be local grids among loss.grids"):
         StudentObjective(params_for(built_cache, "loss.region_grids=[5]"), (1, 2, 3, 4))
+
+
+class HostWaits(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops that make the host wait for a CUDA device, seen here on the CPU.
+
+    Reading a value back (`.item()`, `bool(t)`, `.tolist()`), ops whose output size depends on
+    values (nonzero, masked_select, boolean indexing), and tensors built from host data inside
+    the step (`torch.tensor(...)` then a synchronous copy). tests/test_gpu.py checks the same
+    step on a GPU under `torch.cuda.set_sync_debug_mode("error")`; this catches them without one.
+    """
+
+    WAITING = {"_local_scalar_dense", "nonzero", "masked_select", "lift_fresh", "item"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name == "index" and any(i is not None and i.dtype == torch.bool for i in args[1]):
+            name = "index with a boolean mask"
+        if name in self.WAITING or name.startswith("index with"):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_step_has_no_op_that_waits_for_the_device(built_cache):
+    from pipeline.student import ZeroSegStudent, student_arch
+    from pipeline.train import StudentObjective
+
+    params = params_for(built_cache, "loss.region_match=1.0", "loss.infomax=0.5", "loss.bidirectional_matching=true")
+    model = ZeroSegStudent(arch=student_arch("zeroseg_micro"), out_dim=32)
+    objective = StudentObjective(params, (1, 2, 3, 4))
+    images = torch.randn(4, 3, model.arch.img_size, model.arch.img_size)
+    targets = torch.randn(4, 30, 32)
+
+    def step():
+        total, terms = objective(model(images, 0.6), targets, model.patchify(images))
+        total.backward()
+        return terms
+
+    with HostWaits() as waits:
+        terms = step()
+    assert waits.seen == []
+    assert {"distill", "segment_match", "view_match", "region_match", "reconstruction", "token_entropy"} <= set(terms)
+    with HostWaits() as waits:  # the probe sees what it looks for
+        float(terms["distill"].detach()), torch.tensor([1.0]), images[images > 0]
+    assert waits.seen == ["_local_scalar_dense", "lift_fresh", "index with a boolean mask"]

@@ -94,7 +94,22 @@ class SegmentMatchingLoss(nn.Module):
         return out
 
 
-def token_cells(ids_keep: Tensor, grid: tuple[int, int], grids: Sequence[int]) -> Tensor:
+def cell_layout(grids: Sequence[int]) -> Tensor:
+    """The views' (grid, row, col) as a float tensor, for `token_cells`.
+
+    Built once per objective and kept on the device as a buffer: made anew per step it would be
+    a synchronous host-to-device copy, which waits for every queued kernel.
+
+    Args:
+        grids: the targets' grids in canonical order (V = sum g*g).
+
+    Returns:
+        [3, V] float32: grid sizes, cell rows, cell columns.
+    """
+    return torch.tensor(view_layout(grids), dtype=torch.float32).T.contiguous()  # [V, 3] -> [3, V]
+
+
+def token_cells(ids_keep: Tensor, grid: tuple[int, int], layout: Tensor) -> Tensor:
     """Which view's box each token's patch lies in, for views ordered grid by grid.
 
     A patch belongs to the cell that contains its center (cells cut the square at i*S/g, so a
@@ -103,13 +118,13 @@ def token_cells(ids_keep: Tensor, grid: tuple[int, int], grids: Sequence[int]) -
     Args:
         ids_keep: [B, N] patch index (row-major on `grid`) of each token.
         grid: (h, w) patch grid of the input.
-        grids: the targets' grids in canonical order (V = sum g*g).
+        layout: [3, V] from `cell_layout`, on the device of ids_keep.
 
     Returns:
         [B, N, V] float, 1 where the token lies in the view's box.
     """
     h, w = grid
-    g, r, c = (torch.tensor(col, device=ids_keep.device, dtype=torch.float32) for col in zip(*view_layout(grids)))  # [V] each
+    g, r, c = layout  # [V] each
     rows = (ids_keep // w).float()[..., None] + 0.5  # [B, N, 1] patch centers
     cols = (ids_keep % w).float()[..., None] + 0.5
     inside = (torch.floor(rows * g / h) == r) & (torch.floor(cols * g / w) == c) & (g > 1)  # [B, N, V]

@@ -50,9 +50,7 @@ def random_masking(x: Tensor, mask_ratio: float, *, generator: torch.Generator |
     ids_keep = ids_shuffle[:, :len_keep]  # [B, L_keep]
     kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(B, len_keep, C))  # [B, L_keep, C]
 
-    mask = torch.ones(B, L, device=x.device)  # [B, L] in shuffled order
-    mask[:, :len_keep] = 0
-    mask = torch.gather(mask, 1, ids_restore)  # [B, L] back in patch order
+    mask = (ids_restore >= len_keep).float()  # [B, L] in patch order: its place in the shuffle is past the kept ones
     return Masked(kept=kept, mask=mask, ids_restore=ids_restore, ids_keep=ids_keep)
 
 
