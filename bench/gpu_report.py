@@ -25,7 +25,7 @@ def main() -> None:
             f"## Stage one ({s1['model']}, {s1['precision']}, {s1['image_size']} JPEGs, grids {s1['grids']})",
             f"- pipelined: {p['images_per_s']:.1f} images/s, {p['views_per_s']:.0f} views/s steady; {p['process_images_per_s']:.1f} images/s whole process",
             f"- naive per-crop loop: {n['images_per_s']:.2f} images/s ({n['views_per_s']:.0f} views/s); speedup {s1['speedup_steady']:.1f}x steady",
-            f"- {s1.get('gflops_per_view', 0):.0f} GFLOP per view; {s1.get('achieved_tflops_end_to_end', 0):.0f} TFLOP/s end to end = {100 * (s1.get('fraction_of_dense_bf16_peak') or 0):.0f}% of dense bf16 peak",
+            f"- {s1.get('gflops_per_view', 0):.3g} GFLOP per view; {s1.get('achieved_tflops_end_to_end', 0):.3g} TFLOP/s end to end = {100 * (s1.get('fraction_of_dense_bf16_peak') or 0):.0f}% of dense bf16 peak",
             f"- time split (s): " + ", ".join(f"{k} {v:.1f}" for k, v in p["split"].items()),
             f"- peak RSS: naive {n['peak_rss_mb']:.0f} MB, pipelined {p['peak_rss_mb']:.0f} MB\n",
         ]
@@ -33,7 +33,7 @@ def main() -> None:
         c = s2["compute"]
         lines += [
             f"## Stage two ({c['variant']}, micro-batch {c['micro_batch']}, mask ratio {c['mask_ratio']}, bf16)",
-            f"- compute: {c['images_per_s']:.0f} images/s, {c['gflops_per_image']:.0f} GFLOP per image (fwd+bwd), {c['achieved_tflops']:.0f} TFLOP/s = {100 * (c.get('fraction_of_dense_bf16_peak') or 0):.0f}% of dense bf16 peak, {c['peak_memory_gb'] or 0:.1f} GB",
+            f"- compute: {c['images_per_s']:.0f} images/s, {c['gflops_per_image']:.3g} GFLOP per image (fwd+bwd), {c['achieved_tflops']:.3g} TFLOP/s = {100 * (c.get('fraction_of_dense_bf16_peak') or 0):.0f}% of dense bf16 peak, {c['peak_memory_gb'] or 0:.1f} GB",
         ]
         if "end_to_end" in s2:
             e = s2["end_to_end"]
@@ -57,8 +57,15 @@ def main() -> None:
     c2 = load(out / "stage2_compile.json").get("compute")
     if c2:
         lines.append(f"## Stage two with torch.compile ({c2['variant']}, micro-batch {c2['micro_batch']}, bf16)")
-        lines.append(f"- compute: {c2['images_per_s']:.0f} images/s, {c2['achieved_tflops']:.0f} TFLOP/s = {100 * (c2.get('fraction_of_dense_bf16_peak') or 0):.0f}% of dense bf16 peak "
+        lines.append(f"- compute: {c2['images_per_s']:.0f} images/s, {c2['achieved_tflops']:.3g} TFLOP/s = {100 * (c2.get('fraction_of_dense_bf16_peak') or 0):.0f}% of dense bf16 peak "
                      f"(warm-up with compilation {c2['warmup_s']:.0f} s), {c2['peak_memory_gb'] or 0:.1f} GB\n")
+    prof = load(out / "profile.json")
+    for part, what in (("teacher", "the teacher's forward"), ("student", "a student training step")):
+        if part in prof:
+            f = prof[part]
+            busy = f"; the GPU busy {f['device_busy_ms_per_iter']:.1f} ms of it ({100 * f['device_busy_fraction']:.0f}%)" if "device_busy_fraction" in f else ""
+            lines.append(f"## Profile of {what} ({f.get('model') or f.get('variant')}, {f.get('views') or f.get('micro_batch')} per iteration)")
+            lines.append(f"- {f['wall_ms_per_iter']:.1f} ms per iteration{busy}; top ops in profile_{part}.txt\n")
     inf = load(out / "inference.json")
     if inf:
         lines.append(f"\n## Inference ({inf['variant']}, short side {inf['short_side']}, window {inf['window']}, stride {inf['stride']}, {inf['classes']} classes)")

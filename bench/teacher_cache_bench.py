@@ -173,14 +173,15 @@ def main() -> None:
     if "naive" in results:
         report["speedup_steady"] = results["pipelined"]["images_per_s"] / results["naive"]["images_per_s"]
         report["speedup_process"] = results["pipelined"]["process_images_per_s"] / results["naive"]["process_images_per_s"]
+    flops = teacher_flops_per_view(args)
+    achieved = results["pipelined"]["views"] * flops / results["pipelined"]["split"]["wall_s"] / 1e12
+    report.update(gflops_per_view=flops / 1e9, achieved_tflops_end_to_end=achieved)
     if args.device.startswith("cuda"):
         import torch
 
         name = torch.cuda.get_device_name()
         peak = dense_bf16_peak(name)
-        flops = teacher_flops_per_view(args)
-        achieved = results["pipelined"]["views"] * flops / results["pipelined"]["split"]["wall_s"] / 1e12
-        report.update(gpu=name, gflops_per_view=flops / 1e9, achieved_tflops_end_to_end=achieved, fraction_of_dense_bf16_peak=achieved / peak if peak else None)
+        report.update(gpu=name, fraction_of_dense_bf16_peak=achieved / peak if peak else None)
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:

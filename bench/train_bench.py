@@ -30,7 +30,11 @@ from pipeline.train import StudentObjective
 
 
 
-def compute_bench(args, device: torch.device) -> dict:
+def training_step(args, device: torch.device):
+    """One training step (forward, all losses, backward, AdamW) on fixed batches on the device.
+
+    Returns (step, model): step(m) runs it through m (the model, or its compiled self).
+    """
     arch = student_arch(args.variant)
     model = ZeroSegStudent(arch=arch, out_dim=args.dim).to(device)
     params = load_params(None, [f"loss.grids=[{args.grids}]"])
@@ -51,6 +55,11 @@ def compute_bench(args, device: torch.device) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return step, model
+
+
+def compute_bench(args, device: torch.device) -> dict:
+    step, model = training_step(args, device)
     with FlopCounterMode(display=False) as counter:
         step(model)  # counted on the eager model: the counter does not see into compiled graphs
     flops = counter.get_total_flops()
