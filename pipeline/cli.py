@@ -48,8 +48,8 @@ def teacher_cache(
         stats_json.write_text(json.dumps(stats.as_dict(), indent=2))
     rate = stats.rows_computed / stats.wall_s if stats.wall_s else 0.0
     typer.echo(
-        f"{stats.store}: {stats.rows_computed} images embedded ({stats.views_computed} views, {rate:.1f} img/s overall), "
-        f"{stats.shards_written} shards written, {stats.shards_skipped} already done, {stats.failed} failed rows"
+        f"{stats.store}: {stats.rows_computed} images processed ({stats.views_computed} views, {rate:.1f} img/s overall), "
+        f"{stats.shards_written} shards written, {stats.shards_skipped} already done; the store has {stats.failed} failed rows (zeroseg cache info lists them)"
         + ("" if stats.complete else " - INCOMPLETE")
     )
 
@@ -194,6 +194,13 @@ def demo_data(
     typer.echo(f"{out}: {counts['train']} training images, {counts['eval']} held-out scenes with masks")
 
 
+# Usage errors (a missing argument, an unknown option): click's own, or, since typer 0.26, those
+# of the copy of click that typer bundles, which do not derive from click's.
+USAGE_ERRORS = tuple({click.exceptions.ClickException, getattr(typer, "TyperException", click.exceptions.ClickException)})
+ABORTS = tuple({click.exceptions.Abort, typer.Abort})
+INTERRUPTED = "zeroseg: interrupted; finished shards and checkpoints are kept: rerun to resume (train: --resume)"
+
+
 def main(args: list[str] | None = None) -> None:
     """Run the CLI; user errors become one line on stderr and exit code 2."""
     try:
@@ -201,15 +208,20 @@ def main(args: list[str] | None = None) -> None:
     except (ZerosegError, cs.CacheSchemaError) as exc:
         typer.echo(f"zeroseg: error: {exc}", err=True)
         sys.exit(2)
-    except click.exceptions.ClickException as exc:
+    except USAGE_ERRORS as exc:
         exc.show()
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+        sys.exit(getattr(exc, "exit_code", 2))
+    except ABORTS:
         typer.echo("zeroseg: aborted", err=True)
         sys.exit(130)
     except KeyboardInterrupt:
-        typer.echo("zeroseg: interrupted; finished shards are kept, rerun to resume", err=True)
+        typer.echo(INTERRUPTED, err=True)
         sys.exit(130)
+    except OSError as exc:  # a path that cannot be read or written: the message names it
+        typer.echo(f"zeroseg: error: {exc}", err=True)
+        sys.exit(2)
+    if result == 130:  # typer turns Ctrl-C into exit code 130 before it reaches the handler above
+        typer.echo(INTERRUPTED, err=True)
     sys.exit(result if isinstance(result, int) else 0)
 
 

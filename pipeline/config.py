@@ -157,6 +157,75 @@ class EvalConfig:
     device: str = "auto"
 
 
+class Range(typing.NamedTuple):
+    """Allowed values of a number: at least `low`, at most `high` (or below it, when `open_high`)."""
+
+    low: float | None = None
+    high: float | None = None
+    open_high: bool = False
+
+    def admits(self, value: float) -> bool:
+        if self.low is not None and value < self.low:
+            return False
+        if self.high is not None and (value >= self.high if self.open_high else value > self.high):
+            return False
+        return True
+
+    def __str__(self) -> str:
+        parts = [f"at least {self.low:g}"] if self.low is not None else []
+        if self.high is not None:
+            parts.append(f"{'below' if self.open_high else 'at most'} {self.high:g}")
+        return " and ".join(parts)
+
+
+# Checked when params load, so that a bad value stops the command at once with its key named,
+# instead of deep inside a run (a zero batch divides by zero; a mask ratio of 1 keeps no patch).
+# For tuples every item is checked, and the tuple must not be empty.
+RANGES: dict[str, Range] = {
+    "data.max_pixels": Range(1), "data.min_side": Range(1),
+    "data.demo_train": Range(0), "data.demo_eval": Range(0), "data.demo_size": Range(32),
+    "teacher.batch_size": Range(1), "teacher.dask_workers": Range(1), "teacher.decode_workers": Range(0),
+    "teacher.jpeg_draft_side": Range(0), "teacher.views_per_forward": Range(0),
+    "cache.grids": Range(1, 64), "cache.chunk_rows": Range(1), "cache.shard_rows": Range(1), "cache.student_image_size": Range(0),
+    "student.mask_ratio": Range(0.0, 1.0, open_high=True), "student.gumbel_tau": Range(1e-6),
+    "loss.grids": Range(1, 64), "loss.region_grids": Range(1, 64),
+    "loss.distill": Range(0.0), "loss.segment_match": Range(0.0), "loss.view_match": Range(0.0), "loss.region_match": Range(0.0),
+    "loss.reconstruction": Range(0.0), "loss.infomax": Range(0.0),
+    "train.epochs": Range(1), "train.warmup_epochs": Range(0.0), "train.batch_size": Range(1), "train.micro_batch": Range(1),
+    "train.base_lr": Range(0.0), "train.min_lr": Range(0.0), "train.weight_decay": Range(0.0),
+    "train.beta1": Range(0.0, 1.0, open_high=True), "train.beta2": Range(0.0, 1.0, open_high=True), "train.grad_clip": Range(0.0),
+    "train.num_workers": Range(0), "train.shuffle_buffer": Range(0), "train.checkpoint_every": Range(0),
+    "train.log_every": Range(1), "train.max_steps": Range(0),
+    "eval.short_side": Range(1), "eval.window": Range(1), "eval.stride": Range(1), "eval.topk_classes": Range(0),
+    "eval.max_images": Range(0), "eval.pictures": Range(0),
+}
+# Compression levels each codec takes (numcodecs' Blosc: 0-9; zstd: 1-22 here, its negative
+# "fast" levels left out).
+CODEC_LEVELS = {"blosc-zstd": Range(0, 9), "zstd": Range(1, 22), "none": Range()}
+# The tuples that may be empty: no region_grids means all of loss.grids.
+MAY_BE_EMPTY = {"loss.region_grids"}
+
+
+def _check_ranges(params: Params) -> None:
+    source = params.source
+    for key, allowed in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(params, section), name)
+        if isinstance(value, tuple):
+            if not value and key not in MAY_BE_EMPTY:
+                raise ConfigError(f"{source}: {key}: expected at least one value, got []")
+            bad = [v for v in value if not allowed.admits(v)]
+            if bad:
+                raise ConfigError(f"{source}: {key}: each value must be {allowed}, got {bad[0]!r}")
+        elif not allowed.admits(value):
+            raise ConfigError(f"{source}: {key}: expected {allowed}, got {value!r}")
+    cache = params.cache
+    if not CODEC_LEVELS[cache.codec].admits(cache.codec_level):
+        raise ConfigError(f"{source}: cache.codec_level: {cache.codec} takes {CODEC_LEVELS[cache.codec]}, got {cache.codec_level}")
+    if cache.shard_rows % cache.chunk_rows:
+        raise ConfigError(f"{source}: cache.shard_rows ({cache.shard_rows}) must be a multiple of cache.chunk_rows ({cache.chunk_rows})")
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "teacher": TeacherConfig,
@@ -195,11 +264,15 @@ def load_params(path: str | Path | None = "params.yaml", overrides: typing.Seque
     raw: dict[str, Any] = {}
     if path is not None:
         try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
+            raw = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_StrictLoader)
         except FileNotFoundError:
             raise ConfigError(f"{source}: params file not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{source}: cannot read the params file ({exc})") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if raw is None:
+            raise ConfigError(f"{source}: the params file is empty")
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a mapping of sections at the top level")
     for item in overrides:
@@ -210,7 +283,10 @@ def load_params(path: str | Path | None = "params.yaml", overrides: typing.Seque
         raw.setdefault(parts[0], {})
         if not isinstance(raw[parts[0]], dict):
             raise ConfigError(f"{source}: section {parts[0]!r} must be a mapping")
-        value = yaml.safe_load(text) if text.strip() else ""
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
         if len(parts) == 3:  # one entry of a mapping-valued key, the rest kept
             current = raw[parts[0]].get(parts[1])
             if current is None:
@@ -225,7 +301,22 @@ def load_params(path: str | Path | None = "params.yaml", overrides: typing.Seque
         if name not in SECTIONS:
             raise ConfigError(f"{source}: unknown section {name!r} (known: {', '.join(SECTIONS)})")
         sections[name] = _build(SECTIONS[name], values or {}, name, source)
-    return Params(**sections, source=source)
+    params = Params(**sections, source=source)
+    _check_ranges(params)
+    return params
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice ({key_node.start_mark.line + 1}:{key_node.start_mark.column + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def section_dict(cfg: Any) -> dict[str, Any]:

@@ -35,12 +35,31 @@ def test_overrides_use_dvc_exp_run_syntax(tmp_path):
         ("teacher:\n  batch_size: many\n", [], "teacher.batch_size: expected int, got 'many'"),
         ("cache:\n  grids: 4\n", [], "cache.grids: expected a list"),
         ("teacher:\n  batch_size: true\n", [], "teacher.batch_size: expected int"),
-        ("", ["teacher=1"], "expected SECTION.KEY=VALUE"),
-        ("", ["teacher.nope=1"], "unknown key teacher.nope"),
+        ("teacher: {}\n", ["teacher=1"], "expected SECTION.KEY=VALUE"),
+        ("teacher: {}\n", ["teacher.nope=1"], "unknown key teacher.nope"),
         ("[1, 2]\n", [], "expected a mapping of sections"),
+        ("", [], "params.yaml: the params file is empty"),
+        ("teacher:\n  model: a\nteacher:\n  model: b\n", [], "key 'teacher' appears twice (3:1)"),
+        ("teacher:\n  model: a\n  model: b\n", [], "key 'model' appears twice (3:3)"),
+        ("teacher: {}\n", ["cache.grids=[1,3"], "--set 'cache.grids=[1,3': the value is not valid YAML"),
+        # values of the right type outside their range
+        ("teacher:\n  batch_size: 0\n", [], "params.yaml: teacher.batch_size: expected at least 1, got 0"),
+        ("teacher: {}\n", ["student.mask_ratio=1.0"], "student.mask_ratio: expected at least 0 and below 1, got 1.0"),
+        ("teacher: {}\n", ["loss.grids=[]"], "loss.grids: expected at least one value, got []"),
+        ("teacher: {}\n", ["loss.grids=[1,0]"], "loss.grids: each value must be at least 1 and at most 64, got 0"),
+        ("teacher: {}\n", ["cache.codec_level=99"], "cache.codec_level: blosc-zstd takes at least 0 and at most 9, got 99"),
+        ("teacher: {}\n", ["cache.codec=zstd", "cache.codec_level=22"], None),
+        ("teacher: {}\n", ["cache.chunk_rows=64", "cache.shard_rows=96"], "params.yaml: cache.shard_rows (96) must be a multiple of cache.chunk_rows (64)"),
+        ("teacher: {}\n", ["train.micro_batch=0"], "train.micro_batch: expected at least 1, got 0"),
+        ("teacher: {}\n", ["train.base_lr=-1"], "train.base_lr: expected at least 0, got -1.0"),
+        ("teacher: {}\n", ["eval.stride=0"], "eval.stride: expected at least 1, got 0"),
+        ("teacher: {}\n", ["loss.region_grids=[]", "train.epochs=1"], None),
     ],
 )
 def test_bad_keys_and_types_are_one_line_errors_naming_key_and_file(tmp_path, text, overrides, message):
+    if message is None:  # the edge of a range, accepted
+        load_params(write(tmp_path, text), overrides)
+        return
     with pytest.raises(ConfigError) as info:
         load_params(write(tmp_path, text), overrides)
     assert message in str(info.value)
@@ -50,6 +69,14 @@ def test_bad_keys_and_types_are_one_line_errors_naming_key_and_file(tmp_path, te
 def test_missing_file_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="params file not found"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_unreadable_files_are_one_line_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"cannot read the params file \(\[Errno 21\] Is a directory"):
+        load_params(tmp_path)
+    (tmp_path / "latin1.yaml").write_bytes(b"teacher:\n  model: caf\xe9\n")
+    with pytest.raises(ConfigError, match="latin1.yaml: cannot read the params file .'utf-8' codec can't decode"):
+        load_params(tmp_path / "latin1.yaml")
 
 
 def test_repo_params_yaml_loads():

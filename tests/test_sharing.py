@@ -39,7 +39,7 @@ def test_team_b_pulls_team_as_cache_and_recomputes_nothing(project, tmp_path_fac
     team_a, remote = project, tmp_path_factory.mktemp("dvc-remote")
     dvc(team_a, "remote", "add", "-d", "shared", str(remote))
     built = dvc(team_a, "repro", "teacher_cache")
-    assert "6 images embedded (180 views" in built  # team A ran the teacher
+    assert "6 images processed (180 views" in built  # team A ran the teacher
     subprocess.run([*GIT, "add", "-A"], cwd=team_a, check=True)
     subprocess.run([*GIT, "commit", "-qm", "teacher cache"], cwd=team_a, check=True)
     dvc(team_a, "push")
@@ -52,10 +52,10 @@ def test_team_b_pulls_team_as_cache_and_recomputes_nothing(project, tmp_path_fac
     content = lambda snap: {name: (size, sha) for name, (size, _, sha) in snap.items()}  # noqa: E731
     assert content(pulled) == content(snapshot(team_a / "caches" / "teacher.zarr"))
     out = dvc(team_b, "repro", "teacher_cache")
-    assert "Stage 'teacher_cache' didn't change, skipping" in out and "images embedded" not in out
+    assert "Stage 'teacher_cache' didn't change, skipping" in out and "images processed" not in out
     # Even forced to run, the stage finds every shard of the pulled store done: no teacher forward.
     forced = dvc(team_b, "repro", "--force", "--single-item", "teacher_cache")
-    assert "0 images embedded (0 views" in forced and "0 shards written, 2 already done" in forced
+    assert "0 images processed (0 views" in forced and "0 shards written, 2 already done" in forced
     assert snapshot(store) == pulled
     assert "up to date" in dvc(team_b, "status", "--with-deps", "teacher_cache")
     assert subprocess.run(["git", "diff", "--quiet", "dvc.lock"], cwd=team_b).returncode == 0

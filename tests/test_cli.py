@@ -1,0 +1,48 @@
+"""The command line's contract with its user: usage errors and interrupts end in one line, never a traceback."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, run_cli
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["bogus"], "Error: No such command 'bogus'."),
+        (["segment"], "Error: Missing argument 'images'."),
+        (["cache", "info"], "Error: Missing argument 'path'."),
+        (["evaluate", "--metrics", "m"], "Error: No such option: --metrics"),
+        (["demo-teacher", "--steps", "x"], "Invalid value for '--steps'"),
+        ([], "Usage: "),  # a bare command shows its help
+    ],
+)
+def test_usage_errors_show_usage_and_exit_2_without_a_traceback(args, message):
+    proc = run_cli(*args, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_paths_that_cannot_be_used_are_one_line_errors(tmp_path):
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    proc = run_cli("demo-data", "--out", str(a_file), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("zeroseg: error: ") and str(a_file) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_ctrl_c_says_what_is_kept_and_exits_130(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "demo-teacher", "--out", str(tmp_path / "t"), "--steps", "100000"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(8)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "zeroseg: interrupted; finished shards and checkpoints are kept" in err and "Traceback" not in err
