@@ -68,6 +68,8 @@ def train(
     """Stage two: train the student from the teacher cache (torchrun for several GPUs)."""
     from pipeline.train import run_training
 
+    if resume and auto_resume:
+        raise typer.BadParameter("--resume and --auto-resume exclude each other: --resume fails when the checkpoint differs, --auto-resume starts afresh", param_hint="--resume")
     mode = "must" if resume else "auto" if auto_resume else "never"
     summary = run_training(load_params(params, set_ or ()), cache, out, resume=mode, live_dir=live_dir, progress=not quiet)
     losses = ", ".join(f"{k} {v:.4f}" for k, v in summary.losses.items())
@@ -111,9 +113,9 @@ def evaluate(
 def segment(
     images: Annotated[list[Path], typer.Argument(help="image files or folders")],
     classes: Annotated[str, typer.Option("--classes", help="comma-separated vocabulary, or @FILE with one class per line")],
-    out: Annotated[Path, typer.Option("--out", help="folder for NAME_mask.png and NAME_overlay.png")],
+    out: Annotated[Path, typer.Option("--out", help="folder for NAME_mask.png and NAME_overlay.png (a folder's images keep their sub-folders)")],
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="the student's checkpoint.pt")] = Path("models/student/checkpoint.pt"),
-    threshold: Annotated[Optional[float], typer.Option(help="background threshold (default: eval.bg_threshold.default or 0.5)")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="background threshold under eval.bg_rule probability or cosine (default: eval.bg_threshold.default or 0.5)")] = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
@@ -123,7 +125,11 @@ def segment(
 
     results = run_segment(load_params(params, set_ or ()), checkpoint, images, parse_classes(classes), out, threshold=threshold, progress=not quiet)
     for r in results:
-        typer.echo(f"{r['image']}: {r['overlay']} ({', '.join(r['legend']) or 'background only'})")
+        typer.echo(f"{r['image']}: skipped: {r['error']}" if "error" in r else f"{r['image']}: {r['overlay']} ({', '.join(r['legend']) or 'background only'})")
+    skipped = sum("error" in r for r in results)
+    if skipped:
+        typer.echo(f"zeroseg: error: {skipped} of {len(results)} images could not be read (listed above); the others were segmented", err=True)
+        raise typer.Exit(2)
 
 
 @cache_app.command("info")

@@ -133,4 +133,9 @@ def write_demo_dataset(out: str | Path, *, n_train: int, n_eval: int, size: int 
         names.append(name)
     (ev / "ImageSets/Segmentation/val.txt").write_text("".join(f"{n}\n" for n in names))
     (out / "classes.txt").write_text("".join(f"{c}\n" for c in CLASSES))
+    # Scenes of an earlier, larger run would still be found by the manifest (which lists the folder).
+    for folder, prefix, n in ((images, "scene_", n_train), (ev / "JPEGImages", "eval_", n_eval), (ev / "SegmentationClass", "eval_", n_eval)):
+        for stale in folder.glob(f"{prefix}[0-9][0-9][0-9][0-9][0-9][0-9].*"):
+            if int(stale.stem[len(prefix):]) >= n:
+                stale.unlink()
     return {"train": n_train, "eval": n_eval}

@@ -70,15 +70,18 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
         raise InputError(f"eval.baselines: unknown {', '.join(unknown)} (known: {', '.join(BASELINES)})")
     if not e.datasets:
         raise InputError("eval.datasets: no dataset to evaluate on")
+    # Every dataset is opened (names, layouts, splits, files) before any is evaluated: a typo in
+    # the last one must not surface after hours spent on the first.
+    datasets = {name: open_dataset(name, root) for name, root in e.datasets.items()}
+    missing = [name for name in datasets if name not in e.bg_threshold]
+    if missing and e.bg_rule != "class":
+        raise InputError(f"eval.bg_threshold: no threshold for dataset {missing[0]!r} (have: {', '.join(e.bg_threshold)})")
     model = load_model(params, checkpoint)
     base = load_model(params, base_checkpoint) if base_checkpoint else None
     device = resolve_device(e.device, key="eval.device")
     templates = template_set(e.templates)
     results: dict[str, dict] = {}
-    for name, root in e.datasets.items():
-        dataset = open_dataset(name, root)
-        if name not in e.bg_threshold and e.bg_rule != "class":
-            raise InputError(f"eval.bg_threshold: no threshold for dataset {name!r} (have: {', '.join(e.bg_threshold)})")
+    for name, dataset in datasets.items():
         classes = list(dataset.class_names[1:])  # index 0 is background, decided by the background rule
         text, rule = vocabulary(model.embedder, classes, templates, mode=e.bg_rule, threshold=e.bg_threshold.get(name, 0.0), bg_words=e.bg_words)
         window = dict(short_side=e.short_side, window=e.window, stride=e.stride, topk_classes=e.topk_classes, device=device)

@@ -54,21 +54,39 @@ def load_model(params: Params, checkpoint: str | Path) -> LoadedModel:
     return LoadedModel(student.eval(), teacher, ClassEmbedder(teacher), ckpt)
 
 
-def expand_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files as given; folders searched recursively for images (sorted)."""
+def expand_images(inputs: Sequence[str | Path]) -> list[tuple[Path, Path]]:
+    """(path, name) per image: files as given (named by their file name), folders searched
+    recursively (sorted; named by their path inside the folder)."""
     out = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
             root, rels = list_images(path)
-            out += [root / r for r in rels]
+            out += [(root / r, Path(r)) for r in rels]
         elif path.is_file():
-            out.append(path)
+            out.append((path, Path(path.name)))
         else:
             raise InputError(f"{path}: no such image or folder")
     if not out:
         raise InputError(f"no images in {', '.join(map(str, inputs))} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     return out
+
+
+def output_stems(names: Sequence[Path]) -> list[str]:
+    """Where each image's outputs go, relative to --out: its name without the extension
+    (sub/x.jpg -> sub/x), or with it where two images would share one (x.jpg, x.png).
+
+    Raises:
+        InputError: when two inputs still share one (two files x.jpg from different folders).
+    """
+    bare = [n.with_suffix("").as_posix() for n in names]
+    stems = [n.as_posix() if bare.count(b) > 1 else b for n, b in zip(names, bare)]
+    seen: dict[str, int] = {}
+    for i, stem in enumerate(stems):
+        if stem in seen:
+            raise InputError(f"two inputs are both named {names[i].as_posix()}: their outputs would overwrite each other (segment their folder instead, or one at a time)")
+        seen[stem] = i
+    return stems
 
 
 def parse_classes(text: str) -> list[str]:
@@ -88,11 +106,23 @@ def parse_classes(text: str) -> list[str]:
 def run_segment(params: Params, checkpoint: str | Path, images: Sequence[str | Path], classes: Sequence[str], out_dir: str | Path, *, threshold: float | None = None, progress: bool = True) -> list[dict]:
     """Segment `images` with vocabulary `classes`; writes NAME_mask.png and NAME_overlay.png.
 
+    An image that cannot be read is skipped with its reason; the others are still segmented.
+
     Returns:
-        per image: its path, the two outputs, and the legend (classes present, largest first).
+        per image: its path and either the two outputs and the legend (classes present,
+        largest first) or, for a skipped image, "error".
     """
-    model = load_model(params, checkpoint)
     e = params.eval
+    if threshold is not None:
+        if e.bg_rule == "class":
+            raise InputError(f"--threshold {threshold}: eval.bg_rule is class, where background is wherever a bg_words entry wins; "
+                             "the threshold applies to bg_rule probability or cosine")
+        low = 0.0 if e.bg_rule == "probability" else -1.0
+        if not low <= threshold <= 1.0:
+            raise InputError(f"--threshold {threshold}: a {e.bg_rule} threshold lies in [{low:g}, 1]")
+    inputs = expand_images(images)
+    stems = output_stems([name for _, name in inputs])
+    model = load_model(params, checkpoint)
     threshold = threshold if threshold is not None else e.bg_threshold.get("default", 0.5)
     text, rule = vocabulary(model.embedder, list(classes), template_set(e.templates), mode=e.bg_rule, threshold=threshold, bg_words=e.bg_words)
     device = resolve_device(e.device, key="eval.device")
@@ -100,11 +130,15 @@ def run_segment(params: Params, checkpoint: str | Path, images: Sequence[str | P
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
-    for path in tqdm(expand_images(images), desc="segment", unit="img", disable=not progress):
-        image = load_rgb(path, max_pixels=params.data.max_pixels)
+    for (path, _), stem in tqdm(list(zip(inputs, stems)), desc="segment", unit="img", disable=not progress):
+        try:
+            image = load_rgb(path, max_pixels=params.data.max_pixels)
+        except InputError as exc:
+            results.append({"image": str(path), "error": str(exc)})
+            continue
         pred = seg.predict(image)
-        stem = path.stem
         mask_path, overlay_path = out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.png"
+        mask_path.parent.mkdir(parents=True, exist_ok=True)
         write_mask(mask_path, pred.labels)
         legend = write_overlay(overlay_path, image, pred.labels, classes)
         results.append({"image": str(path), "mask": str(mask_path), "overlay": str(overlay_path), "legend": legend})

@@ -149,6 +149,24 @@ def _json_sha256(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def _check_local_dir_model(name: str, folder: Path) -> None:
+    """Refuse a teacher.model other than the one an open_clip local-dir folder holds.
+
+    The folder's own open_clip_config.json builds the model, so a different teacher.model would
+    be ignored, yet recorded as the teacher in the cache's identity.
+    """
+    config = folder / "open_clip_config.json"
+    try:
+        held = json.loads(config.read_text())["model_cfg"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"teacher.pretrained: {folder} is a folder but not an open_clip local-dir ({config}: {type(exc).__name__}: {exc})") from None
+    named = open_clip.get_model_config(name.removeprefix("local-dir:")) if not name.startswith("local-dir:") else held
+    if named != held:
+        differs = sorted(k for k in set(named) | set(held) if named.get(k) != held.get(k))
+        raise InputError(f"teacher.model: {name} is not the model in {folder} (its open_clip_config.json differs in {', '.join(differs)}); "
+                         "set teacher.model to the folder's model")
+
+
 def _create_model(cfg: TeacherConfig) -> tuple[torch.nn.Module, str]:
     name = cfg.model
     if name.endswith(".json"):
@@ -158,10 +176,11 @@ def _create_model(cfg: TeacherConfig) -> tuple[torch.nn.Module, str]:
         open_clip.add_model_config(path)
         name = path.stem
     pretrained = cfg.pretrained or None
-    if pretrained and Path(pretrained).is_dir():
-        name, pretrained = f"local-dir:{pretrained}", None
-    elif not name.startswith("local-dir:") and name not in open_clip.list_models():
+    if not name.startswith("local-dir:") and name not in open_clip.list_models():
         raise InputError(f"teacher.model: {cfg.model!r} is not an open_clip model name, model config JSON or local-dir: path")
+    if pretrained and Path(pretrained).is_dir():
+        _check_local_dir_model(name, Path(pretrained))
+        name, pretrained = f"local-dir:{pretrained}", None
     if pretrained and not Path(pretrained).exists() and pretrained not in open_clip.list_pretrained_tags_by_model(name):
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
         raise InputError(f"teacher.pretrained: {pretrained!r} is neither a file nor a pretrained tag of {name} (tags: {tags})")

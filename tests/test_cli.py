@@ -21,6 +21,7 @@ from conftest import REPO, run_cli
         (["evaluate", "--metrics", "m"], "Error: No such option: --metrics"),
         (["demo-teacher", "--steps", "x"], "Invalid value for '--steps'"),
         ([], "Usage: "),  # a bare command shows its help
+        (["train", "--resume", "--auto-resume"], "--resume and --auto-resume exclude each other"),
     ],
 )
 def test_usage_errors_show_usage_and_exit_2_without_a_traceback(args, message):

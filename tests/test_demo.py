@@ -63,3 +63,13 @@ def test_shipped_teacher_loads_offline_and_matches_its_sha256():
     assert teacher.identity.embed_dim == 128 and teacher.spec.size == 64
     feats = teacher.encode(torch.zeros(2, 3, 64, 64))
     assert feats.shape == (2, 128) and torch.isfinite(feats).all()
+
+
+def test_writing_fewer_scenes_removes_the_earlier_extra_ones(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "mine.jpg").write_bytes(b"kept: not a scene of ours")
+    write_demo_dataset(tmp_path, n_train=5, n_eval=3, size=32, seed=0)
+    write_demo_dataset(tmp_path, n_train=2, n_eval=1, size=32, seed=0)
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["mine.jpg", "scene_000000.jpg", "scene_000001.jpg"]
+    assert sorted(p.name for p in (tmp_path / "eval" / "JPEGImages").iterdir()) == ["eval_000000.jpg"]
+    assert sorted(p.name for p in (tmp_path / "eval" / "SegmentationClass").iterdir()) == ["eval_000000.png"]

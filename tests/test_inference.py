@@ -12,6 +12,7 @@ from PIL import Image
 from conftest import run_cli
 from pipeline.config import load_params
 from pipeline.decode import load_rgb
+from pipeline.errors import InputError
 from pipeline.evaluate import run_evaluation
 from pipeline.baselines import GridTeacherSegmenter, MaskCLIPSegmenter
 from pipeline.inference import BackgroundRule, StudentSegmenter, vocabulary, window_origins
@@ -134,6 +135,41 @@ def test_segment_command_writes_masks_and_overlays_of_the_input_size(trained, tm
         legend = over.text["legend"].split("\n") if over.text["legend"] else []
         assert set(legend) == present and len(present) >= 1  # threshold 0: every pixel has a class
         assert path.name in proc.stdout
+
+
+def test_segment_keeps_every_output_and_skips_what_it_cannot_read(trained, tmp_path, demo_dir):
+    params, ckpt, params_path, overrides = trained
+    scene = Image.open(sorted((demo_dir / "eval" / "JPEGImages").glob("*.jpg"))[0])
+    folder = tmp_path / "in"
+    for rel in ("a/x.jpg", "a/x.png", "b/x.jpg"):
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        scene.save(folder / rel)
+    (folder / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    sets = [a for kv in overrides for a in ("--set", kv)]
+    base = ["segment", str(folder), "--classes", "circle,square", "--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), "--params", str(params_path), "-q", *sets]
+    proc = run_cli(*base, check=False)
+    assert proc.returncode == 2 and "1 of 4 images could not be read" in proc.stderr and "Traceback" not in proc.stderr
+    assert f"{folder / 'b' / 'broken.jpg'}: skipped: " in proc.stdout
+    # one name per input: the extension only where two would share a name
+    written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*_mask.png"))
+    assert written == ["a/x.jpg_mask.png", "a/x.png_mask.png", "b/x_mask.png"]
+    # two files of one name given one by one cannot both be written
+    twins = run_cli(*base[:1], str(folder / "a" / "x.jpg"), str(folder / "b" / "x.jpg"), *base[2:], check=False)
+    assert twins.returncode == 2 and "two inputs are both named x.jpg" in twins.stderr
+    # under bg_rule class the threshold means nothing: refused, not ignored
+    cls = run_cli(*base, "--set", "eval.bg_rule=class", "--threshold", "0.3", check=False)
+    assert cls.returncode == 2 and "eval.bg_rule is class" in cls.stderr
+    out_of_range = run_cli(*base, "--threshold", "7", check=False)
+    assert out_of_range.returncode == 2 and "a probability threshold lies in [0, 1]" in out_of_range.stderr
+
+
+def test_evaluation_checks_every_dataset_before_evaluating_any(trained, tmp_path, demo_dir):
+    _, ckpt, params_path, overrides = trained
+    for later, message in (("vco=/data/VOC2012", "vco: unknown dataset"), (f"voc={tmp_path / 'nothing'}", "not a PASCAL VOC 2012 folder")):
+        params = load_params(params_path, [*overrides, f"eval.datasets.{later}"])
+        with pytest.raises(InputError, match=message):
+            run_evaluation(params, ckpt, tmp_path / "metrics", None, progress=False, echo=lambda *_: None)
+        assert not (tmp_path / "metrics").exists()  # the demo dataset, first in line, was not evaluated
 
 
 def test_evaluation_writes_the_science_metrics(trained, tmp_path):

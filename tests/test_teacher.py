@@ -52,3 +52,17 @@ def test_compiled_teacher_encodes_what_the_eager_one_does():
     x = torch.randn(24, 3, 32, 32)
     torch.testing.assert_close(compiled.encode(x), eager.encode(x), atol=1e-5, rtol=1e-4)
     assert compiled.forward_views == 24
+
+
+def test_a_local_dir_teacher_must_be_named_as_the_model_it_holds():
+    from conftest import REPO
+    from pipeline.errors import InputError
+
+    folder = str(REPO / "assets" / "demo-teacher")
+    teacher = Teacher.load(TeacherConfig(model="zeroseg-demo-rn", pretrained=folder, device="cpu"))
+    assert teacher.identity.model == "zeroseg-demo-rn" and teacher.identity.embed_dim == 128
+    # The folder's config builds the model: another name would be recorded as the cache's teacher.
+    with pytest.raises(InputError, match=r"teacher.model: ViT-B-16 is not the model in .*demo-teacher \(its open_clip_config.json differs in embed_dim, text_cfg, vision_cfg\)"):
+        Teacher.load(TeacherConfig(model="ViT-B-16", pretrained=folder, device="cpu"))
+    with pytest.raises(InputError, match="'no-such-model' is not an open_clip model name"):
+        Teacher.load(TeacherConfig(model="no-such-model", pretrained=folder, device="cpu"))

@@ -65,12 +65,20 @@ def test_resume_continues_exactly(built_cache, tmp_path):
 def test_resume_refuses_a_checkpoint_made_with_other_params(built_cache, tmp_path):
     store, _ = built_cache
     run_training(params_for(built_cache, "train.epochs=1"), str(store), tmp_path / "r", progress=False)
-    with pytest.raises(InputError, match="made with other loss"):
-        run_training(params_for(built_cache, "train.epochs=1", "loss.distill=2.0"), str(store), tmp_path / "r", resume="must", progress=False)
+    with pytest.raises(InputError, match=r"made with other loss.distill, train.base_lr; cannot resume"):
+        run_training(params_for(built_cache, "train.epochs=1", "loss.distill=2.0", "train.base_lr=0.01"), str(store), tmp_path / "r", resume="must", progress=False)
     fresh = run_training(params_for(built_cache, "train.epochs=1", "loss.distill=2.0"), str(store), tmp_path / "r", resume="auto", progress=False)
     assert fresh.resumed_from is None
     with pytest.raises(InputError, match="no checkpoint to resume"):
         run_training(params_for(built_cache, "train.epochs=1"), str(store), tmp_path / "none", resume="must", progress=False)
+
+
+def test_starting_afresh_over_a_checkpoint_says_so(built_cache, tmp_path, caplog):
+    store, _ = built_cache
+    run_training(params_for(built_cache, "train.epochs=1"), str(store), tmp_path / "r", progress=False)
+    with caplog.at_level("WARNING", logger="pipeline.train"):
+        run_training(params_for(built_cache, "train.epochs=1"), str(store), tmp_path / "r", progress=False)
+    assert "checkpoint.pt exists and is started afresh" in caplog.text
 
 
 def test_checkpoint_is_plain_data_and_pickled_code_is_refused(built_cache, tmp_path):
