@@ -22,6 +22,12 @@ def describe(store: str) -> dict:
     paths = group[cs.PATHS]
     reasons = group[cs.FAILURES]
     grids = cs.store_grids(group)
+    complete = {}
+    for g in grids:  # an array the attributes list but the store lacks is shown, not a crash
+        try:
+            complete[cs.grid_name(g)] = bool(group[cs.views_array(g)].attrs.get("complete", False))
+        except KeyError:
+            complete[cs.grid_name(g)] = None
     return {
         "schema": attrs["schema"],
         "schema_version": attrs["schema_version"],
@@ -31,7 +37,7 @@ def describe(store: str) -> dict:
         "manifest": attrs["manifest"],
         "grids": list(grids),
         "num_views": sum(g * g for g in grids),
-        "grid_complete": {cs.grid_name(g): bool(group[cs.views_array(g)].attrs.get("complete", False)) for g in grids},
+        "grid_complete": complete,  # None: the array is missing
         "student_images": {
             str(s): {"complete": bool(arr.attrs.get("complete", False)), "bytes_per_image": arr.nbytes_stored() / max(1, arr.shape[0])}
             for s in cs.store_image_sizes(group)

@@ -43,6 +43,8 @@ def teacher_cache(
     """Stage one: embed every image's multi-scale views with the teacher, into a Zarr store."""
     from pipeline.teacher_cache import run_teacher_cache
 
+    if stats_json and not stats_json.parent.is_dir():  # found out now, not after hours of work
+        raise typer.BadParameter(f"{stats_json.parent} is not a folder", param_hint="--stats-json")
     stats = run_teacher_cache(load_params(params, set_ or ()), out, replace=replace, progress=not quiet)
     if stats_json:
         stats_json.write_text(json.dumps(stats.as_dict(), indent=2))
@@ -146,7 +148,7 @@ def cache_info(
         typer.echo(json.dumps(info, indent=2))
         return
     t, m, p = info["teacher"], info["manifest"], info.get("provenance", {})
-    grids_text = ", ".join(f"{g} ({'complete' if done else 'incomplete'})" for g, done in info["grid_complete"].items())
+    grids_text = ", ".join(f"{g} ({'MISSING' if done is None else 'complete' if done else 'incomplete'})" for g, done in info["grid_complete"].items())
     lines = [
         f"store        {path}",
         f"schema       {info['schema']} v{info['schema_version']}  fingerprint {info['fingerprint']}",

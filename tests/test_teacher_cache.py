@@ -1,4 +1,5 @@
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -89,6 +90,11 @@ def test_every_bad_input_kind_in_one_run(tmp_path):
     assert np.isnan(views[status == cs.STATUS_FAILED]).all() and not np.isnan(views[status == cs.STATUS_OK]).any()
     text = run_cli("cache", "info", str(store)).stdout
     assert f"failures     {n_failed}:" in text and "bomb.png: decompression bomb" in text
+    # a store that lost an array is described, the loss shown, and refused by validate
+    shutil.rmtree(store / "views" / "2x2")
+    damaged = run_cli("cache", "info", str(store))
+    assert "2x2 (MISSING)" in damaged.stdout and "1x1 (complete)" in damaged.stdout
+    assert run_cli("cache", "validate", str(store), check=False).returncode == 2
 
 
 def test_new_grid_computes_only_that_grid_and_equals_a_fresh_build(tmp_path, demo_dir):
