@@ -33,6 +33,10 @@ STATUS, PATHS, FAILURES = "status", "paths", "failures"
 
 # The identity sections whose canonical JSON (with the schema version) the fingerprint hashes.
 IDENTITY_FIELDS = ("teacher", "preprocessing", "manifest")
+# teacher.pretrained of weights loaded from a local file or folder: the path is not part of the
+# identity (weights_sha256 is), so one checkpoint at two paths gives one fingerprint. Stores
+# written before recorded the path; stage one re-keys them when the weights are the same.
+LOCAL_WEIGHTS = "local"
 
 
 class CacheSchemaError(ValueError):

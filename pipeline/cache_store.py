@@ -136,6 +136,12 @@ class CacheStore:
         try:
             if exists:
                 existing, group = _read_attrs(url)
+                if existing.get("fingerprint") != fp and _keyed_by_weights_path(existing, identity):
+                    group = zarr.open_group(url, mode="r+")
+                    group.attrs.update(teacher=identity["teacher"], fingerprint=fp)
+                    log.warning("%s: re-keyed by its teacher's weights instead of their path (%s); fingerprint %s is now %s",
+                                url, existing["teacher"]["pretrained"], existing["fingerprint"][:12], fp[:12])
+                    existing = dict(group.attrs)
                 if existing.get("schema") != cs.SCHEMA_NAME:
                     if fs.ls(root):
                         raise InputError(f"{url}: exists and is not a zeroseg teacher cache; refusing to write into it")
@@ -363,6 +369,19 @@ def _probe(url: str) -> tuple[fsspec.AbstractFileSystem, str, bool]:
         return fs, root, fs.exists(root)
     except Exception as exc:  # noqa: BLE001 - a filesystem's own error, e.g. s3:// without s3fs
         raise InputError(f"{url}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'cannot reach it'}") from None
+
+
+def _keyed_by_weights_path(existing: Mapping[str, Any], identity: Mapping[str, Any]) -> bool:
+    """A store written before the identity left local checkpoint paths out, holding this very
+    identity otherwise (the same weights, by sha256): its embeddings are this identity's."""
+    if existing.get("schema") != cs.SCHEMA_NAME or identity["teacher"].get("pretrained") != cs.LOCAL_WEIGHTS:
+        return False
+    old = dict(existing.get("teacher", {}))
+    if old.get("pretrained") in ("", cs.LOCAL_WEIGHTS, None):
+        return False
+    old["pretrained"] = cs.LOCAL_WEIGHTS
+    return not cs.differences({"teacher": old, **{k: existing.get(k, {}) for k in cs.IDENTITY_FIELDS if k != "teacher"}},
+                              {k: identity[k] for k in cs.IDENTITY_FIELDS})
 
 
 def _read_attrs(url: str) -> tuple[dict, zarr.Group | None]:

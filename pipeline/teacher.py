@@ -22,6 +22,7 @@ from pathlib import Path
 import open_clip
 import torch
 
+import cache_schema as cs
 from pipeline.config import TeacherConfig
 from pipeline.errors import InputError
 from pipeline.views import ViewSpec
@@ -35,6 +36,15 @@ open_clip.add_model_config(SHIPPED_CONFIGS)
 _AUTOCAST = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "pure_bf16": torch.float32}
 
 
+def identity_pretrained(pretrained: str) -> str:
+    """teacher.pretrained as the cache identity keys it: the open_clip tag, "" or cs.LOCAL_WEIGHTS.
+
+    Where a checkpoint lies is not who the teacher is (weights_sha256 says that): the same
+    checkpoint at another path, on another team's machine, gives the same fingerprint.
+    """
+    return cs.LOCAL_WEIGHTS if pretrained and Path(pretrained).exists() else pretrained
+
+
 @dataclass(frozen=True)
 class TeacherIdentity:
     """Who the teacher is, as recorded in (and validated against) the cache."""
@@ -43,7 +53,7 @@ class TeacherIdentity:
     library_version: str
     model: str
     model_config_sha256: str
-    pretrained: str
+    pretrained: str  # the open_clip tag, "" (random init) or cs.LOCAL_WEIGHTS
     weights_sha256: str
     precision: str
     embed_dim: int
@@ -109,7 +119,7 @@ class Teacher:
             library_version=open_clip.__version__,
             model=cfg.model,
             model_config_sha256=_json_sha256(model_cfg),
-            pretrained=cfg.pretrained,
+            pretrained=identity_pretrained(cfg.pretrained),
             weights_sha256=state_dict_sha256(model),
             precision=cfg.precision,
             embed_dim=embed_dim,

@@ -180,7 +180,7 @@ def _executor(params: Params, out: str | None) -> Executor:
 def _grids(params: Params) -> tuple[int, ...]:
     grids = canonical_grids(params.cache.grids)
     size = params.cache.student_image_size
-    if size < 0 or 0 < size < 8:
+    if 0 < size < 8:  # negative sides are refused when params load
         raise ConfigError(f"{params.source}: cache.student_image_size={size}: use 0 (off) or the student's input side (e.g. 224)")
     if max(grids) > params.data.min_side:
         raise ConfigError(f"{params.source}: cache.grids has {max(grids)}x{max(grids)} but data.min_side is {params.data.min_side}; raise data.min_side")

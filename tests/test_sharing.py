@@ -106,3 +106,35 @@ def test_a_read_only_shared_cache_is_validated_then_used_without_writes(built_ca
         assert snapshot(shared) == before
     finally:
         subprocess.run(["chmod", "-R", "u+w", str(shared)], check=True)
+
+
+def test_one_checkpoint_at_two_paths_is_one_teacher_and_old_path_keyed_stores_are_re_keyed(demo_dir, tmp_path, caplog):
+    from conftest import REPO, write_params
+
+    team_a, team_b = tmp_path / "a" / "teacher", tmp_path / "b" / "elsewhere"
+    for folder in (team_a, team_b):
+        shutil.copytree(REPO / "assets" / "demo-teacher", folder)
+    params = {who: write_params(tmp_path / f"{who}.yaml", demo_dir / "images", tmp_path / "caches",
+                                teacher={"model": "zeroseg-demo-rn", "pretrained": str(folder), "precision": "fp32"}, cache={"grids": [1, 2]})
+              for who, folder in (("a", team_a), ("b", team_b))}
+    ids = {who: identity_from_params(load_params(p), progress=False) for who, p in params.items()}
+    assert ids["a"] == ids["b"] and ids["a"]["teacher"]["pretrained"] == cs.LOCAL_WEIGHTS
+    store = tmp_path / "shared.zarr"
+    run_teacher_cache(load_params(params["a"]), str(store), progress=False)
+    run_cli("cache", "validate", str(store), "--params", str(params["b"]))  # team B's path, same weights: valid
+
+    # A store written before paths left the identity: its teacher section names the path.
+    import zarr
+
+    group = zarr.open_group(store, mode="r+")
+    old_teacher = {**group.attrs["teacher"], "pretrained": str(team_a)}
+    old = {**{k: group.attrs[k] for k in cs.IDENTITY_FIELDS}, "teacher": old_teacher}
+    group.attrs.update(teacher=old_teacher, fingerprint=cs.fingerprint(old))
+    with caplog.at_level("WARNING", logger="pipeline.cache_store"):
+        again = run_teacher_cache(load_params(params["b"]), str(store), progress=False)
+    assert again.views_computed == 0 and "re-keyed by its teacher's weights" in caplog.text
+    assert cs.validate(str(store), ids["b"], (1, 2))["fingerprint"] == cs.fingerprint(ids["b"])
+    # other weights are another teacher: never re-keyed
+    group.attrs.update(teacher={**old_teacher, "weights_sha256": "0" * 64}, fingerprint="stale")
+    with pytest.raises(InputError, match="holds a cache built for other params"):
+        run_teacher_cache(load_params(params["b"]), str(store), progress=False)

@@ -128,8 +128,10 @@ def test_missing_or_incomplete_images_are_refused_when_asked_for(images_store, b
     with pytest.raises(InputError, match="has an incomplete images/32"):
         CachePairs(str(partial), folder, (1,), 32, images="cache")
     assert CachePairs(str(partial), folder, (1,), 32).image_source == "decode"
-    with pytest.raises(ConfigError, match="cache.student_image_size=-1"):
-        run_teacher_cache(load_params(plain_params, ["cache.student_image_size=-1"]), str(tmp_path / "x.zarr"), progress=False)
+    with pytest.raises(ConfigError, match="cache.student_image_size=4: use 0"):
+        run_teacher_cache(load_params(plain_params, ["cache.student_image_size=4"]), str(tmp_path / "x.zarr"), progress=False)
+    with pytest.raises(ConfigError, match="cache.student_image_size: expected at least 0, got -1"):
+        load_params(plain_params, ["cache.student_image_size=-1"])
 
 
 def test_draft_decoded_stores_keep_both_sources_identical(tmp_path):
