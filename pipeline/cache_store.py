@@ -28,7 +28,7 @@ from zarr.codecs.numcodecs import Delta
 
 import cache_schema as cs
 from pipeline.config import CacheConfig
-from pipeline.errors import ConfigError, InputError
+from pipeline.errors import InputError
 from pipeline.views import grid_boxes
 
 log = logging.getLogger(__name__)
@@ -128,24 +128,27 @@ class CacheStore:
         A store built for a different identity is never reused; it is replaced only when
         `replace` is set (and then said so in the log), otherwise refused with the differences.
         """
-        if cfg.shard_rows % cfg.chunk_rows:
-            raise ConfigError(f"cache.shard_rows ({cfg.shard_rows}) must be a multiple of cache.chunk_rows ({cfg.chunk_rows})")
         fp = cs.fingerprint(identity)
         fs, root, exists = _probe(url)
         summary = ""  # how the store at `url` differs from `identity`, when it does
         try:
             if exists:
                 existing, group = _read_attrs(url)
-                if existing.get("fingerprint") != fp and _keyed_by_weights_path(existing, identity):
-                    group = zarr.open_group(url, mode="r+")
-                    group.attrs.update(teacher=identity["teacher"], fingerprint=fp)
-                    log.warning("%s: re-keyed by its teacher's weights instead of their path (%s); fingerprint %s is now %s",
-                                url, existing["teacher"]["pretrained"], existing["fingerprint"][:12], fp[:12])
-                    existing = dict(group.attrs)
+                same = existing.get("fingerprint") == fp
+                if not same and _keyed_by_weights_path(existing, identity):
+                    same = True
+                    try:
+                        zarr.open_group(url, mode="r+").attrs.update(teacher=identity["teacher"], fingerprint=fp)
+                        log.warning("%s: re-keyed by its teacher's weights instead of their path (%s); fingerprint %s is now %s",
+                                    url, existing["teacher"]["pretrained"], existing["fingerprint"][:12], fp[:12])
+                        existing, group = _read_attrs(url)
+                    except PermissionError:
+                        log.warning("%s: keyed by its teacher's path (%s), the same weights: used as it is (read-only, so not re-keyed)",
+                                    url, existing["teacher"]["pretrained"])
                 if existing.get("schema") != cs.SCHEMA_NAME:
                     if fs.ls(root):
                         raise InputError(f"{url}: exists and is not a zeroseg teacher cache; refusing to write into it")
-                elif existing.get("fingerprint") == fp:
+                elif same:
                     # A complete store stays opened read-only (a shared location may be read-only);
                     # one with work left is reopened for writing.
                     sizes = (cfg.student_image_size,) if cfg.student_image_size else ()
@@ -379,6 +382,10 @@ def _keyed_by_weights_path(existing: Mapping[str, Any], identity: Mapping[str, A
     old = dict(existing.get("teacher", {}))
     if old.get("pretrained") in ("", cs.LOCAL_WEIGHTS, None):
         return False
+    import open_clip  # only here: reading a store needs no model library
+
+    if old["pretrained"] in open_clip.list_pretrained_tags_by_model(old.get("model", "")):
+        return False  # keyed by a tag: tag users share it, a local copy of those weights is another key
     old["pretrained"] = cs.LOCAL_WEIGHTS
     return not cs.differences({"teacher": old, **{k: existing.get(k, {}) for k in cs.IDENTITY_FIELDS if k != "teacher"}},
                               {k: identity[k] for k in cs.IDENTITY_FIELDS})

@@ -127,7 +127,7 @@ def segment(
 
     results = run_segment(load_params(params, set_ or ()), checkpoint, images, parse_classes(classes), out, threshold=threshold, progress=not quiet)
     for r in results:
-        typer.echo(f"{r['image']}: skipped: {r['error']}" if "error" in r else f"{r['image']}: {r['overlay']} ({', '.join(r['legend']) or 'background only'})")
+        typer.echo(f"skipped {r['error']}" if "error" in r else f"{r['image']}: {r['overlay']} ({', '.join(r['legend']) or 'background only'})")
     skipped = sum("error" in r for r in results)
     if skipped:
         typer.echo(f"zeroseg: error: {skipped} of {len(results)} images could not be read (listed above); the others were segmented", err=True)
@@ -225,7 +225,7 @@ def main(args: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         typer.echo(INTERRUPTED, err=True)
         sys.exit(130)
-    except OSError as exc:  # a path that cannot be read or written: the message names it
+    except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:  # a path that cannot be used: the message names it
         typer.echo(f"zeroseg: error: {exc}", err=True)
         sys.exit(2)
     if result == 130:  # typer turns Ctrl-C into exit code 130 before it reaches the handler above

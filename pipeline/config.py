@@ -199,9 +199,8 @@ RANGES: dict[str, Range] = {
     "eval.short_side": Range(1), "eval.window": Range(1), "eval.stride": Range(1), "eval.topk_classes": Range(0),
     "eval.max_images": Range(0), "eval.pictures": Range(0),
 }
-# Compression levels each codec takes (numcodecs' Blosc: 0-9; zstd: 1-22 here, its negative
-# "fast" levels left out).
-CODEC_LEVELS = {"blosc-zstd": Range(0, 9), "zstd": Range(1, 22), "none": Range()}
+# Compression levels each codec takes (Blosc: 0-9; zstd: up to 22, 0 its default, below 0 its fast levels).
+CODEC_LEVELS = {"blosc-zstd": Range(0, 9), "zstd": Range(-131072, 22), "none": Range()}
 # The tuples that may be empty: no region_grids means all of loss.grids.
 MAY_BE_EMPTY = {"loss.region_grids"}
 
@@ -312,7 +311,11 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may be overridden by later keys
+                continue
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):
+                break  # the base class says why such a key is refused
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice ({key_node.start_mark.line + 1}:{key_node.start_mark.column + 1})")
             seen.add(key)

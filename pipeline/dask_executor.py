@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from pipeline.cache_store import CacheStore, ShardWork
 from pipeline.config import Params, TeacherConfig
-from pipeline.errors import ConfigError, InputError
+from pipeline.errors import InputError
 from pipeline.manifest import Manifest
 from pipeline.shard_compute import RunStats, compute_shards
 from pipeline.teacher import Teacher, TeacherIdentity, resolve_device
@@ -208,8 +208,6 @@ def _local_cluster(cfg: TeacherConfig) -> tuple[object, TeacherConfig]:
     import dask
     from distributed import LocalCluster
 
-    if cfg.dask_workers < 1:
-        raise ConfigError(f"teacher.dask_workers: expected at least 1, got {cfg.dask_workers}")
     if dask.config.get("distributed.worker.multiprocessing-method") == "fork":
         raise InputError("dask config distributed.worker.multiprocessing-method is fork; zarr's event loop is not fork-safe: use spawn (dask's default) or forkserver")
     share = max(1, (os.cpu_count() or 1) // cfg.dask_workers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +81,8 @@ def output_stems(names: Sequence[Path]) -> list[str]:
         InputError: when two inputs still share one (two files x.jpg from different folders).
     """
     bare = [n.with_suffix("").as_posix() for n in names]
-    stems = [n.as_posix() if bare.count(b) > 1 else b for n, b in zip(names, bare)]
+    shared = Counter(bare)
+    stems = [n.as_posix() if shared[b] > 1 else b for n, b in zip(names, bare)]
     seen: dict[str, int] = {}
     for i, stem in enumerate(stems):
         if stem in seen:

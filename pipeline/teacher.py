@@ -36,15 +36,6 @@ open_clip.add_model_config(SHIPPED_CONFIGS)
 _AUTOCAST = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "pure_bf16": torch.float32}
 
 
-def identity_pretrained(pretrained: str) -> str:
-    """teacher.pretrained as the cache identity keys it: the open_clip tag, "" or cs.LOCAL_WEIGHTS.
-
-    Where a checkpoint lies is not who the teacher is (weights_sha256 says that): the same
-    checkpoint at another path, on another team's machine, gives the same fingerprint.
-    """
-    return cs.LOCAL_WEIGHTS if pretrained and Path(pretrained).exists() else pretrained
-
-
 @dataclass(frozen=True)
 class TeacherIdentity:
     """Who the teacher is, as recorded in (and validated against) the cache."""
@@ -100,7 +91,7 @@ class Teacher:
     @classmethod
     def load(cls, cfg: TeacherConfig) -> Teacher:
         device = resolve_device(cfg.device)
-        model, model_name = _create_model(cfg)
+        model, model_name, local = _create_model(cfg)
         model_cfg = open_clip.get_model_config(model_name) if not model_name.startswith("local-dir:") else None
         if model_cfg is None and model_name.startswith("local-dir:"):
             model_cfg = json.loads((Path(model_name[len("local-dir:"):]) / "open_clip_config.json").read_text())
@@ -119,7 +110,9 @@ class Teacher:
             library_version=open_clip.__version__,
             model=cfg.model,
             model_config_sha256=_json_sha256(model_cfg),
-            pretrained=identity_pretrained(cfg.pretrained),
+            # Where a checkpoint lies is not who the teacher is (weights_sha256 says that): the
+            # same checkpoint at another path, on another team's machine, is the same teacher.
+            pretrained=cs.LOCAL_WEIGHTS if local else cfg.pretrained,
             weights_sha256=state_dict_sha256(model),
             precision=cfg.precision,
             embed_dim=embed_dim,
@@ -170,14 +163,27 @@ def _check_local_dir_model(name: str, folder: Path) -> None:
         held = json.loads(config.read_text())["model_cfg"]
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"teacher.pretrained: {folder} is a folder but not an open_clip local-dir ({config}: {type(exc).__name__}: {exc})") from None
-    named = open_clip.get_model_config(name.removeprefix("local-dir:")) if not name.startswith("local-dir:") else held
+    named = held if name.startswith("local-dir:") else open_clip.get_model_config(name)
     if named != held:
         differs = sorted(k for k in set(named) | set(held) if named.get(k) != held.get(k))
         raise InputError(f"teacher.model: {name} is not the model in {folder} (its open_clip_config.json differs in {', '.join(differs)}); "
                          "set teacher.model to the folder's model")
 
 
-def _create_model(cfg: TeacherConfig) -> tuple[torch.nn.Module, str]:
+def weights_are_local(name: str, pretrained: str) -> bool:
+    """Whether open_clip takes `name`'s weights from a local file or folder.
+
+    In open_clip's order: a pretrained tag of the model first, then a path, so a file that happens
+    to be named like a tag is not used (and the identity must not call the weights local).
+    A `local-dir:` model name brings its own weights.
+    """
+    if name.startswith("local-dir:"):
+        return True
+    return bool(pretrained) and pretrained not in open_clip.list_pretrained_tags_by_model(name) and Path(pretrained).exists()
+
+
+def _create_model(cfg: TeacherConfig) -> tuple[torch.nn.Module, str, bool]:
+    """(model, open_clip name, whether the weights came from a local file or folder)."""
     name = cfg.model
     if name.endswith(".json"):
         path = Path(name)
@@ -188,12 +194,13 @@ def _create_model(cfg: TeacherConfig) -> tuple[torch.nn.Module, str]:
     pretrained = cfg.pretrained or None
     if not name.startswith("local-dir:") and name not in open_clip.list_models():
         raise InputError(f"teacher.model: {cfg.model!r} is not an open_clip model name, model config JSON or local-dir: path")
-    if pretrained and Path(pretrained).is_dir():
+    tags = [] if name.startswith("local-dir:") else open_clip.list_pretrained_tags_by_model(name)
+    local = weights_are_local(name, pretrained or "")
+    if pretrained and not local and pretrained not in tags:
+        raise InputError(f"teacher.pretrained: {pretrained!r} is neither a file nor a pretrained tag of {name} (tags: {', '.join(tags) or 'none'})")
+    if local and Path(pretrained).is_dir():
         _check_local_dir_model(name, Path(pretrained))
         name, pretrained = f"local-dir:{pretrained}", None
-    if pretrained and not Path(pretrained).exists() and pretrained not in open_clip.list_pretrained_tags_by_model(name):
-        tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
-        raise InputError(f"teacher.pretrained: {pretrained!r} is neither a file nor a pretrained tag of {name} (tags: {tags})")
     torch.manual_seed(cfg.seed)  # a random init ("" pretrained) is reproducible, so is its weights hash
     logging.getLogger().disabled = True  # open_clip warns on the root logger about random init
     try:
@@ -202,4 +209,4 @@ def _create_model(cfg: TeacherConfig) -> tuple[torch.nn.Module, str]:
         raise InputError(f"teacher: could not load {cfg.model} with pretrained={cfg.pretrained!r}: {str(exc).splitlines()[0]}") from None
     finally:
         logging.getLogger().disabled = False
-    return model, name
+    return model, name, local

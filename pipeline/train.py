@@ -155,18 +155,6 @@ def compatibility(params: Params, cache_attrs: dict) -> dict:
     return {"student": section_dict(params.student), "loss": section_dict(params.loss), "train": train, "cache_fingerprint": cache_attrs["fingerprint"]}
 
 
-def compat_differences(saved: dict, current: dict) -> list[str]:
-    """The keys whose values differ between two `compatibility` dicts: `train.base_lr`, `cache_fingerprint`."""
-    out = []
-    for k, value in current.items():
-        old = saved.get(k)
-        if isinstance(value, dict) and isinstance(old, dict):
-            out += [f"{k}.{name}" for name in sorted(set(value) | set(old)) if value.get(name) != old.get(name)]
-        elif old != value:
-            out.append(k)
-    return out
-
-
 def data_root(images: str) -> Path:
     """The folder the cache's relative paths start from (the folder itself, or the list's folder)."""
     path = Path(images)
@@ -261,7 +249,7 @@ def _train(params: Params, cache: str, out_dir: str | Path, *, resume: str, live
     if resume != "never" and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
         if ckpt.get("compat") != compat:
-            differs = compat_differences(ckpt.get("compat", {}), compat)
+            differs = [d.split(":")[0] for d in cs.differences(ckpt.get("compat", {}), compat)]  # train.base_lr, cache_fingerprint
             if resume == "must":
                 raise InputError(f"{ckpt_path}: made with other {', '.join(differs)}; cannot resume (remove it or use another --out)")
             log.warning("%s was made with other %s: starting afresh", ckpt_path, ", ".join(differs))

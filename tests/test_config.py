@@ -54,6 +54,10 @@ def test_overrides_use_dvc_exp_run_syntax(tmp_path):
         ("teacher: {}\n", ["train.base_lr=-1"], "train.base_lr: expected at least 0, got -1.0"),
         ("teacher: {}\n", ["eval.stride=0"], "eval.stride: expected at least 1, got 0"),
         ("teacher: {}\n", ["loss.region_grids=[]", "train.epochs=1"], None),
+        ("teacher: {}\n", ["cache.codec=zstd", "cache.codec_level=-5"], None),  # zstd's fast levels
+        ("base: &b {epochs: 3, seed: 1}\n", [], "unknown section 'base'"),  # anchors parse; the section is still unknown
+        ("train:\n  <<: {epochs: 3, seed: 1}\n  seed: 2\n", [], None),  # a merge key, one of its keys overridden
+        ("train:\n  ? [a, b]\n  : 1\n", [], "params.yaml: not valid YAML"),  # an unhashable key: YAML's own error
     ],
 )
 def test_bad_keys_and_types_are_one_line_errors_naming_key_and_file(tmp_path, text, overrides, message):

@@ -149,7 +149,7 @@ def test_segment_keeps_every_output_and_skips_what_it_cannot_read(trained, tmp_p
     base = ["segment", str(folder), "--classes", "circle,square", "--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), "--params", str(params_path), "-q", *sets]
     proc = run_cli(*base, check=False)
     assert proc.returncode == 2 and "1 of 4 images could not be read" in proc.stderr and "Traceback" not in proc.stderr
-    assert f"{folder / 'b' / 'broken.jpg'}: skipped: " in proc.stdout
+    assert f"skipped {folder / 'b' / 'broken.jpg'}: " in proc.stdout
     # one name per input: the extension only where two would share a name
     written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*_mask.png"))
     assert written == ["a/x.jpg_mask.png", "a/x.png_mask.png", "b/x_mask.png"]

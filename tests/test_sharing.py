@@ -108,7 +108,7 @@ def test_a_read_only_shared_cache_is_validated_then_used_without_writes(built_ca
         subprocess.run(["chmod", "-R", "u+w", str(shared)], check=True)
 
 
-def test_one_checkpoint_at_two_paths_is_one_teacher_and_old_path_keyed_stores_are_re_keyed(demo_dir, tmp_path, caplog):
+def test_one_checkpoint_at_two_paths_is_one_teacher_and_old_path_keyed_stores_are_re_keyed(demo_dir, tmp_path, caplog, monkeypatch):
     from conftest import REPO, write_params
 
     team_a, team_b = tmp_path / "a" / "teacher", tmp_path / "b" / "elsewhere"
@@ -130,6 +130,22 @@ def test_one_checkpoint_at_two_paths_is_one_teacher_and_old_path_keyed_stores_ar
     old_teacher = {**group.attrs["teacher"], "pretrained": str(team_a)}
     old = {**{k: group.attrs[k] for k in cs.IDENTITY_FIELDS}, "teacher": old_teacher}
     group.attrs.update(teacher=old_teacher, fingerprint=cs.fingerprint(old))
+    # On a location it cannot write, it is used as it is (as root, chmod cannot make one here).
+    import pipeline.cache_store as cache_store
+
+    writable = cache_store.zarr.open_group
+
+    def read_only(url, mode="r", **kw):
+        if mode != "r":
+            raise PermissionError(13, "Permission denied", str(url))
+        return writable(url, mode=mode, **kw)
+
+    monkeypatch.setattr(cache_store.zarr, "open_group", read_only)
+    with caplog.at_level("WARNING", logger="pipeline.cache_store"):
+        used = run_teacher_cache(load_params(params["b"]), str(store), progress=False)
+    monkeypatch.undo()
+    assert used.views_computed == 0 and "the same weights: used as it is (read-only, so not re-keyed)" in caplog.text
+    assert zarr.open_group(store, mode="r").attrs["teacher"]["pretrained"] == str(team_a)
     with caplog.at_level("WARNING", logger="pipeline.cache_store"):
         again = run_teacher_cache(load_params(params["b"]), str(store), progress=False)
     assert again.views_computed == 0 and "re-keyed by its teacher's weights" in caplog.text
@@ -138,3 +154,31 @@ def test_one_checkpoint_at_two_paths_is_one_teacher_and_old_path_keyed_stores_ar
     group.attrs.update(teacher={**old_teacher, "weights_sha256": "0" * 64}, fingerprint="stale")
     with pytest.raises(InputError, match="holds a cache built for other params"):
         run_teacher_cache(load_params(params["b"]), str(store), progress=False)
+
+
+def test_only_path_keyed_stores_are_re_keyed_never_tag_keyed_ones():
+    from pipeline.cache_store import _keyed_by_weights_path
+
+    sections = {"preprocessing": {"size": 224}, "manifest": {"hash": "m", "n": 3}}
+    teacher = {"library": "open_clip", "model": "ViT-B-32", "weights_sha256": "w", "precision": "bf16", "embed_dim": 512}
+    now = {**sections, "teacher": {**teacher, "pretrained": cs.LOCAL_WEIGHTS}}
+
+    def stored(**changes):
+        return {"schema": cs.SCHEMA_NAME, **sections, "teacher": {**teacher, **changes}}
+
+    assert _keyed_by_weights_path(stored(pretrained="/ckpt/vit-b-32.pt"), now)
+    assert not _keyed_by_weights_path(stored(pretrained="openai"), now)  # a tag: its users share that key
+    assert not _keyed_by_weights_path(stored(pretrained=""), now)  # a random init is another teacher
+    assert not _keyed_by_weights_path(stored(pretrained="/ckpt/vit-b-32.pt", weights_sha256="x"), now)
+    assert not _keyed_by_weights_path({**stored(pretrained="/ckpt/vit-b-32.pt"), "manifest": {"hash": "other", "n": 3}}, now)
+
+
+def test_a_tag_wins_over_a_file_of_the_same_name_as_in_open_clip(tmp_path, monkeypatch):
+    from pipeline.teacher import weights_are_local
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "openai").write_text("not a checkpoint")
+    (tmp_path / "mine.pt").write_text("a checkpoint")
+    assert not weights_are_local("ViT-B-32", "openai")  # open_clip downloads the tag, not this file
+    assert weights_are_local("ViT-B-32", "mine.pt")
+    assert not weights_are_local("ViT-B-32", "")
