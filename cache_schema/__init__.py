@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -122,7 +122,8 @@ def differences(stored: Mapping[str, Any], expected: Mapping[str, Any], prefix: 
     return out
 
 
-def validate(store: str | zarr.Group, expected: Mapping[str, Any] | None = None, grids: tuple[int, ...] | None = None) -> dict:
+def validate(store: str | zarr.Group, expected: Mapping[str, Any] | None = None, grids: tuple[int, ...] | None = None,
+             *, deep: bool = False, on_rows: Callable[[int], None] | None = None) -> dict:
     """Check that a store is a complete, self-consistent v1 cache, and the one expected.
 
     Args:
@@ -130,6 +131,8 @@ def validate(store: str | zarr.Group, expected: Mapping[str, Any] | None = None,
         expected: identity sections (`teacher`, `preprocessing`, `manifest`) the caller needs,
             as `pipeline.teacher_cache.expected_identity` builds them from params.
         grids: grids the caller will read; they must be present and complete.
+        deep: also read every row of every views and images array (see `read_every_row`).
+        on_rows: called with the number of rows read, as the deep check goes (a progress bar).
     Returns:
         the store's attributes.
     Raises:
@@ -169,9 +172,47 @@ def validate(store: str | zarr.Group, expected: Mapping[str, Any] | None = None,
             problems.append("complete: store is not marked complete (rerun stage one to resume it)")
         if not problems and np.any(group[STATUS][:] == STATUS_PENDING):
             problems.append(f"status: {int(np.sum(group[STATUS][:] == STATUS_PENDING))} rows still pending")
+    if deep and not problems:
+        problems += read_every_row(group, wanted, sizes, on_rows)
     if problems:
         raise CacheSchemaError(f"{store}: " + "; ".join(problems))
     return attrs
+
+
+def read_every_row(group: zarr.Group, grids: tuple[int, ...], sizes: tuple[int, ...], on_rows: Callable[[int], None] | None = None) -> list[str]:
+    """Decode every shard of the views and images arrays and check the views against `status`.
+
+    Metadata can be right while data is not (a shard file truncated or overwritten on a shared
+    disk). Every block must decode, ok rows must hold finite views, failed rows all-NaN views.
+    The codecs carry no checksum of the data, so a flipped bit that still decodes goes unseen.
+
+    Returns:
+        one line per damaged array: the first damaged rows and how many blocks are damaged.
+    """
+    status = group[STATUS][:]  # [N]
+    problems = []
+    for name in [views_array(g) for g in grids] + [images_array(s) for s in sizes]:
+        array = group[name]
+        step = (array.shards or array.chunks)[0]
+        damaged = []
+        for start in range(0, array.shape[0], step):
+            rows = slice(start, min(start + step, array.shape[0]))
+            try:
+                block = array[rows]
+            except Exception as exc:  # noqa: BLE001 - each codec raises its own error type
+                damaged.append(f"rows {rows.start}-{rows.stop - 1} do not decode ({type(exc).__name__}: {exc})")
+                block = None
+            if block is not None and name.startswith("views/"):
+                flat = block.reshape(block.shape[0], -1)  # [rows, V*D]
+                ok, failed = status[rows] == STATUS_OK, status[rows] == STATUS_FAILED
+                bad = np.flatnonzero((ok & ~np.isfinite(flat).all(axis=1)) | (failed & ~np.isnan(flat).all(axis=1)))
+                if bad.size:
+                    damaged.append(f"row {start + int(bad[0])} disagrees with its status ({bad.size} such rows in rows {rows.start}-{rows.stop - 1})")
+            if on_rows:
+                on_rows(rows.stop - rows.start)
+        if damaged:
+            problems.append(f"{name}: {damaged[0]}" + (f" (and {len(damaged) - 1} more damaged blocks)" if len(damaged) > 1 else ""))
+    return problems
 
 
 def _normalize(value: Any) -> Any:

@@ -176,15 +176,20 @@ def cache_validate(
     path: Annotated[str, typer.Argument(help="store path or URL")],
     params: Annotated[Optional[Path], typer.Option("--params", help="also check the store matches these params")] = None,
     set_: SetOpt = None,
+    deep: Annotated[bool, typer.Option("--deep", help="also read every row: every shard decodes, views agree with each row's status")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
     """Exit 0 when the store is complete and consistent (and built for --params, when given)."""
+    from tqdm.auto import tqdm
+
     expected, grids = None, None
     if params is not None:
         from pipeline.teacher_cache import identity_from_params
 
         loaded = load_params(params, set_ or ())
         expected, grids = identity_from_params(loaded), tuple(sorted(set(loaded.cache.grids)))
-    attrs = cs.validate(path, expected, grids)
+    with tqdm(desc="read", unit="row", disable=quiet or not deep) as bar:
+        attrs = cs.validate(path, expected, grids, deep=deep, on_rows=bar.update)
     typer.echo(f"{path}: valid ({attrs['manifest']['n']} images, grids {', '.join(map(cs.grid_name, cs.store_grids(cs.open_store(path))))}, fingerprint {attrs['fingerprint'][:12]})")
 
 

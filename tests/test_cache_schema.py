@@ -87,3 +87,23 @@ def test_cli_validate_exit_codes(built_cache, store_copy, tmp_path):
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     missing = run_cli("cache", "validate", str(tmp_path / "nothing.zarr"), check=False)
     assert missing.returncode == 2 and "not a zarr group" in missing.stderr
+
+
+def test_deep_validation_reads_every_row_and_finds_damaged_data(store_copy):
+    read = []
+    cs.validate(store_copy, deep=True, on_rows=read.append)
+    assert sum(read) == 4 * 8  # every row of the four views arrays
+    group = zarr.open_group(store_copy, mode="r+")
+    views = group["views/2x2"]
+    values = views[:]  # [8, 4, D]; 4 rows per shard
+    values[5, 2, 7] = float("nan")  # an ok row with a hole: metadata still says valid
+    views[:] = values
+    cs.validate(store_copy)
+    with pytest.raises(cs.CacheSchemaError, match=r"views/2x2: row 5 disagrees with its status \(1 such rows in rows 4-7\)"):
+        cs.validate(store_copy, deep=True)
+    shard = next(p for p in (store_copy / "views" / "3x3" / "c").rglob("*") if p.is_file())
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a truncated shard file
+    cs.validate(store_copy, grids=(3,))
+    damaged = run_cli("cache", "validate", str(store_copy), "--deep", "-q", check=False)
+    assert damaged.returncode == 2 and "views/3x3: rows " in damaged.stderr and "do not decode" in damaged.stderr
+    assert "Traceback" not in damaged.stderr
