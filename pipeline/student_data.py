@@ -205,8 +205,12 @@ class CachePairs(IterableDataset):
         buffer: list[tuple[int, np.ndarray, np.ndarray | None]] = []
         for index in rng.permutation(len(stream.chunks)):
             a, b = stream.chunks[index]
-            targets = load_targets(self._views, rows=slice(a, b))  # [b-a, V, D] one read per grid
-            images = self._images[a:b] if self._images is not None else None  # [b-a, 3, S, S]
+            try:
+                targets = load_targets(self._views, rows=slice(a, b))  # [b-a, V, D] one read per grid
+                images = self._images[a:b] if self._images is not None else None  # [b-a, 3, S, S]
+            except Exception as exc:  # noqa: BLE001 - each codec raises its own error type
+                raise InputError(f"{self.store}: rows {a}-{b - 1} do not decode ({type(exc).__name__}: {exc}); "
+                                 f"zeroseg cache validate --deep lists the damage") from None
             buffer.extend(
                 (a + i, targets[i].copy(), None if images is None else images[i].copy()) for i in np.flatnonzero(self.status[a:b] == cs.STATUS_OK)
             )

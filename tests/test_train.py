@@ -314,3 +314,29 @@ def test_a_training_step_has_no_op_that_waits_for_the_device(built_cache):
     with HostWaits() as waits:  # the probe sees what it looks for
         float(terms["distill"].detach()), torch.tensor([1.0]), images[images > 0]
     assert waits.seen == ["_local_scalar_dense", "lift_fresh", "index with a boolean mask"]
+
+
+class FailingImage(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        raise InputError("/data/x.jpg: corrupt or truncated image")
+
+
+def test_a_workers_input_error_reaches_the_user_as_its_own_one_line():
+    loader = DataLoader(FailingImage(), batch_size=1, num_workers=1, multiprocessing_context="forkserver")
+    with pytest.raises(InputError) as info:
+        next(iter(loader))
+    assert str(info.value) == "/data/x.jpg: corrupt or truncated image"
+
+
+def test_training_on_a_damaged_store_stops_with_one_line(built_cache, tmp_path):
+    store, _ = built_cache
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(store, damaged)
+    shard = next(p for p in (damaged / "views" / "1x1" / "c").rglob("*") if p.is_file())
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(InputError, match=r"damaged.zarr: rows \d+-\d+ do not decode .*zeroseg cache validate --deep") as info:
+        run_training(params_for(built_cache, "train.epochs=1", "train.num_workers=1"), str(damaged), tmp_path / "run", progress=False)
+    assert "\n" not in str(info.value)
