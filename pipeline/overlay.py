@@ -9,6 +9,7 @@ stored in the PNG's text chunk `legend` (one per line) for tools.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def overlay(image: np.ndarray, labels: np.ndarray, names: Sequence[str], *, alph
     legend = [names[k - 1] for k in order]
     if legend:
         draw = ImageDraw.Draw(out)
-        font = ImageFont.load_default()
+        font = legend_font(max(11, min(32, out.height // 40)))
         line = max(10, draw.textbbox((0, 0), "Ag", font=font)[3] + 3)
         width = max(draw.textlength(n, font=font) for n in legend) + line + 8
         shown = legend[: max(1, (out.height - 4) // line)]
@@ -66,6 +67,22 @@ def overlay(image: np.ndarray, labels: np.ndarray, names: Sequence[str], *, alph
             draw.rectangle([5, y + 1, 5 + line - 4, y + line - 3], fill=colour(k), outline=(0, 0, 0))
             draw.text((8 + line, y), name, fill=(0, 0, 0), font=font)
     return out, legend
+
+
+# System fonts tried before PIL's own (Latin only): DejaVu and Noto also cover Greek, Cyrillic,
+# Arabic, Hebrew..., so class names in those scripts are not drawn as boxes.
+LEGEND_FONTS = ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "Arial.ttf")
+
+
+@functools.cache
+def legend_font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """The legend's font at `size` pixels: the first of LEGEND_FONTS found, else PIL's default."""
+    for name in LEGEND_FONTS:
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
+    return ImageFont.load_default(size)
 
 
 def write_overlay(path: str | Path, image: np.ndarray, labels: np.ndarray, names: Sequence[str]) -> list[str]:

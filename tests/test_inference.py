@@ -223,3 +223,20 @@ def test_maskclip_dense_features_pool_to_the_teacher_embedding_shape(model):
     assert feats.shape == (2, 4, 4, model.teacher.identity.embed_dim)  # 32 px / patch 8
     pred = seg.predict(np.random.default_rng(3).integers(0, 256, (40, 70, 3), dtype=np.uint8))
     assert pred.labels.shape == (40, 70) and set(np.unique(pred.labels)) <= {1, 2}
+
+
+def test_the_legend_is_drawn_in_a_font_that_scales_with_the_image():
+    from pipeline.overlay import legend_font, overlay
+
+    labels = np.zeros((400, 300), dtype=np.int64)
+    labels[:200] = 1
+    small, legend = overlay(np.full((400, 300, 3), 128, np.uint8), labels, ["Ωmega"])
+    assert legend == ["Ωmega"]
+    big, _ = overlay(np.full((1600, 1200, 3), 128, np.uint8), np.kron(labels, np.ones((4, 4), dtype=np.int64)), ["Ωmega"])
+
+    def legend_height(img):  # the white legend box's rows in the first column past its border
+        column = np.asarray(img)[:, 3]
+        return int((column == 255).all(axis=1).sum())
+
+    assert legend_height(big) > 2 * legend_height(small) > 0
+    assert legend_font(12).size == 12 and legend_font(12) is legend_font(12)
