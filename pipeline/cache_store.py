@@ -149,6 +149,10 @@ class CacheStore:
                     if fs.ls(root):
                         raise InputError(f"{url}: exists and is not a zeroseg teacher cache; refusing to write into it")
                 elif same:
+                    wanted = _layout(cfg)
+                    if existing.get("layout", wanted) != wanted:  # chunking and codec are the store's, set at creation
+                        log.warning("%s keeps its layout %s; cache params ask for %s, which only a new store gets (--replace rebuilds it)",
+                                    url, existing["layout"], wanted)
                     # A complete store stays opened read-only (a shared location may be read-only);
                     # one with work left is reopened for writing.
                     sizes = (cfg.student_image_size,) if cfg.student_image_size else ()
@@ -190,7 +194,7 @@ class CacheStore:
             view_order="grid ascending, then row-major cells",
             grids=[],
             image_sizes=[],
-            layout={"chunk_rows": cfg.chunk_rows, "shard_rows": cfg.shard_rows, "codec": cfg.codec, "codec_level": cfg.codec_level},
+            layout=_layout(cfg),
             provenance=_provenance(),
             complete=False,
         )
@@ -372,6 +376,11 @@ def _probe(url: str) -> tuple[fsspec.AbstractFileSystem, str, bool]:
         return fs, root, fs.exists(root)
     except Exception as exc:  # noqa: BLE001 - a filesystem's own error, e.g. s3:// without s3fs
         raise InputError(f"{url}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'cannot reach it'}") from None
+
+
+def _layout(cfg: CacheConfig) -> dict:
+    """The store attribute `layout`: how its arrays are chunked and compressed."""
+    return {"chunk_rows": cfg.chunk_rows, "shard_rows": cfg.shard_rows, "codec": cfg.codec, "codec_level": cfg.codec_level}
 
 
 def _keyed_by_weights_path(existing: Mapping[str, Any], identity: Mapping[str, Any]) -> bool:

@@ -360,6 +360,12 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         return _coerce(value, next(a for a in args if a is not type(None)), key, source)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 (PyYAML) reads 2e-3 as a string; YAML 1.2, which `dvc exp run -S` writes, as a float.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint is str and value is None:
         return ""
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):

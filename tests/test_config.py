@@ -24,6 +24,9 @@ def test_sections_are_frozen_dataclasses_with_defaults(tmp_path):
 def test_overrides_use_dvc_exp_run_syntax(tmp_path):
     params = load_params(write(tmp_path, "teacher:\n  model: ViT-B-16\n"), ["teacher.model=ViT-L-14", "cache.grids=[1,2]", "teacher.batch_size=8"])
     assert (params.teacher.model, params.cache.grids, params.teacher.batch_size) == ("ViT-L-14", (1, 2), 8)
+    # YAML 1.2 floats without a dot (what dvc exp run -S writes), in a file and in --set
+    params = load_params(write(tmp_path, "train:\n  min_lr: 1e-6\n"), ["train.base_lr=2e-3"])
+    assert (params.train.min_lr, params.train.base_lr) == (1e-6, 2e-3)
 
 
 @pytest.mark.parametrize(
@@ -33,6 +36,7 @@ def test_overrides_use_dvc_exp_run_syntax(tmp_path):
         ("teachers:\n  model: x\n", [], "params.yaml: unknown section 'teachers'"),
         ("teacher:\n  precision: fp64\n", [], "teacher.precision: expected one of fp32, bf16, fp16, pure_bf16, got 'fp64'"),
         ("teacher:\n  batch_size: many\n", [], "teacher.batch_size: expected int, got 'many'"),
+        ("train:\n  base_lr: fast\n", [], "train.base_lr: expected float, got 'fast'"),
         ("cache:\n  grids: 4\n", [], "cache.grids: expected a list"),
         ("teacher:\n  batch_size: true\n", [], "teacher.batch_size: expected int"),
         ("teacher: {}\n", ["teacher=1"], "expected SECTION.KEY=VALUE"),

@@ -214,3 +214,14 @@ def test_store_opens_with_plain_zarr_and_dask_in_a_fresh_process(built_cache):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(zarr.open_group(store, mode="r").attrs["fingerprint"])
+
+
+def test_an_existing_store_keeps_its_layout_and_says_so(tmp_path, demo_dir, caplog):
+    params = write_params(tmp_path / "params.yaml", demo_dir / "images", tmp_path / "caches")
+    store = str(tmp_path / "caches" / "a.zarr")
+    run_teacher_cache(load_params(params, ["cache.grids=[1]"]), store, progress=False)
+    with caplog.at_level("WARNING", logger="pipeline.cache_store"):
+        again = run_teacher_cache(load_params(params, ["cache.grids=[1]", "cache.chunk_rows=4", "cache.codec=zstd"]), store, progress=False)
+    assert again.views_computed == 0
+    assert "keeps its layout {'chunk_rows': 2, 'shard_rows': 4, 'codec': 'blosc-zstd', 'codec_level': 3}" in caplog.text
+    assert zarr.open_group(store, mode="r")["views/1x1"].chunks[0] == 2
