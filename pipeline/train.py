@@ -236,6 +236,11 @@ def _train(params: Params, cache: str, out_dir: str | Path, *, resume: str, live
         dataset, batch_size=cfg.micro_batch, drop_last=True, num_workers=cfg.num_workers,
         multiprocessing_context="forkserver" if cfg.num_workers > 0 else None, persistent_workers=cfg.num_workers > 0,
         worker_init_fn=ParentEnviron() if cfg.num_workers > 0 else None, pin_memory=device.type == "cuda",
+        # Each new iterator draws its workers' base seed from this generator; from the global one it
+        # would shift the masks and Gumbel noise of every later step, differently in a resumed
+        # run (which makes its iterator mid-epoch) than in an uninterrupted one. CachePairs seeds
+        # its own order from (seed, epoch, rank, worker).
+        generator=torch.Generator().manual_seed(cfg.seed + rank),
     )
     optimizer = torch.optim.AdamW(param_groups_for_weight_decay(model, cfg.weight_decay), lr=sched.peak_lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and cfg.precision == "fp16")

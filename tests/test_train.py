@@ -50,11 +50,13 @@ def test_the_stabilizers_train_and_region_matching_falls(built_cache, tmp_path):
     assert summary.losses["region_match"] < 0.8 * summary.first_losses["region_match"]
 
 
-def test_resume_continues_exactly(built_cache, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_continues_exactly(built_cache, tmp_path, workers):
     store, _ = built_cache
-    straight = run_training(params_for(built_cache, "train.epochs=6"), str(store), tmp_path / "a", progress=False)
-    run_training(params_for(built_cache, "train.epochs=6", "train.max_steps=4"), str(store), tmp_path / "b", progress=False)
-    resumed = run_training(params_for(built_cache, "train.epochs=6"), str(store), tmp_path / "b", resume="must", progress=False)
+    run = ("train.epochs=6", f"train.num_workers={workers}")
+    straight = run_training(params_for(built_cache, *run), str(store), tmp_path / "a", progress=False)
+    run_training(params_for(built_cache, *run, "train.max_steps=4"), str(store), tmp_path / "b", progress=False)
+    resumed = run_training(params_for(built_cache, *run), str(store), tmp_path / "b", resume="must", progress=False)
     assert resumed.resumed_from == 4 and resumed.step == straight.step == 6
     a, b = load_checkpoint(tmp_path / "a" / "checkpoint.pt"), load_checkpoint(tmp_path / "b" / "checkpoint.pt")
     for name, tensor in a["model"].items():
