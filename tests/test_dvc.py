@@ -84,6 +84,14 @@ def test_repro_builds_everything_and_params_edits_make_exactly_their_stages_stal
     import zarr
 
     assert zarr.open_group(store, mode="r").attrs["complete"] is True
+    # Another dataset: its metrics file is the stage's output, and the old one does not linger.
+    set_param(project, "eval", "datasets", {"voc_layout": "data/demo/eval"})
+    status = dvc(project, "status")
+    assert "evaluate:" in status and "train:" not in status and "teacher_cache:" not in status
+    dvc(project, "repro")
+    assert sorted(p.name for p in (project / "metrics").iterdir()) == ["voc_layout.json"]
+    assert "metrics/voc_layout.json" in dvc(project, "metrics", "show")
+    assert "up to date" in dvc(project, "status")
     check = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "cache", "validate", str(store), "--params", "params.yaml"],
         cwd=project, capture_output=True, text=True,
