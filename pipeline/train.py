@@ -18,12 +18,14 @@ import contextlib
 import logging
 import math
 import os
+import random
 import signal
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -147,12 +149,20 @@ class StudentObjective(torch.nn.Module):
         return total, terms
 
 
-def compatibility(params: Params, cache_attrs: dict) -> dict:
-    """What must be equal for a checkpoint to be resumed (run mechanics excluded)."""
+def compatibility(params: Params, cache_attrs: dict, world: int = 1) -> dict:
+    """What must be equal for a checkpoint to be resumed (run mechanics excluded).
+
+    `train.num_workers` and the number of processes stay in: each (process, worker) pair reads
+    its own share of the chunks, so they fix the data order and the steps per epoch, and with
+    them the learning-rate schedule. A resume with other values would silently follow another
+    schedule and skip the wrong rows.
+    """
     train = section_dict(params.train)
-    for key in ("max_steps", "log_every", "checkpoint_every", "num_workers", "compile", "device", "images"):
+    train["num_workers"] = max(1, train["num_workers"])  # 0 (in process) reads as one worker does
+    for key in ("max_steps", "log_every", "checkpoint_every", "compile", "device", "images"):
         train.pop(key)
-    return {"student": section_dict(params.student), "loss": section_dict(params.loss), "train": train, "cache_fingerprint": cache_attrs["fingerprint"]}
+    return {"student": section_dict(params.student), "loss": section_dict(params.loss), "train": train, "processes": world,
+            "cache_fingerprint": cache_attrs["fingerprint"]}
 
 
 def data_root(images: str) -> Path:
@@ -211,7 +221,11 @@ def _train(params: Params, cache: str, out_dir: str | Path, *, resume: str, live
     except cs.CacheSchemaError as exc:
         raise InputError(f"refusing to train on {cache}: {exc}") from None
     out_dim = int(attrs["teacher"]["embed_dim"])
+    # Every global RNG, not only torch's: a checkpoint stores them all (for exact resume), and an
+    # unseeded one would make two identical runs write different checkpoint files.
     torch.manual_seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
     s = params.student
     arch = student_arch(s.variant, hard_assignment=s.hard_assignment, gumbel_tau=s.gumbel_tau, learnable_assign_temperature=s.learnable_assign_temperature)
     model = ZeroSegStudent(arch=arch, out_dim=out_dim)
@@ -247,7 +261,7 @@ def _train(params: Params, cache: str, out_dir: str | Path, *, resume: str, live
 
     out_dir = Path(out_dir)
     ckpt_path = out_dir / CHECKPOINT_NAME
-    compat = compatibility(params, attrs)
+    compat = compatibility(params, attrs, world)
     step, summary = 0, TrainSummary(checkpoint=str(ckpt_path), total_steps=sched.total_steps)
     if resume == "never" and ckpt_path.exists():
         log.warning("%s exists and is started afresh: it is replaced at the first checkpoint (--resume continues it)", ckpt_path)
@@ -256,7 +270,8 @@ def _train(params: Params, cache: str, out_dir: str | Path, *, resume: str, live
         if ckpt.get("compat") != compat:
             differs = [d.split(":")[0] for d in cs.differences(ckpt.get("compat", {}), compat)]  # train.base_lr, cache_fingerprint
             if resume == "must":
-                raise InputError(f"{ckpt_path}: made with other {', '.join(differs)}; cannot resume (remove it or use another --out)")
+                why = " (they fix the data order and steps per epoch: set them as before)" if {"train.num_workers", "processes"} & set(differs) else ""
+                raise InputError(f"{ckpt_path}: made with other {', '.join(differs)}{why}; cannot resume (remove it or use another --out)")
             log.warning("%s was made with other %s: starting afresh", ckpt_path, ", ".join(differs))
         else:
             model.load_state_dict(ckpt["model"])
@@ -273,7 +288,7 @@ def _train(params: Params, cache: str, out_dir: str | Path, *, resume: str, live
     if world > 1:
         train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
     amp = _AMP[cfg.precision] if device.type == "cuda" else None
-    live = _open_live(live_dir, resume=summary.resumed_from is not None) if rank == 0 else None
+    live = _open_live(live_dir, resume_step=summary.resumed_from) if rank == 0 else None
 
     def checkpoint(epoch: int) -> None:
         nonlocal saved_step
@@ -350,12 +365,12 @@ def _train(params: Params, cache: str, out_dir: str | Path, *, resume: str, live
                     summary.images_per_s, summary.data_wait_fraction = seen / elapsed, wait / elapsed
                     bar.set_postfix(loss=f"{summary.losses['total']:.4f}", lr=f"{lr:.2e}", img_s=f"{summary.images_per_s:.0f}")
                     if live is not None:
+                        live.step = step  # log_metric records at the current step: set it first
                         for k, v in summary.losses.items():
                             live.log_metric(f"loss/{k}", v)
                         live.log_metric("lr", lr)
                         live.log_metric("images_per_s", summary.images_per_s)
                         live.log_metric("data_wait_fraction", summary.data_wait_fraction)
-                        live.step = step
                         live.next_step()
                     window, seen, wait, t_window = {}, 0, 0.0, time.perf_counter()
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
@@ -392,7 +407,8 @@ def _device(name: str, local_rank: int, world: int) -> torch.device:
     return resolve_device(name, key="train.device")
 
 
-def _open_live(live_dir: str | Path | None, *, resume: bool):
+def _open_live(live_dir: str | Path | None, *, resume_step: int | None):
+    """dvclive in `live_dir` (None for no logging); resuming from `resume_step` keeps its rows up to that step."""
     if live_dir is None or str(live_dir).strip() in ("", "."):
         return None
     live_path = Path(live_dir).resolve()
@@ -401,7 +417,28 @@ def _open_live(live_dir: str | Path | None, *, resume: bool):
         raise InputError(f"--live-dir {live_dir}: must be a folder of its own (dvclive clears its files), not one holding params.yaml or dvc.yaml")
     from dvclive import Live
 
+    if resume_step is not None:
+        _drop_rows_after(live_path / "plots" / "metrics", resume_step)
     try:
-        return Live(dir=str(live_dir), resume=resume, save_dvc_exp=False, dvcyaml=None)
+        return Live(dir=str(live_dir), resume=resume_step is not None, save_dvc_exp=False, dvcyaml=None)
     except Exception as exc:  # noqa: BLE001 - dvclive raises scmrepo errors, e.g. in a repo without commits
         raise InputError(f"dvclive could not start in {live_dir} ({type(exc).__name__}: {exc}); commit once, or pass --live-dir ''") from None
+
+
+def _drop_rows_after(plots: Path, step: int) -> None:
+    """Remove the rows past `step` from dvclive's metric tables in `plots`.
+
+    A run that stopped after its last checkpoint logged steps that the resumed run logs again;
+    dvclive's resume only appends, so without this the plots would hold those steps twice.
+    """
+    for table in sorted(plots.rglob("*.tsv")):
+        lines = table.read_text(encoding="utf-8").splitlines(keepends=True)
+        if not lines:
+            continue
+        header = lines[0].rstrip("\r\n").split("\t")
+        column = header.index("step") if "step" in header else 0
+        kept = [lines[0]] + [line for line in lines[1:] if line.strip() and int(line.split("\t")[column]) <= step]
+        if len(kept) != len(lines):
+            tmp = table.with_suffix(".tsv.tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            tmp.replace(table)
