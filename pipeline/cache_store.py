@@ -135,16 +135,17 @@ class CacheStore:
             if exists:
                 existing, group = _read_attrs(url)
                 same = existing.get("fingerprint") == fp
-                if not same and _keyed_by_weights_path(existing, identity):
+                if not same and _keyed_by_paths(existing, identity):
                     same = True
+                    was = ", ".join(v for v in (existing["teacher"].get("model"), existing["teacher"].get("pretrained")) if v and v not in (identity["teacher"]["model"], cs.LOCAL_WEIGHTS))
                     try:
                         zarr.open_group(url, mode="r+").attrs.update(teacher=identity["teacher"], fingerprint=fp)
-                        log.warning("%s: re-keyed by its teacher's weights instead of their path (%s); fingerprint %s is now %s",
-                                    url, existing["teacher"]["pretrained"], existing["fingerprint"][:12], fp[:12])
+                        log.warning("%s: re-keyed by its teacher's weights and config instead of their paths (%s); fingerprint %s is now %s",
+                                    url, was, existing["fingerprint"][:12], fp[:12])
                         existing, group = _read_attrs(url)
                     except PermissionError:
-                        log.warning("%s: keyed by its teacher's path (%s), the same weights: used as it is (read-only, so not re-keyed)",
-                                    url, existing["teacher"]["pretrained"])
+                        log.warning("%s: keyed by its teacher's paths (%s), the same weights and config: used as it is (read-only, so not re-keyed)",
+                                    url, was)
                 if existing.get("schema") != cs.SCHEMA_NAME:
                     if fs.ls(root):
                         raise InputError(f"{url}: exists and is not a zeroseg teacher cache; refusing to write into it")
@@ -383,19 +384,25 @@ def _layout(cfg: CacheConfig) -> dict:
     return {"chunk_rows": cfg.chunk_rows, "shard_rows": cfg.shard_rows, "codec": cfg.codec, "codec_level": cfg.codec_level}
 
 
-def _keyed_by_weights_path(existing: Mapping[str, Any], identity: Mapping[str, Any]) -> bool:
-    """A store written before the identity left local checkpoint paths out, holding this very
-    identity otherwise (the same weights, by sha256): its embeddings are this identity's."""
-    if existing.get("schema") != cs.SCHEMA_NAME or identity["teacher"].get("pretrained") != cs.LOCAL_WEIGHTS:
+def _keyed_by_paths(existing: Mapping[str, Any], identity: Mapping[str, Any]) -> bool:
+    """A store written before the identity left paths out (of a local checkpoint, a model-config
+    JSON or a local-dir model), holding this very identity otherwise (the same weights and model
+    config, by sha256): its embeddings are this identity's."""
+    if existing.get("schema") != cs.SCHEMA_NAME:
         return False
-    old = dict(existing.get("teacher", {}))
-    if old.get("pretrained") in ("", cs.LOCAL_WEIGHTS, None):
-        return False
-    import open_clip  # only here: reading a store needs no model library
+    from pipeline.teacher import identity_model_name  # only here: reading a store needs no model library
 
-    if old["pretrained"] in open_clip.list_pretrained_tags_by_model(old.get("model", "")):
-        return False  # keyed by a tag: tag users share it, a local copy of those weights is another key
-    old["pretrained"] = cs.LOCAL_WEIGHTS
+    old = dict(existing.get("teacher", {}))
+    moved = {"model": identity_model_name(str(old.get("model", "")))}
+    if identity["teacher"].get("pretrained") == cs.LOCAL_WEIGHTS and old.get("pretrained") not in ("", cs.LOCAL_WEIGHTS, None):
+        import open_clip
+
+        # keyed by a tag: tag users share it, a local copy of those weights is another key
+        if old["pretrained"] not in open_clip.list_pretrained_tags_by_model(old.get("model", "")):
+            moved["pretrained"] = cs.LOCAL_WEIGHTS
+    if all(old.get(k) == v for k, v in moved.items()):
+        return False  # no path in it: a store of another identity, not an old key of this one
+    old.update(moved)
     return not cs.differences({"teacher": old, **{k: existing.get(k, {}) for k in cs.IDENTITY_FIELDS if k != "teacher"}},
                               {k: identity[k] for k in cs.IDENTITY_FIELDS})
 

@@ -72,8 +72,10 @@ def resolve_device(device: str, key: str = "teacher.device") -> torch.device:
 class Teacher:
     """A loaded open_clip model that turns normalized views into projected embeddings."""
 
-    def __init__(self, model: torch.nn.Module, identity: TeacherIdentity, spec: ViewSpec, device: torch.device, precision: str, views_per_forward: int = 0, compile: bool = False):
+    def __init__(self, model: torch.nn.Module, identity: TeacherIdentity, spec: ViewSpec, device: torch.device, precision: str, views_per_forward: int = 0, compile: bool = False, open_clip_name: str = ""):
         self.model = model.eval().requires_grad_(False)
+        # The name open_clip built it under (a config's stem, or local-dir:PATH): its tokenizer's.
+        self.open_clip_name = open_clip_name or identity.model
         # The dtype views enter the image tower in (bf16 for pure_bf16, whose tower is cast).
         self.view_dtype = torch.bfloat16 if precision == "pure_bf16" else torch.float32
         if precision == "pure_bf16":
@@ -108,7 +110,8 @@ class Teacher:
         identity = TeacherIdentity(
             library="open_clip",
             library_version=open_clip.__version__,
-            model=cfg.model,
+            # Likewise a model config's path is not the model: its name and config hash are.
+            model=identity_model_name(cfg.model),
             model_config_sha256=_json_sha256(model_cfg),
             # Where a checkpoint lies is not who the teacher is (weights_sha256 says that): the
             # same checkpoint at another path, on another team's machine, is the same teacher.
@@ -117,7 +120,7 @@ class Teacher:
             precision=cfg.precision,
             embed_dim=embed_dim,
         )
-        return cls(model.to(device), identity, spec, device, cfg.precision, cfg.views_per_forward, cfg.compile)
+        return cls(model.to(device), identity, spec, device, cfg.precision, cfg.views_per_forward, cfg.compile, open_clip_name=model_name)
 
     @torch.inference_mode()
     def encode(self, views: torch.Tensor) -> torch.Tensor:
@@ -146,6 +149,20 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def identity_model_name(model: str) -> str:
+    """`teacher.model` as the cache identity records it: without any path.
+
+    A model-config JSON is known by its file's stem (the name open_clip registers it under) and a
+    `local-dir:` model as "local-dir"; `model_config_sha256` and `weights_sha256` say which, so
+    one config or checkpoint at two teams' paths is one teacher.
+    """
+    if model.startswith("local-dir:"):
+        return "local-dir"
+    if model.endswith(".json"):
+        return Path(model).stem
+    return model
 
 
 def _json_sha256(obj: object) -> str:

@@ -52,8 +52,7 @@ class ClassEmbedder:
             raise InputError(f"teacher {teacher.identity.model}: has no text tower to embed class names with")
         self.teacher = teacher
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        name = teacher.identity.model
-        self.tokenizer = open_clip.get_tokenizer(Path(name).stem if name.endswith(".json") else name)
+        self.tokenizer = open_clip.get_tokenizer(teacher.open_clip_name)
         self.prompts_encoded = 0  # prompts run through the text tower by this instance
 
     def key(self, classes: Sequence[str], templates: Sequence[str]) -> str:

@@ -144,11 +144,11 @@ def test_one_checkpoint_at_two_paths_is_one_teacher_and_old_path_keyed_stores_ar
     with caplog.at_level("WARNING", logger="pipeline.cache_store"):
         used = run_teacher_cache(load_params(params["b"]), str(store), progress=False)
     monkeypatch.undo()
-    assert used.views_computed == 0 and "the same weights: used as it is (read-only, so not re-keyed)" in caplog.text
+    assert used.views_computed == 0 and "the same weights and config: used as it is (read-only, so not re-keyed)" in caplog.text
     assert zarr.open_group(store, mode="r").attrs["teacher"]["pretrained"] == str(team_a)
     with caplog.at_level("WARNING", logger="pipeline.cache_store"):
         again = run_teacher_cache(load_params(params["b"]), str(store), progress=False)
-    assert again.views_computed == 0 and "re-keyed by its teacher's weights" in caplog.text
+    assert again.views_computed == 0 and "re-keyed by its teacher's weights and config instead of their paths" in caplog.text
     assert cs.validate(str(store), ids["b"], (1, 2))["fingerprint"] == cs.fingerprint(ids["b"])
     # other weights are another teacher: never re-keyed
     group.attrs.update(teacher={**old_teacher, "weights_sha256": "0" * 64}, fingerprint="stale")
@@ -156,8 +156,33 @@ def test_one_checkpoint_at_two_paths_is_one_teacher_and_old_path_keyed_stores_ar
         run_teacher_cache(load_params(params["b"]), str(store), progress=False)
 
 
+def test_one_model_config_at_two_paths_is_one_teacher_and_old_config_keyed_stores_are_re_keyed(demo_dir, tmp_path, caplog):
+    from conftest import REPO, write_params
+
+    configs = [tmp_path / team / "zeroseg-test-vit.json" for team in ("a", "b")]
+    for config in configs:
+        config.parent.mkdir()
+        shutil.copy(REPO / "pipeline" / "model_configs" / "zeroseg-test-vit.json", config)
+    params = [write_params(tmp_path / f"{c.parent.name}.yaml", demo_dir / "images", tmp_path / "caches", teacher={"model": str(c)}, cache={"grids": [1]})
+              for c in configs]
+    by_name = write_params(tmp_path / "name.yaml", demo_dir / "images", tmp_path / "caches", cache={"grids": [1]})  # teacher.model: zeroseg-test-vit
+    ids = [identity_from_params(load_params(p), progress=False) for p in (*params, by_name)]
+    assert ids[0] == ids[1] == ids[2] and ids[0]["teacher"]["model"] == "zeroseg-test-vit"
+    store = tmp_path / "shared.zarr"
+    run_teacher_cache(load_params(params[0]), str(store), progress=False)
+    import zarr
+
+    group = zarr.open_group(store, mode="r+")  # as written before: the config's path in the identity
+    old_teacher = {**group.attrs["teacher"], "model": str(configs[0])}
+    group.attrs.update(teacher=old_teacher, fingerprint=cs.fingerprint({**{k: group.attrs[k] for k in cs.IDENTITY_FIELDS}, "teacher": old_teacher}))
+    with caplog.at_level("WARNING", logger="pipeline.cache_store"):
+        again = run_teacher_cache(load_params(params[1]), str(store), progress=False)
+    assert again.views_computed == 0 and f"instead of their paths ({configs[0]})" in caplog.text
+    assert cs.validate(str(store), ids[1], (1,))["teacher"]["model"] == "zeroseg-test-vit"
+
+
 def test_only_path_keyed_stores_are_re_keyed_never_tag_keyed_ones():
-    from pipeline.cache_store import _keyed_by_weights_path
+    from pipeline.cache_store import _keyed_by_paths
 
     sections = {"preprocessing": {"size": 224}, "manifest": {"hash": "m", "n": 3}}
     teacher = {"library": "open_clip", "model": "ViT-B-32", "weights_sha256": "w", "precision": "bf16", "embed_dim": 512}
@@ -166,11 +191,18 @@ def test_only_path_keyed_stores_are_re_keyed_never_tag_keyed_ones():
     def stored(**changes):
         return {"schema": cs.SCHEMA_NAME, **sections, "teacher": {**teacher, **changes}}
 
-    assert _keyed_by_weights_path(stored(pretrained="/ckpt/vit-b-32.pt"), now)
-    assert not _keyed_by_weights_path(stored(pretrained="openai"), now)  # a tag: its users share that key
-    assert not _keyed_by_weights_path(stored(pretrained=""), now)  # a random init is another teacher
-    assert not _keyed_by_weights_path(stored(pretrained="/ckpt/vit-b-32.pt", weights_sha256="x"), now)
-    assert not _keyed_by_weights_path({**stored(pretrained="/ckpt/vit-b-32.pt"), "manifest": {"hash": "other", "n": 3}}, now)
+    assert _keyed_by_paths(stored(pretrained="/ckpt/vit-b-32.pt"), now)
+    assert not _keyed_by_paths(stored(pretrained="openai"), now)  # a tag: its users share that key
+    assert not _keyed_by_paths(stored(pretrained=""), now)  # a random init is another teacher
+    assert not _keyed_by_paths(stored(pretrained="/ckpt/vit-b-32.pt", weights_sha256="x"), now)
+    assert not _keyed_by_paths({**stored(pretrained="/ckpt/vit-b-32.pt"), "manifest": {"hash": "other", "n": 3}}, now)
+    assert not _keyed_by_paths(stored(pretrained=cs.LOCAL_WEIGHTS), now)  # the same key: nothing to re-key
+    # a model config's or local-dir model's path
+    assert _keyed_by_paths(stored(model="/cfgs/ViT-B-32.json", pretrained="/ckpt/vit-b-32.pt"), now)
+    random_init = {**sections, "teacher": {**teacher, "pretrained": ""}}
+    assert _keyed_by_paths(stored(model="/cfgs/ViT-B-32.json", pretrained=""), random_init)
+    assert not _keyed_by_paths(stored(model="/cfgs/ViT-B-16.json", pretrained=""), random_init)
+    assert _keyed_by_paths(stored(model="local-dir:/teachers/b32", pretrained=cs.LOCAL_WEIGHTS), {**now, "teacher": {**now["teacher"], "model": "local-dir"}})
 
 
 def test_a_tag_wins_over_a_file_of_the_same_name_as_in_open_clip(tmp_path, monkeypatch):
