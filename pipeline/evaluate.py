@@ -1,9 +1,10 @@
 """Zero-shot evaluation: the student and the training-free baseline, same images, same protocol.
 
 For each dataset in `eval.datasets`, every segmenter sees the same images at the same
-resolution, the same class embeddings (background excluded from the vocabulary; it comes from
-the threshold), the same background rule and threshold, and are scored by the same confusion
-matrix (255 ignored). Results go to one metrics JSON per dataset (`dvc metrics show` reads
+resolution, the same class embeddings (the dataset's background class is not in the
+vocabulary: the background rule decides it, by a threshold or by `eval.bg_words`), the same
+rule and threshold, the same top-k restriction, and is scored by the same confusion matrix
+(255 ignored). Results go to one metrics JSON per dataset (`dvc metrics show` reads
 them), a per-class table in the terminal, and overlay pictures of the first `eval.pictures`
 images.
 """
@@ -55,7 +56,8 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
     Writes `metrics_dir/DATASET.json` per dataset with `miou.{student, base, training_free,
     maskclip, trivial}` (those that ran), `oracle.{student, grid}` (segments labelled by their
     majority true class: the grouping alone, beside a content-blind 3x3 grid),
-    `pixel_accuracy.*`, `per_class_iou.*`, `segments_per_image` (distinct student segments
+    `pixel_accuracy.*` and `per_class_iou.*` (of all of them, the oracles as `oracle_student`
+    and `oracle_grid`, as the printed table shows them), `segments_per_image` (distinct student segments
     per image), `segments_per_window` (segments owning at least 1% of a window, averaged: 1
     means the grouping collapsed) and `images`.
 
@@ -73,6 +75,12 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
     # Every dataset is opened (names, layouts, splits, files) before any is evaluated: a typo in
     # the last one must not surface after hours spent on the first.
     datasets = {name: open_dataset(name, root) for name, root in e.datasets.items()}
+    for folder, what in ((metrics_dir, "--metrics-dir"), (pictures_dir, "--pictures")):  # not found after the work
+        if folder is not None:
+            try:
+                Path(folder).mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise InputError(f"{what} {folder}: not a folder") from None
     missing = [name for name in datasets if name not in e.bg_threshold]
     if missing and e.bg_rule != "class":
         raise InputError(f"eval.bg_threshold: no threshold for dataset {missing[0]!r} (have: {', '.join(e.bg_threshold)})")
@@ -89,9 +97,9 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
         if base is not None:
             methods["base"] = StudentSegmenter(base.student, text, model.embedder.logit_scale, rule, **window)
         if "training_free" in e.baselines:
-            methods["training_free"] = GridTeacherSegmenter(model.teacher, text, model.embedder.logit_scale, rule, short_side=e.short_side)
+            methods["training_free"] = GridTeacherSegmenter(model.teacher, text, model.embedder.logit_scale, rule, short_side=e.short_side, topk_classes=e.topk_classes)
         if "maskclip" in e.baselines:
-            methods["maskclip"] = MaskCLIPSegmenter(model.teacher, text, model.embedder.logit_scale, rule, short_side=e.short_side)
+            methods["maskclip"] = MaskCLIPSegmenter(model.teacher, text, model.embedder.logit_scale, rule, short_side=e.short_side, topk_classes=e.topk_classes)
         scored = [*methods, "trivial", "oracle_student", "oracle_grid"]
         matrices = {m: ConfusionMatrix(dataset.num_classes, dataset.ignore_index) for m in scored}
         n = len(dataset) if not e.max_images else min(e.max_images, len(dataset))
@@ -107,9 +115,9 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
                     segments_used += len(np.unique(pred.segments))
                     per_window += pred.segments_per_window
                 if pictures_dir is not None and i < e.pictures:
-                    out = Path(pictures_dir) / name
-                    out.mkdir(parents=True, exist_ok=True)
-                    write_overlay(out / f"{sample.image_id}_{method}.png", image, pred.labels, classes)
+                    picture = Path(pictures_dir) / name / f"{sample.image_id}_{method}.png"
+                    picture.parent.mkdir(parents=True, exist_ok=True)  # split ids may hold sub-folders
+                    write_overlay(picture, image, pred.labels, classes)
             matrices["trivial"].update(np.zeros_like(sample.mask), sample.mask)
             grid = grid_regions(*sample.mask.shape, g=3)
             matrices["oracle_grid"].update(majority_labels(grid, sample.mask, dataset.num_classes, dataset.ignore_index), sample.mask)
@@ -119,8 +127,8 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
         results[name] = {
             "miou": {m: scores[m].as_dict(names)["miou"] for m in ran},
             "oracle": {"student": scores["oracle_student"].as_dict(names)["miou"], "grid": scores["oracle_grid"].as_dict(names)["miou"]},
-            "pixel_accuracy": {m: scores[m].as_dict(names)["pixel_accuracy"] for m in ran},
-            "per_class_iou": {m: scores[m].as_dict(names)["per_class_iou"] for m in ran},
+            "pixel_accuracy": {m: scores[m].as_dict(names)["pixel_accuracy"] for m in scored},
+            "per_class_iou": {m: scores[m].as_dict(names)["per_class_iou"] for m in scored},
             "segments_per_image": segments_used / max(1, n),
             "segments_per_window": per_window / max(1, n),
             "images": n,

@@ -54,13 +54,36 @@ class Manifest:
         return self.root / self.paths[index]
 
 
+def read_text_file(path: Path) -> str:
+    """A small text file's contents (UTF-8; a BOM is dropped).
+
+    Raises:
+        InputError: the file is not UTF-8, naming it and the first bad byte.
+    """
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r})") from None
+
+
 def list_images(source: str | Path) -> tuple[Path, list[str]]:
-    """The data root and the ordered relative paths of a folder or a list file."""
+    """The data root and the ordered relative paths of a folder or a list file.
+
+    Folders are searched recursively, through symbolic links, each real folder once (a link
+    back up the tree would otherwise list its images again at every depth).
+    """
     source = Path(source)
     if source.is_dir():
         found = []
+        visited = {os.path.realpath(source)}
         for dirpath, dirnames, filenames in os.walk(source, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            kept = []
+            for d in sorted(dirnames):
+                real = os.path.realpath(os.path.join(dirpath, d))
+                if not d.startswith(".") and real not in visited:
+                    visited.add(real)
+                    kept.append(d)
+            dirnames[:] = kept
             for name in filenames:
                 if Path(name).suffix.lower() in IMAGE_EXTENSIONS and not name.startswith("."):
                     found.append(Path(dirpath, name).relative_to(source).as_posix())
@@ -70,7 +93,7 @@ def list_images(source: str | Path) -> tuple[Path, list[str]]:
         return source, sorted(found)
     if source.is_file():
         paths, seen = [], {}
-        for lineno, line in enumerate(source.read_text().splitlines(), start=1):
+        for lineno, line in enumerate(read_text_file(source).splitlines(), start=1):
             entry = line.strip()
             if not entry or entry.startswith("#"):
                 continue

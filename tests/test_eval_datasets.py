@@ -175,24 +175,30 @@ def test_missing_image_names_the_file(context_root):
         open_dataset("context", context_root)
 
 
-def test_mask_size_mismatch_is_found_per_sample(voc_root):
-    bad = voc_root / "VOC2012" / "SegmentationClass" / "2008_000005.png"
+def test_a_bad_file_anywhere_in_the_split_is_found_when_it_opens(voc_root):
+    """Headers are read when the split opens (not pixels): the last file is found before any work."""
+    voc = voc_root / "VOC2012"
+    bad = voc / "SegmentationClass" / "2008_000005.png"
     write_mask(bad, labels(1).T, palette=True)  # [W, H]: transposed
-    ds = open_dataset("voc", voc_root)  # opening does not decode masks
-    assert ds[0].mask.shape == (H, W)
     with pytest.raises(InputError, match=re.escape(f"{bad}: mask is {H}x{W} but its image 2008_000005.jpg is {W}x{H}")):
-        list(ds)
+        open_dataset("voc", voc_root)
+    write_mask(bad, labels(1), palette=True)
+    Image.new("RGB", (W, H)).save(voc / "SegmentationClass" / "2007_000042.png")
+    with pytest.raises(InputError, match="2007_000042.png: mask has PIL mode RGB; expected a single-channel 8-bit label PNG"):
+        open_dataset("voc", voc_root)
+    write_mask(voc / "SegmentationClass" / "2007_000042.png", labels(15, 255, 0), palette=True)
+    for content in (b"", b"not an image"):
+        (voc / "JPEGImages" / "2008_000005.jpg").write_bytes(content)
+        with pytest.raises(InputError, match=re.escape(f"{voc / 'JPEGImages' / '2008_000005.jpg'}: cannot read image (")):
+            open_dataset("voc", voc_root)
 
 
 def test_bad_mask_contents(voc_root):
     seg = voc_root / "VOC2012" / "SegmentationClass"
     write_mask(seg / "2007_000033.png", labels(0, 21), palette=True)
-    Image.new("RGB", (W, H)).save(seg / "2007_000042.png")
-    ds = open_dataset("voc", voc_root)
+    ds = open_dataset("voc", voc_root)  # opening reads headers, not labels
     with pytest.raises(InputError, match="2007_000033.png: mask holds label 21, neither a class in \\[0, 21\\) nor the ignore label 255"):
         ds[0]
-    with pytest.raises(InputError, match="2007_000042.png: mask has PIL mode RGB; expected a single-channel 8-bit label PNG"):
-        ds[1]
 
 
 def test_malformed_split(voc_root):
@@ -203,6 +209,14 @@ def test_malformed_split(voc_root):
     split.write_text("\n")
     with pytest.raises(InputError, match="the split lists no images"):
         open_dataset("voc", voc_root)
+    split.write_text("2007_000033\n2007_000042\n2007_000033\n")  # it would be scored twice
+    with pytest.raises(InputError, match=re.escape(f"{split}: line 3 repeats image 2007_000033 (first on line 1)")):
+        open_dataset("voc", voc_root)
+    split.write_bytes(b"\xff\xfe2\x000\x00")  # UTF-16
+    with pytest.raises(InputError, match=re.escape(f"{split}: not UTF-8 text (byte 0: b'\\xff')")):
+        open_dataset("voc", voc_root)
+    split.write_bytes("\ufeff2007_000033\n".encode())  # a UTF-8 BOM is fine
+    assert open_dataset("voc", voc_root).image_ids == ("2007_000033",)
 
 
 def test_demo_split(tmp_path):

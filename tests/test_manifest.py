@@ -80,3 +80,19 @@ def test_content_hashes_are_memoized_by_path_size_mtime_inode(tmp_path):
     assert build_manifest(tmp_path, "content", progress=False).hash == first
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
     assert build_manifest(tmp_path, "content", progress=False).hash != first
+
+
+def test_folders_are_searched_through_links_but_each_real_folder_once(tmp_path):
+    from PIL import Image
+
+    from pipeline.manifest import list_images
+
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "x.png")
+    (tmp_path / "a" / "loop").symlink_to(tmp_path)  # a link back up the tree
+    (tmp_path / "b").symlink_to(tmp_path / "a")  # a second way into a/
+    (tmp_path / ".hidden").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / ".hidden" / "y.png")
+    (tmp_path / "c").symlink_to(tmp_path / ".hidden")  # a hidden folder is skipped, a visible link to it is not
+    root, paths = list_images(tmp_path)
+    assert root == tmp_path and paths == ["a/x.png", "c/y.png"]

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.errors import InputError
+from pipeline.manifest import read_text_file
 
 IGNORE_INDEX = 255
 
@@ -176,8 +177,7 @@ class SegmentationDataset:
         image_id = self.image_ids[index]
         image_path, mask_path = self.image_path(image_id), self.mask_path(image_id)
         mask = _read_mask(mask_path, self.num_classes, self.ignore_index)  # [H, W]
-        with Image.open(image_path) as img:
-            width, height = img.size  # stored size: benchmark masks annotate the stored pixels
+        width, height = _image_size(image_path)  # stored size: benchmark masks annotate the stored pixels
         if mask.shape != (height, width):
             raise InputError(
                 f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
@@ -185,8 +185,39 @@ class SegmentationDataset:
             )
         return Sample(image_id, image_path, mask)
 
+    def check_headers(self) -> None:
+        """Read every image's and mask's header (not their pixels): each opens, each mask is a
+        single-channel 8-bit PNG of its image's size (0.07 ms a pair on the demo split, files
+        cached), so that a bad file near the end of a split stops the run before the
+        evaluation, not hours into it.
+
+        Raises:
+            InputError: naming the first bad file and what is wrong with it.
+        """
+        for image_id in self.image_ids:
+            image_path, mask_path = self.image_path(image_id), self.mask_path(image_id)
+            width, height = _image_size(image_path)
+            try:
+                with Image.open(mask_path) as img:
+                    mode, size = img.mode, img.size
+            except (OSError, SyntaxError) as exc:  # PIL raises SyntaxError for some broken headers
+                raise InputError(f"{mask_path}: cannot read mask ({type(exc).__name__}: {exc})") from None
+            if mode not in ("P", "L"):
+                raise InputError(f"{mask_path}: mask has PIL mode {mode}; expected a single-channel 8-bit label PNG (palette or grayscale)")
+            if size != (width, height):
+                raise InputError(f"{mask_path}: mask is {size[0]}x{size[1]} but its image {image_path.name} is {width}x{height}")
+
     def __iter__(self) -> Iterator[Sample]:
         return (self[i] for i in range(len(self)))
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the image file's header."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, SyntaxError) as exc:  # UnidentifiedImageError is an OSError
+        raise InputError(f"{path}: cannot read image ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'empty or not an image'})") from None
 
 
 def _read_mask(path: Path, num_classes: int, ignore_index: int) -> np.ndarray:
@@ -216,23 +247,30 @@ def _resolve_root(layout: Layout, root: Path) -> Path:
 
 
 def _read_split(path: Path) -> tuple[str, ...]:
-    ids = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    ids: list[str] = []
+    first_line: dict[str, int] = {}
+    for number, line in enumerate(read_text_file(path).splitlines(), start=1):
         fields = line.split()
         if len(fields) > 1:
             raise InputError(f"{path}: line {number} is {line.strip()!r}; expected one image id per line")
-        ids.extend(fields)
+        for image_id in fields:
+            if image_id in first_line:  # it would be scored twice
+                raise InputError(f"{path}: line {number} repeats image {image_id} (first on line {first_line[image_id]})")
+            first_line[image_id] = number
+            ids.append(image_id)
     if not ids:
         raise InputError(f"{path}: the split lists no images")
     return tuple(ids)
 
 
 def open_layout(layout: Layout, root: str | Path) -> SegmentationDataset:
-    """Find `layout` under `root`, list the split and check every listed file exists.
+    """Find `layout` under `root`, list the split and check every listed file exists and that
+    its header reads (`SegmentationDataset.check_headers`).
 
     Raises:
         InputError: the folders or split file are missing (naming the layout expected), the
-            split is empty or malformed, or a listed image or mask is missing (naming the file).
+            split is empty, malformed or repeats an id, or a listed image or mask is missing or
+            unreadable or of the wrong kind or size (naming the file).
     """
     folder = _resolve_root(layout, Path(root))
     if layout.split is not None:
@@ -249,12 +287,13 @@ def open_layout(layout: Layout, root: str | Path) -> SegmentationDataset:
             raise InputError(f"{dataset.image_path(image_id)}: missing image {image_id} {listed_in}")
         if not dataset.mask_path(image_id).is_file():
             raise InputError(f"{dataset.mask_path(image_id)}: missing mask for image {image_id} {listed_in}")
+    dataset.check_headers()
     return dataset
 
 
 def read_class_names(path: Path) -> tuple[str, ...]:
     """Class names one per line (blank lines skipped); line i is label i."""
-    names = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    names = tuple(line.strip() for line in read_text_file(path).splitlines() if line.strip())
     if len(names) < 2:
         raise InputError(f"{path}: expected at least two class names, one per line, background first")
     if len(names) != len(set(names)):
