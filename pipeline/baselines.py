@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 
 from pipeline.errors import InputError
-from pipeline.inference import BackgroundRule, Prediction, class_scores, finish, resize_short_side, window_origins
+from pipeline.inference import BackgroundRule, Prediction, class_scores, finish, keep_topk, resize_short_side, window_origins
 from pipeline.teacher import Teacher
 from pipeline.views import cell_edges
 
@@ -30,6 +30,20 @@ def _normalize(teacher: Teacher, pixels: torch.Tensor) -> torch.Tensor:
     return (pixels - mean) / std
 
 
+def _to_view(teacher: Teacher, pixels: torch.Tensor) -> torch.Tensor:
+    """[3, h, w] in 0..255 -> [3, T, T] at the teacher's input size (8-bit levels, as the cache's views)."""
+    size = teacher.spec.size
+    return F.interpolate(pixels[None], size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0].clamp_(0, 255).round_()
+
+
+def _restrict(scores: torch.Tensor, teacher: Teacher, x: torch.Tensor, text: torch.Tensor, scale: float, rule: BackgroundRule, topk: int) -> torch.Tensor:
+    """`keep_topk` with the image's classes picked by the teacher's whole-image (1x1) view."""
+    if not topk:
+        return scores
+    image = class_scores(teacher.encode(_normalize(teacher, _to_view(teacher, x.to(teacher.device))[None])), text, scale, rule.mode)[0]  # [K']
+    return keep_topk(scores, image, topk, rule.background_rows)
+
+
 class GridTeacherSegmenter:
     """The training-free baseline: the teacher classifies grid cells, pixels average their cells.
 
@@ -38,15 +52,15 @@ class GridTeacherSegmenter:
         text: [K', D] unit class embeddings (background words first under the `class` rule).
         logit_scale, rule, short_side: as for the student.
         grids: grid sizes whose cells are classified (the cache's local views by default).
+        topk_classes: keep only the image's k best classes by its whole-image view (0: all).
     """
 
-    def __init__(self, teacher: Teacher, text: torch.Tensor, logit_scale: float, rule: BackgroundRule, *, short_side: int = 448, grids: Sequence[int] = (2, 3, 4)):
+    def __init__(self, teacher: Teacher, text: torch.Tensor, logit_scale: float, rule: BackgroundRule, *, short_side: int = 448, grids: Sequence[int] = (2, 3, 4), topk_classes: int = 0):
         self.teacher, self.text, self.scale, self.rule = teacher, text.to(teacher.device), logit_scale, rule
-        self.short_side, self.grids = short_side, tuple(grids)
+        self.short_side, self.grids, self.topk = short_side, tuple(grids), topk_classes
 
     @torch.inference_mode()
     def predict(self, image: np.ndarray) -> Prediction:
-        spec = self.teacher.spec
         x = resize_short_side(image, self.short_side).round_()  # [3, h, w] 8-bit levels
         h, w = x.shape[-2:]
         cells, boxes = [], []
@@ -54,16 +68,16 @@ class GridTeacherSegmenter:
             ys, xs = cell_edges(h, g), cell_edges(w, g)
             for r in range(g):
                 for c in range(g):
-                    cell = x[:, ys[r] : ys[r + 1], xs[c] : xs[c + 1]][None]  # [1, 3, ch, cw]
-                    cells.append(F.interpolate(cell, size=(spec.size, spec.size), mode="bicubic", antialias=True, align_corners=False)[0])
+                    cells.append(_to_view(self.teacher, x[:, ys[r] : ys[r + 1], xs[c] : xs[c + 1]]))
                     boxes.append((ys[r], ys[r + 1], xs[c], xs[c + 1]))
-        views = torch.stack(cells).clamp_(0, 255).round_()  # [n, 3, T, T]
+        views = torch.stack(cells)  # [n, 3, T, T]
         probs = class_scores(self.teacher.encode(_normalize(self.teacher, views)), self.text, self.scale, self.rule.mode)  # [n, K]
         acc = torch.zeros(self.text.shape[0], h, w, device=probs.device)  # [K, h, w]
         for p, (y0, y1, x0, x1) in zip(probs, boxes):
             acc[:, y0:y1, x0:x1] += p[:, None, None]
         acc /= len(self.grids)  # every pixel lies in exactly one cell per grid
-        score, label = self.rule.decide(acc.permute(1, 2, 0))  # [h, w]
+        acc = _restrict(acc.permute(1, 2, 0), self.teacher, x, self.text, self.scale, self.rule, self.topk)  # [h, w, K]
+        score, label = self.rule.decide(acc)  # [h, w]
         return finish(label, score, self.rule, image.shape[:2])
 
 
@@ -75,14 +89,14 @@ class MaskCLIPSegmenter:
         text, logit_scale, rule, short_side: as for the student.
     """
 
-    def __init__(self, teacher: Teacher, text: torch.Tensor, logit_scale: float, rule: BackgroundRule, *, short_side: int = 448):
+    def __init__(self, teacher: Teacher, text: torch.Tensor, logit_scale: float, rule: BackgroundRule, *, short_side: int = 448, topk_classes: int = 0):
         visual = teacher.model.visual
         if not isinstance(visual, VisionTransformer) or getattr(visual, "attn_pool", None) is not None or visual.proj is None:
             raise InputError(f"eval.baselines: maskclip needs an open_clip ViT teacher with a class token, not {teacher.identity.model}")
         if not isinstance(visual.transformer.resblocks[-1].attn, torch.nn.MultiheadAttention):
             raise InputError(f"eval.baselines: maskclip does not know the attention of {teacher.identity.model}")
         self.teacher, self.text, self.scale, self.rule = teacher, text.to(teacher.device), logit_scale, rule
-        self.short_side = short_side
+        self.short_side, self.topk = short_side, topk_classes
 
     def dense_features(self, views: torch.Tensor) -> torch.Tensor:
         """[n, 3, T, T] normalized -> [n, gh, gw, D] per-patch embeddings in the text space."""
@@ -117,5 +131,6 @@ class MaskCLIPSegmenter:
         for s, (t, l) in zip(scores, origins):
             acc[:, t : t + size, l : l + size] += s
             count[:, t : t + size, l : l + size] += 1
-        score, label = self.rule.decide((acc / count).permute(1, 2, 0))  # [h, w]
+        scores = _restrict((acc / count).permute(1, 2, 0), self.teacher, x, self.text, self.scale, self.rule, self.topk)  # [h, w, K]
+        score, label = self.rule.decide(scores)  # [h, w]
         return finish(label, score, self.rule, image.shape[:2])

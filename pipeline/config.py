@@ -206,23 +206,31 @@ MAY_BE_EMPTY = {"loss.region_grids"}
 
 
 def _check_ranges(params: Params) -> None:
-    source = params.source
+    origin = params.origin
     for key, allowed in RANGES.items():
         section, name = key.split(".")
         value = getattr(getattr(params, section), name)
         if isinstance(value, tuple):
             if not value and key not in MAY_BE_EMPTY:
-                raise ConfigError(f"{source}: {key}: expected at least one value, got []")
+                raise ConfigError(f"{origin(key)}: {key}: expected at least one value, got []")
             bad = [v for v in value if not allowed.admits(v)]
             if bad:
-                raise ConfigError(f"{source}: {key}: each value must be {allowed}, got {bad[0]!r}")
+                raise ConfigError(f"{origin(key)}: {key}: each value must be {allowed}, got {bad[0]!r}")
         elif not allowed.admits(value):
-            raise ConfigError(f"{source}: {key}: expected {allowed}, got {value!r}")
+            raise ConfigError(f"{origin(key)}: {key}: expected {allowed}, got {value!r}")
     cache = params.cache
     if not CODEC_LEVELS[cache.codec].admits(cache.codec_level):
-        raise ConfigError(f"{source}: cache.codec_level: {cache.codec} takes {CODEC_LEVELS[cache.codec]}, got {cache.codec_level}")
+        raise ConfigError(f"{origin('cache.codec_level')}: cache.codec_level: {cache.codec} takes {CODEC_LEVELS[cache.codec]}, got {cache.codec_level}")
     if cache.shard_rows % cache.chunk_rows:
-        raise ConfigError(f"{source}: cache.shard_rows ({cache.shard_rows}) must be a multiple of cache.chunk_rows ({cache.chunk_rows})")
+        raise ConfigError(f"{origin('cache.shard_rows')}: cache.shard_rows ({cache.shard_rows}) must be a multiple of cache.chunk_rows ({cache.chunk_rows})")
+    e = params.eval
+    if e.stride > e.window:  # windows would leave unclassified strips, silently background
+        raise ConfigError(f"{origin('eval.stride')}: eval.stride ({e.stride}) must not exceed eval.window ({e.window})")
+    # One table serves both rules: probabilities lie in [0, 1], cosines in [-1, 1].
+    low = 0.0 if e.bg_rule == "probability" else -1.0
+    for name, value in e.bg_threshold.items():
+        if not low <= value <= 1.0:
+            raise ConfigError(f"{origin('eval.bg_threshold')}: eval.bg_threshold.{name}: a {e.bg_rule} threshold lies in [{low:g}, 1], got {value!r}")
 
 
 SECTIONS: dict[str, type] = {
@@ -248,6 +256,11 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     source: str = "<defaults>"  # the file these came from, for error messages
+    overridden: frozenset[str] = frozenset()  # SECTION.KEY given by --set
+
+    def origin(self, key: str) -> str:
+        """Where `key`'s value came from, for error messages: --set or the params file."""
+        return "--set" if key in self.overridden else self.source
 
 
 def load_params(path: str | Path | None = "params.yaml", overrides: typing.Sequence[str] = ()) -> Params:
@@ -261,6 +274,7 @@ def load_params(path: str | Path | None = "params.yaml", overrides: typing.Seque
     """
     source = str(path) if path is not None else "<defaults>"
     raw: dict[str, Any] = {}
+    overridden: set[str] = set()
     if path is not None:
         try:
             raw = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_StrictLoader)
@@ -286,6 +300,7 @@ def load_params(path: str | Path | None = "params.yaml", overrides: typing.Seque
             value = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
+        overridden.add(f"{parts[0]}.{parts[1]}")
         if len(parts) == 3:  # one entry of a mapping-valued key, the rest kept
             current = raw[parts[0]].get(parts[1])
             if current is None:
@@ -299,8 +314,8 @@ def load_params(path: str | Path | None = "params.yaml", overrides: typing.Seque
     for name, values in raw.items():
         if name not in SECTIONS:
             raise ConfigError(f"{source}: unknown section {name!r} (known: {', '.join(SECTIONS)})")
-        sections[name] = _build(SECTIONS[name], values or {}, name, source)
-    params = Params(**sections, source=source)
+        sections[name] = _build(SECTIONS[name], values or {}, name, source, overridden)
+    params = Params(**sections, source=source, overridden=frozenset(overridden))
     _check_ranges(params)
     return params
 
@@ -327,16 +342,17 @@ def section_dict(cfg: Any) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
-def _build(cls: type, values: Any, section: str, source: str) -> Any:
+def _build(cls: type, values: Any, section: str, source: str, overridden: set[str] = frozenset()) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: section {section!r} must be a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
+        where = "--set" if f"{section}.{key}" in overridden else source
         if key not in known:
-            raise ConfigError(f"{source}: unknown key {section}.{key} (known: {', '.join(sorted(known))})")
-        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}", source)
+            raise ConfigError(f"{where}: unknown key {section}.{key} (known: {', '.join(sorted(known))})")
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}", where)
     return cls(**kwargs)
 
 

@@ -6,7 +6,7 @@ vocabulary), mark background where the best score is under the threshold, and re
 the input's resolution (0 = background, k = vocabulary entry k-1).
 
 The student slides a square window over the resized image (GroupViT: 448 window, 224 stride),
-runs all windows in one batch with position embeddings recomputed for the window's grid, gives
+runs the windows in batches with position embeddings recomputed for the window's grid, gives
 each pixel the segment with the largest (bilinearly upsampled) soft assignment, and each
 segment its class. Where windows overlap, the more confident window wins. The training-free
 baselines that use the teacher alone are in pipeline/baselines.py.
@@ -72,6 +72,11 @@ def vocabulary(embed, classes: list[str], templates, *, mode: str, threshold: fl
         return embed(list(classes), templates), BackgroundRule(mode, threshold)
     if not bg_words:
         raise ConfigError("eval.bg_words: bg_rule 'class' needs at least one background word")
+    words = {" ".join(w.casefold().split()) for w in bg_words}
+    clash = [c for c in classes if " ".join(c.casefold().split()) in words]
+    if clash:  # it would tie with the background word, which is listed first and wins the tie
+        raise ConfigError(f"class {clash[0]!r} is also a background word (eval.bg_words) under bg_rule class: it could never be shown; "
+                          "drop it from the classes or from eval.bg_words")
     return embed([*bg_words, *classes], templates), BackgroundRule(mode, -math.inf, background_rows=len(bg_words))
 
 
@@ -95,6 +100,23 @@ def class_scores(emb: torch.Tensor, text: torch.Tensor, logit_scale: float, mode
     """[N, D] region embeddings x [K, D] unit class embeddings -> [N, K] scores under `mode`."""
     cos = F.normalize(emb.float(), dim=-1) @ text.T  # [N, K]
     return cos if mode == "cosine" else (cos * logit_scale).softmax(dim=-1)  # probability and class
+
+
+def keep_topk(scores: torch.Tensor, image_scores: torch.Tensor, k: int, background_rows: int = 0) -> torch.Tensor:
+    """`scores` [..., K'] with every class outside the image's k best set to -inf.
+
+    Args:
+        image_scores: [K'] the image's scores from its global embedding; they pick the k classes.
+        k: classes kept (0, or k >= the vocabulary: all).
+        background_rows: background words (the `class` rule's first rows): always kept.
+    """
+    n = scores.shape[-1] - background_rows
+    if not k or k >= n:
+        return scores
+    allowed = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+    allowed[:background_rows] = True
+    allowed[image_scores[background_rows:].topk(k).indices + background_rows] = True
+    return scores.masked_fill(~allowed, -math.inf)
 
 
 def resize_short_side(image: np.ndarray, short: int) -> torch.Tensor:
@@ -134,15 +156,22 @@ class StudentSegmenter:
         logit_scale: the teacher's.
         rule: background rule.
         short_side, window, stride: resolution protocol, in pixels of the resized image.
-        topk_classes: keep only the image's k best classes by its global embedding (0: all).
+        topk_classes: keep only the image's k best classes by its global embedding, the mean
+            of its windows' (0: all).
+        windows_per_forward: windows run through the model at once (memory: a tall or wide
+            image has many).
     """
 
-    def __init__(self, student: ZeroSegStudent, text: torch.Tensor, logit_scale: float, rule: BackgroundRule, *, short_side: int = 448, window: int = 448, stride: int = 224, topk_classes: int = 0, device: torch.device | str = "cpu"):
+    def __init__(self, student: ZeroSegStudent, text: torch.Tensor, logit_scale: float, rule: BackgroundRule, *, short_side: int = 448, window: int = 448, stride: int = 224, topk_classes: int = 0, device: torch.device | str = "cpu", windows_per_forward: int = 32):
+        p = student.arch.patch_size
+        for key, value in (("eval.short_side", short_side), ("eval.window", window)):
+            if value < p:
+                raise ConfigError(f"{key}: {value} px is smaller than the student's patch size ({p} px)")
         self.student = student.eval().to(device)
         self.text, self.scale, self.rule = text.to(device), logit_scale, rule
-        p = student.arch.patch_size
         self.short_side, self.window, self.stride = short_side, window - window % p, stride
         self.topk, self.device = topk_classes, torch.device(device)
+        self.windows_per_forward = max(1, windows_per_forward)
 
     @torch.inference_mode()
     def predict(self, image: np.ndarray) -> Prediction:
@@ -152,17 +181,18 @@ class StudentSegmenter:
         win = min(self.window, h - h % self.student.arch.patch_size, w - w % self.student.arch.patch_size)
         origins = [(t, l) for t in window_origins(h, win, self.stride) for l in window_origins(w, win, self.stride)]
         crops = torch.stack([x[:, t : t + win, l : l + win] for t, l in origins])  # [n, 3, win, win]
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            out = self.student.infer(normalize_images(crops))  # masks [n, S, gh, gw], segments [n, S, D]
-        probs = class_scores(out.segments.flatten(0, 1), self.text, self.scale, self.rule.mode).view(len(origins), -1, self.text.shape[0])  # [n, S, K]
-        nbg = self.rule.background_rows
-        if self.topk and self.topk < self.text.shape[0] - nbg:
-            keep = class_scores(out.z, self.text, self.scale, self.rule.mode)[:, nbg:].topk(self.topk, dim=-1).indices + nbg  # [n, k]
-            mask = torch.zeros_like(probs[:, 0]).scatter_(1, keep, 1.0)  # [n, K']
-            mask[:, :nbg] = 1.0  # background words always stay
-            probs = probs * mask[:, None]
+        outs = []
+        for a in range(0, len(crops), self.windows_per_forward):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                out = self.student.infer(normalize_images(crops[a : a + self.windows_per_forward]))
+            outs.append((out.masks.float(), out.segments.float(), out.z.float()))
+        masks, segments_emb, z = (torch.cat(parts) for parts in zip(*outs))  # [n, S, gh, gw], [n, S, D], [n, D]
+        probs = class_scores(segments_emb.flatten(0, 1), self.text, self.scale, self.rule.mode).view(len(origins), -1, self.text.shape[0])  # [n, S, K]
+        if self.topk:
+            image_emb = F.normalize(z, dim=-1).mean(dim=0, keepdim=True)  # [1, D] the image's, from all its windows
+            probs = keep_topk(probs, class_scores(image_emb, self.text, self.scale, self.rule.mode)[0], self.topk, self.rule.background_rows)
         best, cls = self.rule.decide(probs)  # [n, S] score and label of each segment
-        masks = F.interpolate(out.masks.float(), size=(win, win), mode="bilinear", align_corners=False)  # [n, S, win, win]
+        masks = F.interpolate(masks, size=(win, win), mode="bilinear", align_corners=False)  # [n, S, win, win]
         seg = masks.argmax(dim=1)  # [n, win, win] segment of each pixel
         n, S = masks.shape[:2]
         counts = torch.bincount((seg + S * torch.arange(n, device=seg.device).view(n, 1, 1)).flatten(), minlength=n * S).view(n, S)  # pixels per segment
