@@ -125,9 +125,13 @@ def segment(
     """Zero-shot segmentation of any images with any vocabulary: a mask PNG and an overlay PNG each."""
     from pipeline.segment import parse_classes, run_segment
 
-    results = run_segment(load_params(params, set_ or ()), checkpoint, images, parse_classes(classes), out, threshold=threshold, progress=not quiet)
-    for r in results:
-        typer.echo(f"skipped {r['error']}" if "error" in r else f"{r['image']}: {r['overlay']} ({', '.join(r['legend']) or 'background only'})")
+    def report(r: dict) -> None:  # as each image is done; skip reasons go to stderr with the summary
+        if "error" in r:
+            typer.echo(f"zeroseg: skipped {r['error']}", err=True)
+        else:
+            typer.echo(f"{r['image']}: {r['overlay']} ({', '.join(r['legend']) or 'background only'})")
+
+    results = run_segment(load_params(params, set_ or ()), checkpoint, images, parse_classes(classes), out, threshold=threshold, progress=not quiet, on_result=report)
     skipped = sum("error" in r for r in results)
     if skipped:
         typer.echo(f"zeroseg: error: {skipped} of {len(results)} images could not be read (listed above); the others were segmented", err=True)
@@ -211,7 +215,16 @@ def demo_data(
 # of the copy of click that typer bundles, which do not derive from click's.
 USAGE_ERRORS = tuple({click.exceptions.ClickException, getattr(typer, "TyperException", click.exceptions.ClickException)})
 ABORTS = tuple({click.exceptions.Abort, typer.Abort})
-INTERRUPTED = "zeroseg: interrupted; finished shards and checkpoints are kept: rerun to resume (train: --resume)"
+RESUMABLE = {
+    "teacher-cache": "zeroseg: interrupted; finished shards are kept: rerun to resume",
+    "train": "zeroseg: interrupted; the last checkpoint is kept: rerun with --resume to continue",
+}
+
+
+def interrupted(args: list[str]) -> str:
+    """What Ctrl-C leaves behind, for the command in `args`."""
+    command = next((a for a in args if not a.startswith("-")), "")
+    return RESUMABLE.get(command, "zeroseg: interrupted")
 
 
 def main(args: list[str] | None = None) -> None:
@@ -228,13 +241,13 @@ def main(args: list[str] | None = None) -> None:
         typer.echo("zeroseg: aborted", err=True)
         sys.exit(130)
     except KeyboardInterrupt:
-        typer.echo(INTERRUPTED, err=True)
+        typer.echo(interrupted(sys.argv[1:] if args is None else args), err=True)
         sys.exit(130)
     except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:  # a path that cannot be used: the message names it
         typer.echo(f"zeroseg: error: {exc}", err=True)
         sys.exit(2)
     if result == 130:  # typer turns Ctrl-C into exit code 130 before it reaches the handler above
-        typer.echo(INTERRUPTED, err=True)
+        typer.echo(interrupted(sys.argv[1:] if args is None else args), err=True)
     sys.exit(result if isinstance(result, int) else 0)
 
 

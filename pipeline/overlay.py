@@ -22,8 +22,9 @@ PALETTE = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
 
 
 def colour(label: int) -> tuple[int, int, int]:
-    """Colour of a label; labels past 255 wrap (the mask PNG then holds label % 256)."""
-    return tuple(int(v) for v in PALETTE[label % 256]) if label % 256 else (0, 0, 0)
+    """Colour of a label: black for background (0), else the palette's, past 255 cycling over
+    entries 1-255 (entry 0 is black, which would read as background)."""
+    return (0, 0, 0) if label == 0 else tuple(int(v) for v in PALETTE[1 + (label - 1) % 255])
 
 
 def write_mask(path: str | Path, labels: np.ndarray) -> None:
@@ -56,17 +57,25 @@ def overlay(image: np.ndarray, labels: np.ndarray, names: Sequence[str], *, alph
     legend = [names[k - 1] for k in order]
     if legend:
         draw = ImageDraw.Draw(out)
-        font = legend_font(max(11, min(32, out.height // 40)))
+        font = legend_font(max(11, min(32, out.height // 40)), cjk=any(ord(ch) >= CJK_START for name in legend for ch in name))
         line = max(10, draw.textbbox((0, 0), "Ag", font=font)[3] + 3)
-        width = max(draw.textlength(n, font=font) for n in legend) + line + 8
-        shown = legend[: max(1, (out.height - 4) // line)]
-        top = out.height - 4 - line * len(shown)
-        draw.rectangle([2, top - 2, 2 + width, out.height - 2], fill=(255, 255, 255))
-        for i, (k, name) in enumerate(zip(order, shown)):
-            y = top + i * line
-            draw.rectangle([5, y + 1, 5 + line - 4, y + line - 3], fill=colour(k), outline=(0, 0, 0))
-            draw.text((8 + line, y), name, fill=(0, 0, 0), font=font)
+        rows = (out.height - 4) // line
+        if rows >= 1 and out.height >= 3 * line:  # else the legend would hide the picture; the PNG's text chunk still lists it
+            shown = legend_lines(legend, rows)
+            width = max(draw.textlength(n, font=font) for n in shown) + line + 8
+            top = out.height - 4 - line * len(shown)
+            draw.rectangle([2, top - 2, 2 + width, out.height - 2], fill=(255, 255, 255))
+            for i, (k, name) in enumerate(zip(order, shown)):
+                y = top + i * line
+                if i < len(shown) - 1 or len(shown) == len(legend):
+                    draw.rectangle([5, y + 1, 5 + line - 4, y + line - 3], fill=colour(k), outline=(0, 0, 0))
+                draw.text((8 + line, y), name, fill=(0, 0, 0), font=font)
     return out, legend
+
+
+def legend_lines(legend: Sequence[str], rows: int) -> list[str]:
+    """The legend's lines in `rows` rows: all names, or as many as fit and "+N more"."""
+    return list(legend) if len(legend) <= rows else [*legend[: rows - 1], f"+{len(legend) - rows + 1} more"]
 
 
 # System fonts tried before PIL's own (Latin only): DejaVu and Noto also cover Greek, Cyrillic,
@@ -74,10 +83,18 @@ def overlay(image: np.ndarray, labels: np.ndarray, names: Sequence[str], *, alph
 LEGEND_FONTS = ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "Arial.ttf")
 
 
+# Fonts with CJK glyphs, tried first when a class name has characters from U+2E80 on (CJK
+# radicals, kana, hangul, ideographs); DejaVu draws them as boxes.
+LEGEND_FONTS_CJK = ("NotoSansCJK-Regular.ttc", "NotoSansCJKsc-Regular.otf", "wqy-microhei.ttc", "wqy-zenhei.ttc",
+                    "DroidSansFallbackFull.ttf", "msyh.ttc", "YuGothM.ttc")
+CJK_START = 0x2E80
+
+
 @functools.cache
-def legend_font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    """The legend's font at `size` pixels: the first of LEGEND_FONTS found, else PIL's default."""
-    for name in LEGEND_FONTS:
+def legend_font(size: int, cjk: bool = False) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """The legend's font at `size` pixels: the first of LEGEND_FONTS found (after
+    LEGEND_FONTS_CJK when `cjk`), else PIL's default."""
+    for name in (*LEGEND_FONTS_CJK, *LEGEND_FONTS) if cjk else LEGEND_FONTS:
         try:
             return ImageFont.truetype(name, size)
         except OSError:

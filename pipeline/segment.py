@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +14,7 @@ from pipeline.config import Params
 from pipeline.decode import load_rgb
 from pipeline.errors import InputError
 from pipeline.inference import StudentSegmenter, vocabulary
-from pipeline.manifest import IMAGE_EXTENSIONS, list_images
+from pipeline.manifest import IMAGE_EXTENSIONS, list_images, read_text_file
 from pipeline.overlay import write_mask, write_overlay
 from pipeline.student import StudentArch, ZeroSegStudent
 from pipeline.teacher import Teacher, resolve_device
@@ -55,15 +55,21 @@ def load_model(params: Params, checkpoint: str | Path) -> LoadedModel:
     return LoadedModel(student.eval(), teacher, ClassEmbedder(teacher), ckpt)
 
 
-def expand_images(inputs: Sequence[str | Path]) -> list[tuple[Path, Path]]:
+def expand_images(inputs: Sequence[str | Path], exclude: str | Path | None = None) -> list[tuple[Path, Path]]:
     """(path, name) per image: files as given (named by their file name), folders searched
-    recursively (sorted; named by their path inside the folder)."""
+    recursively (sorted; named by their path inside the folder), leaving out the masks and
+    overlays under `exclude` (the output folder: a second run must not segment the first one's)."""
     out = []
+    skip = Path(exclude).resolve() if exclude is not None else None
+
+    def ours(path: Path) -> bool:
+        return skip is not None and path.name.endswith(OUTPUT_SUFFIXES) and path.resolve().is_relative_to(skip)
+
     for item in inputs:
         path = Path(item)
         if path.is_dir():
             root, rels = list_images(path)
-            out += [(root / r, Path(r)) for r in rels]
+            out += [(root / r, Path(r)) for r in rels if not ours(root / r)]
         elif path.is_file():
             out.append((path, Path(path.name)))
         else:
@@ -71,6 +77,9 @@ def expand_images(inputs: Sequence[str | Path]) -> list[tuple[Path, Path]]:
     if not out:
         raise InputError(f"no images in {', '.join(map(str, inputs))} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     return out
+
+
+OUTPUT_SUFFIXES = ("_mask.png", "_overlay.png")
 
 
 def output_stems(names: Sequence[Path]) -> list[str]:
@@ -92,23 +101,33 @@ def output_stems(names: Sequence[Path]) -> list[str]:
 
 
 def parse_classes(text: str) -> list[str]:
-    """'cat, dog,grass' -> ['cat', 'dog', 'grass']; a @FILE reads one class per line."""
+    """'cat, dog,grass' -> ['cat', 'dog', 'grass']; a @FILE reads one class per line (UTF-8).
+
+    Names that differ only in case or spacing are refused as repeats: CLIP's tokenizer lowercases
+    and splits on whitespace, so they would get one embedding and the second could never win.
+    """
     if text.startswith("@"):
-        names = Path(text[1:]).read_text().splitlines()
+        names = read_text_file(Path(text[1:])).splitlines()
     else:
         names = text.split(",")
     names = [n.strip() for n in names if n.strip()]
     if not names:
         raise InputError("--classes: give at least one class name")
-    if len(set(names)) != len(names):
-        raise InputError(f"--classes: repeated names in {names}")
+    seen: dict[str, str] = {}
+    for name in names:
+        key = " ".join(name.casefold().split())
+        if key in seen:
+            same = "repeated" if seen[key] == name else f"the same to the text encoder as {seen[key]!r}"
+            raise InputError(f"--classes: {name!r} is {same}")
+        seen[key] = name
     return names
 
 
-def run_segment(params: Params, checkpoint: str | Path, images: Sequence[str | Path], classes: Sequence[str], out_dir: str | Path, *, threshold: float | None = None, progress: bool = True) -> list[dict]:
+def run_segment(params: Params, checkpoint: str | Path, images: Sequence[str | Path], classes: Sequence[str], out_dir: str | Path, *, threshold: float | None = None, progress: bool = True, on_result: Callable[[dict], None] | None = None) -> list[dict]:
     """Segment `images` with vocabulary `classes`; writes NAME_mask.png and NAME_overlay.png.
 
     An image that cannot be read is skipped with its reason; the others are still segmented.
+    Images under `out_dir` are not inputs. `on_result` gets each image's entry as it is done.
 
     Returns:
         per image: its path and either the two outputs and the legend (classes present,
@@ -122,26 +141,33 @@ def run_segment(params: Params, checkpoint: str | Path, images: Sequence[str | P
         low = 0.0 if e.bg_rule == "probability" else -1.0
         if not low <= threshold <= 1.0:
             raise InputError(f"--threshold {threshold}: a {e.bg_rule} threshold lies in [{low:g}, 1]")
-    inputs = expand_images(images)
+    out_dir = Path(out_dir)
+    try:  # before the model loads: an unusable --out is found at once
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise InputError(f"--out {out_dir}: not a folder") from None
+    inputs = expand_images(images, exclude=out_dir)
     stems = output_stems([name for _, name in inputs])
     model = load_model(params, checkpoint)
     threshold = threshold if threshold is not None else e.bg_threshold.get("default", 0.5)
     text, rule = vocabulary(model.embedder, list(classes), template_set(e.templates), mode=e.bg_rule, threshold=threshold, bg_words=e.bg_words)
     device = resolve_device(e.device, key="eval.device")
     seg = StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, short_side=e.short_side, window=e.window, stride=e.stride, topk_classes=e.topk_classes, device=device)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for (path, _), stem in tqdm(list(zip(inputs, stems)), desc="segment", unit="img", disable=not progress):
         try:
             image = load_rgb(path, max_pixels=params.data.max_pixels)
         except InputError as exc:
             results.append({"image": str(path), "error": str(exc)})
+            if on_result:
+                on_result(results[-1])
             continue
         pred = seg.predict(image)
-        mask_path, overlay_path = out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.png"
+        mask_path, overlay_path = (out_dir / f"{stem}{suffix}" for suffix in OUTPUT_SUFFIXES)
         mask_path.parent.mkdir(parents=True, exist_ok=True)
         write_mask(mask_path, pred.labels)
         legend = write_overlay(overlay_path, image, pred.labels, classes)
         results.append({"image": str(path), "mask": str(mask_path), "overlay": str(overlay_path), "legend": legend})
+        if on_result:
+            on_result(results[-1])
     return results

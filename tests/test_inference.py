@@ -149,7 +149,7 @@ def test_segment_keeps_every_output_and_skips_what_it_cannot_read(trained, tmp_p
     base = ["segment", str(folder), "--classes", "circle,square", "--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), "--params", str(params_path), "-q", *sets]
     proc = run_cli(*base, check=False)
     assert proc.returncode == 2 and "1 of 4 images could not be read" in proc.stderr and "Traceback" not in proc.stderr
-    assert f"skipped {folder / 'b' / 'broken.jpg'}: " in proc.stdout
+    assert f"zeroseg: skipped {folder / 'b' / 'broken.jpg'}: " in proc.stderr
     # one name per input: the extension only where two would share a name
     written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*_mask.png"))
     assert written == ["a/x.jpg_mask.png", "a/x.png_mask.png", "b/x_mask.png"]
@@ -240,3 +240,112 @@ def test_the_legend_is_drawn_in_a_font_that_scales_with_the_image():
 
     assert legend_height(big) > 2 * legend_height(small) > 0
     assert legend_font(12).size == 12 and legend_font(12) is legend_font(12)
+
+
+def test_topk_keeps_the_image_classes_for_every_method_and_drops_the_rest_under_any_rule(model):
+    from pipeline.inference import keep_topk
+
+    # cosine scores can be negative: a dropped class must lose to them, not win with a 0
+    scores = torch.tensor([[-0.2, -0.5, 0.0], [-0.9, -0.1, -0.3]])
+    kept = keep_topk(scores, torch.tensor([0.3, 0.1, 0.2]), 1)
+    assert torch.equal(kept[:, 0], scores[:, 0]) and torch.isinf(kept[:, 1:]).all()
+    assert torch.equal(keep_topk(scores, torch.tensor([0.3, 0.1, 0.2]), 0), scores)  # 0: all
+    kept = keep_topk(scores, torch.tensor([9.0, 0.1, 0.2]), 1, background_rows=1)  # background words always stay
+    assert torch.isfinite(kept[:, 0]).all() and torch.isfinite(kept[:, 2]).all() and torch.isinf(kept[:, 1]).all()
+
+    classes = ["circle", "square", "triangle", "star", "cross"]
+    text = model.embedder(classes, template_set("single"))
+    image = np.random.default_rng(4).integers(0, 256, (40, 150, 3), dtype=np.uint8)  # wide: several windows
+    rule = BackgroundRule("cosine", -1.0)  # no pixel is background
+    for seg in (StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, short_side=32, window=32, stride=16, topk_classes=1),
+                GridTeacherSegmenter(model.teacher, text, model.embedder.logit_scale, rule, short_side=32, topk_classes=1)):
+        labels = seg.predict(image).labels
+        assert len(np.unique(labels)) == 1 and labels.min() >= 1  # one class for the whole image, not one per window
+
+
+def test_windows_go_through_the_model_in_batches_with_the_same_result(model):
+    text = model.embedder(["circle", "square"], template_set("single"))
+    image = np.random.default_rng(5).integers(0, 256, (40, 200, 3), dtype=np.uint8)
+    rule = BackgroundRule("probability", 0.5)
+    one = StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, short_side=32, window=32, stride=16).predict(image)
+    few = StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, short_side=32, window=32, stride=16, windows_per_forward=3).predict(image)
+    np.testing.assert_array_equal(one.labels, few.labels)
+    np.testing.assert_allclose(one.score, few.score, atol=1e-5)
+
+
+def test_protocol_values_the_model_cannot_use_are_one_line_errors(model):
+    from pipeline.errors import ConfigError
+
+    text = model.embedder(["circle"], template_set("single"))
+    for kwargs, message in (({"window": 4}, "eval.window: 4 px is smaller than the student's patch size"),
+                            ({"short_side": 4}, "eval.short_side: 4 px is smaller than the student's patch size")):
+        with pytest.raises(ConfigError, match=message):
+            StudentSegmenter(model.student, text, model.embedder.logit_scale, BackgroundRule(), **kwargs)
+    with pytest.raises(ConfigError, match="class 'Background' is also a background word"):
+        vocabulary(model.embedder, ["circle", "Background"], template_set("single"), mode="class", threshold=0.5, bg_words=("background",))
+
+
+def test_class_lists_refuse_names_the_text_encoder_cannot_tell_apart(tmp_path):
+    from pipeline.segment import parse_classes
+
+    assert parse_classes(" cat, dog ,grass") == ["cat", "dog", "grass"]
+    with pytest.raises(InputError, match="'Circle' is the same to the text encoder as 'circle'"):
+        parse_classes("circle,Circle")
+    with pytest.raises(InputError, match="'traffic  light' is the same to the text encoder as 'traffic light'"):
+        parse_classes("traffic light,traffic  light")
+    latin1 = tmp_path / "classes.txt"
+    latin1.write_bytes("café\n".encode("latin-1"))
+    with pytest.raises(InputError, match=f"{latin1}: not UTF-8 text"):
+        parse_classes(f"@{latin1}")
+
+
+def test_segment_leaves_its_own_outputs_out_of_the_inputs(trained, tmp_path, demo_dir):
+    _, ckpt, params_path, overrides = trained
+    sets = [a for kv in overrides for a in ("--set", kv)]
+    for folder, out in ((tmp_path / "photos", tmp_path / "photos"), (tmp_path / "more", tmp_path / "more" / "seg")):  # the folder itself, or below it
+        folder.mkdir()
+        for src in sorted((demo_dir / "eval" / "JPEGImages").glob("*.jpg"))[:2]:
+            (folder / src.name).write_bytes(src.read_bytes())
+        for _ in range(2):
+            run_cli("segment", str(folder), "--classes", "circle,square", "--checkpoint", str(ckpt), "--out", str(out), "--params", str(params_path), "-q", *sets)
+        names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+        stems = [p.stem for p in sorted(folder.glob("*.jpg"))]
+        assert names == sorted(f"{s}_{kind}.png" for s in stems for kind in ("mask", "overlay"))  # no x_mask_mask.png
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    proc = run_cli("segment", str(folder), "--classes", "circle", "--checkpoint", str(ckpt), "--out", str(a_file), "--params", str(params_path), "-q", *sets, check=False)
+    assert proc.returncode == 2 and f"--out {a_file}: not a folder" in proc.stderr
+
+
+def test_evaluation_checks_its_output_folders_first_and_keeps_split_sub_folders(trained, tmp_path, demo_dir):
+    import shutil
+
+    params, ckpt, params_path, overrides = trained
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    with pytest.raises(InputError, match=f"--metrics-dir {a_file}: not a folder"):
+        run_evaluation(params, ckpt, a_file, None, progress=False, echo=lambda *_: None)
+    # a VOC-style split whose ids hold a sub-folder
+    root = tmp_path / "split"
+    shutil.copytree(demo_dir / "eval", root)
+    shutil.copy(demo_dir / "classes.txt", root / "classes.txt")
+    for kind, ext in (("JPEGImages", "jpg"), ("SegmentationClass", "png")):
+        (root / kind / "sub").mkdir()
+        (root / kind / f"eval_000000.{ext}").rename(root / kind / "sub" / f"eval_000000.{ext}")
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("sub/eval_000000\neval_000001\n")
+    params = load_params(params_path, [*overrides, f"eval.datasets={{voc_layout: {root}}}", "eval.bg_threshold.voc_layout=0.5"])
+    saved = run_evaluation(params, ckpt, tmp_path / "m", tmp_path / "pics", progress=False, echo=lambda *_: None)["voc_layout"]
+    assert saved["images"] == 2 and (tmp_path / "pics" / "voc_layout" / "sub" / "eval_000000_student.png").is_file()
+    assert set(saved["pixel_accuracy"]) == {"student", "training_free", "trivial", "oracle_student", "oracle_grid"}
+
+
+def test_legends_say_what_they_leave_out_and_stay_off_tiny_pictures():
+    from pipeline.overlay import colour, legend_lines, overlay
+
+    assert legend_lines(["a", "b", "c", "d"], 3) == ["a", "b", "+2 more"] and legend_lines(["a", "b"], 3) == ["a", "b"]
+    labels = np.repeat(np.arange(1, 5), 1000)[None].repeat(50, axis=0)  # [50, 4000]: four classes side by side
+    wide, legend = overlay(np.full((50, 4000, 3), 128, np.uint8), labels, ["a", "b", "c", "d"])
+    assert legend == ["a", "b", "c", "d"] and (np.asarray(wide)[:, :20] == 255).all(axis=-1).any()  # the box is drawn
+    tiny, _ = overlay(np.full((10, 10, 3), 128, np.uint8), np.ones((10, 10), np.int64), ["a"])
+    assert not (np.asarray(tiny) == 255).all(axis=-1).any()  # no white legend box over a 10x10 picture
+    assert colour(256) != (0, 0, 0) and colour(256) == colour(1) and colour(0) == (0, 0, 0)

@@ -131,9 +131,16 @@ def test_checkpoint_is_plain_data_and_pickled_code_is_refused(built_cache, tmp_p
         def __reduce__(self):
             return (print, ("pwned",))
 
-    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"model": Evil()}))
-    with pytest.raises(InputError, match="not a loadable checkpoint"):
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"model": Evil()}, protocol=2))
+    with pytest.raises(InputError, match="evil.pt: not a checkpoint"):  # a bare pickle
         load_checkpoint(tmp_path / "evil.pt")
+    torch.save({"model": Evil()}, tmp_path / "evil_zip.pt")
+    with pytest.raises(InputError, match="evil_zip.pt: holds pickled objects beyond tensors and plain values") as info:
+        load_checkpoint(tmp_path / "evil_zip.pt")
+    assert "weights_only" not in str(info.value)
+    (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a checkpoint")
+    with pytest.raises(InputError, match="photo.jpg: not a checkpoint"):
+        load_checkpoint(tmp_path / "photo.jpg")
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(built_cache, tmp_path):
