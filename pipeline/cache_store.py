@@ -390,7 +390,7 @@ def _keyed_by_paths(existing: Mapping[str, Any], identity: Mapping[str, Any]) ->
     config, by sha256): its embeddings are this identity's."""
     if existing.get("schema") != cs.SCHEMA_NAME:
         return False
-    from pipeline.teacher import identity_model_name  # only here: reading a store needs no model library
+    from pipeline.teacher import identity_model_name  # only here (it loads open_clip): only writers call this
 
     old = dict(existing.get("teacher", {}))
     moved = {"model": identity_model_name(str(old.get("model", "")))}

@@ -38,8 +38,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except FileNotFoundError:
         raise InputError(f"{path}: checkpoint not found") from None
     except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
+        if Path(path).is_dir():
+            raise InputError(f"{path}: is a folder, not a checkpoint file") from None
         if not zipfile.is_zipfile(path):
-            raise InputError(f"{path}: not a checkpoint (torch.save writes a zip archive; this is not one)") from None
+            raise InputError(f"{path}: not a checkpoint: not the zip archive torch.save writes (or a truncated copy of one)") from None
         if "Weights only load failed" in str(exc):  # torch's advice to set weights_only=False is not ours to give
             raise InputError(f"{path}: holds pickled objects beyond tensors and plain values; zeroseg checkpoints never do, "
                              "and it is not unpickled (that could run code)") from None

@@ -220,17 +220,17 @@ def _check_ranges(params: Params) -> None:
             raise ConfigError(f"{origin(key)}: {key}: expected {allowed}, got {value!r}")
     cache = params.cache
     if not CODEC_LEVELS[cache.codec].admits(cache.codec_level):
-        raise ConfigError(f"{origin('cache.codec_level')}: cache.codec_level: {cache.codec} takes {CODEC_LEVELS[cache.codec]}, got {cache.codec_level}")
+        raise ConfigError(f"{origin('cache.codec', 'cache.codec_level')}: cache.codec_level: {cache.codec} takes {CODEC_LEVELS[cache.codec]}, got {cache.codec_level}")
     if cache.shard_rows % cache.chunk_rows:
-        raise ConfigError(f"{origin('cache.shard_rows')}: cache.shard_rows ({cache.shard_rows}) must be a multiple of cache.chunk_rows ({cache.chunk_rows})")
+        raise ConfigError(f"{origin('cache.shard_rows', 'cache.chunk_rows')}: cache.shard_rows ({cache.shard_rows}) must be a multiple of cache.chunk_rows ({cache.chunk_rows})")
     e = params.eval
     if e.stride > e.window:  # windows would leave unclassified strips, silently background
-        raise ConfigError(f"{origin('eval.stride')}: eval.stride ({e.stride}) must not exceed eval.window ({e.window})")
+        raise ConfigError(f"{origin('eval.stride', 'eval.window')}: eval.stride ({e.stride}) must not exceed eval.window ({e.window})")
     # One table serves both rules: probabilities lie in [0, 1], cosines in [-1, 1].
     low = 0.0 if e.bg_rule == "probability" else -1.0
     for name, value in e.bg_threshold.items():
         if not low <= value <= 1.0:
-            raise ConfigError(f"{origin('eval.bg_threshold')}: eval.bg_threshold.{name}: a {e.bg_rule} threshold lies in [{low:g}, 1], got {value!r}")
+            raise ConfigError(f"{origin('eval.bg_threshold', 'eval.bg_rule')}: eval.bg_threshold.{name}: a {e.bg_rule} threshold lies in [{low:g}, 1], got {value!r}")
 
 
 SECTIONS: dict[str, type] = {
@@ -258,9 +258,10 @@ class Params:
     source: str = "<defaults>"  # the file these came from, for error messages
     overridden: frozenset[str] = frozenset()  # SECTION.KEY given by --set
 
-    def origin(self, key: str) -> str:
-        """Where `key`'s value came from, for error messages: --set or the params file."""
-        return "--set" if key in self.overridden else self.source
+    def origin(self, *keys: str) -> str:
+        """Where the values of `keys` came from, for error messages: --set (if any of them came
+        from it) or the params file."""
+        return "--set" if self.overridden.intersection(keys) else self.source
 
 
 def load_params(path: str | Path | None = "params.yaml", overrides: typing.Sequence[str] = ()) -> Params:

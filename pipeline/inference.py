@@ -72,8 +72,8 @@ def vocabulary(embed, classes: list[str], templates, *, mode: str, threshold: fl
         return embed(list(classes), templates), BackgroundRule(mode, threshold)
     if not bg_words:
         raise ConfigError("eval.bg_words: bg_rule 'class' needs at least one background word")
-    words = {" ".join(w.casefold().split()) for w in bg_words}
-    clash = [c for c in classes if " ".join(c.casefold().split()) in words]
+    words = {" ".join(w.lower().split()) for w in bg_words}
+    clash = [c for c in classes if " ".join(c.lower().split()) in words]
     if clash:  # it would tie with the background word, which is listed first and wins the tie
         raise ConfigError(f"class {clash[0]!r} is also a background word (eval.bg_words) under bg_rule class: it could never be shown; "
                           "drop it from the classes or from eval.bg_words")
@@ -179,7 +179,8 @@ class StudentSegmenter:
         x = resize_short_side(image, self.short_side).to(self.device)  # [3, h, w]
         h, w = x.shape[-2:]
         win = min(self.window, h - h % self.student.arch.patch_size, w - w % self.student.arch.patch_size)
-        origins = [(t, l) for t in window_origins(h, win, self.stride) for l in window_origins(w, win, self.stride)]
+        stride = min(self.stride, win)  # the window shrinks to a small image's side: no strip left between windows
+        origins = [(t, l) for t in window_origins(h, win, stride) for l in window_origins(w, win, stride)]
         crops = torch.stack([x[:, t : t + win, l : l + win] for t, l in origins])  # [n, 3, win, win]
         outs = []
         for a in range(0, len(crops), self.windows_per_forward):

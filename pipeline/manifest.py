@@ -69,19 +69,21 @@ def read_text_file(path: Path) -> str:
 def list_images(source: str | Path) -> tuple[Path, list[str]]:
     """The data root and the ordered relative paths of a folder or a list file.
 
-    Folders are searched recursively, through symbolic links, each real folder once (a link
-    back up the tree would otherwise list its images again at every depth).
+    Folders are searched recursively, through symbolic links, except a link into a folder the
+    walk is already inside (a cycle: it would list the same images again at every depth). Two
+    links to one folder still list it twice, as they always have (manifests stay as they were).
     """
     source = Path(source)
     if source.is_dir():
         found = []
-        visited = {os.path.realpath(source)}
+        inside = {str(source): frozenset({os.path.realpath(source)})}  # walked folder -> real folders above it, itself included
         for dirpath, dirnames, filenames in os.walk(source, followlinks=True):
+            above = inside.pop(dirpath)
             kept = []
-            for d in sorted(dirnames):
+            for d in dirnames:
                 real = os.path.realpath(os.path.join(dirpath, d))
-                if not d.startswith(".") and real not in visited:
-                    visited.add(real)
+                if not d.startswith(".") and real not in above:
+                    inside[os.path.join(dirpath, d)] = above | {real}
                     kept.append(d)
             dirnames[:] = kept
             for name in filenames:

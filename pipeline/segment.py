@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from pipeline.overlay import write_mask, write_overlay
 from pipeline.student import StudentArch, ZeroSegStudent
 from pipeline.teacher import Teacher, resolve_device
 from pipeline.text import ClassEmbedder, template_set
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,15 +68,23 @@ def expand_images(inputs: Sequence[str | Path], exclude: str | Path | None = Non
     def ours(path: Path) -> bool:
         return skip is not None and path.name.endswith(OUTPUT_SUFFIXES) and path.resolve().is_relative_to(skip)
 
+    left_out = 0
     for item in inputs:
         path = Path(item)
         if path.is_dir():
             root, rels = list_images(path)
-            out += [(root / r, Path(r)) for r in rels if not ours(root / r)]
+            kept = [(root / r, Path(r)) for r in rels if not ours(root / r)]
+            left_out += len(rels) - len(kept)
+            out += kept
         elif path.is_file():
-            out.append((path, Path(path.name)))
+            if ours(path):  # given by name too, e.g. by a shell glob over the folder
+                left_out += 1
+            else:
+                out.append((path, Path(path.name)))
         else:
             raise InputError(f"{path}: no such image or folder")
+    if left_out:
+        log.warning("left out %d masks and overlays under %s (the %s files a run writes there)", left_out, exclude, " and ".join(f"*{x}" for x in OUTPUT_SUFFIXES))
     if not out:
         raise InputError(f"no images in {', '.join(map(str, inputs))} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     return out
@@ -104,7 +115,8 @@ def parse_classes(text: str) -> list[str]:
     """'cat, dog,grass' -> ['cat', 'dog', 'grass']; a @FILE reads one class per line (UTF-8).
 
     Names that differ only in case or spacing are refused as repeats: CLIP's tokenizer lowercases
-    and splits on whitespace, so they would get one embedding and the second could never win.
+    and splits on whitespace, so they would get one embedding and the second could never win
+    (refused for every teacher: names so close are a typo more often than two classes).
     """
     if text.startswith("@"):
         names = read_text_file(Path(text[1:])).splitlines()
@@ -115,7 +127,7 @@ def parse_classes(text: str) -> list[str]:
         raise InputError("--classes: give at least one class name")
     seen: dict[str, str] = {}
     for name in names:
-        key = " ".join(name.casefold().split())
+        key = " ".join(name.lower().split())
         if key in seen:
             same = "repeated" if seen[key] == name else f"the same to the text encoder as {seen[key]!r}"
             raise InputError(f"--classes: {name!r} is {same}")

@@ -267,6 +267,11 @@ def _train(params: Params, cache: str, out_dir: str | Path, *, resume: str, live
         log.warning("%s exists and is started afresh: it is replaced at the first checkpoint (--resume continues it)", ckpt_path)
     if resume != "never" and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
+        if "processes" not in ckpt.get("compat", {"processes": None}):
+            # Written before the data order joined the check: it cannot say, so it is taken as it is.
+            log.warning("%s predates the check of train.num_workers and the process count: resuming assumes they are as before", ckpt_path)
+            ckpt["compat"] = {**ckpt["compat"], "processes": compat["processes"],
+                              "train": {**ckpt["compat"].get("train", {}), "num_workers": compat["train"]["num_workers"]}}
         if ckpt.get("compat") != compat:
             differs = [d.split(":")[0] for d in cs.differences(ckpt.get("compat", {}), compat)]  # train.base_lr, cache_fingerprint
             if resume == "must":

@@ -187,7 +187,12 @@ def test_a_bad_file_anywhere_in_the_split_is_found_when_it_opens(voc_root):
     with pytest.raises(InputError, match="2007_000042.png: mask has PIL mode RGB; expected a single-channel 8-bit label PNG"):
         open_dataset("voc", voc_root)
     write_mask(voc / "SegmentationClass" / "2007_000042.png", labels(15, 255, 0), palette=True)
-    for content in (b"", b"not an image"):
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)  # a PNG header claiming 400 Mpx
+    bomb = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    for content in (b"", b"not an image", bomb):
         (voc / "JPEGImages" / "2008_000005.jpg").write_bytes(content)
         with pytest.raises(InputError, match=re.escape(f"{voc / 'JPEGImages' / '2008_000005.jpg'}: cannot read image (")):
             open_dataset("voc", voc_root)

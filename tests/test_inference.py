@@ -255,8 +255,23 @@ def test_topk_keeps_the_image_classes_for_every_method_and_drops_the_rest_under_
 
     classes = ["circle", "square", "triangle", "star", "cross"]
     text = model.embedder(classes, template_set("single"))
-    image = np.random.default_rng(4).integers(0, 256, (40, 150, 3), dtype=np.uint8)  # wide: several windows
     rule = BackgroundRule("cosine", -1.0)  # no pixel is background
+
+    def window_winners(image):  # each window's own top class, which a per-window top-k would keep
+        from pipeline.inference import class_scores, resize_short_side, window_origins
+        from pipeline.student_data import normalize_images
+
+        x = resize_short_side(image, 32)
+        crops = torch.stack([x[:, :, l : l + 32] for l in window_origins(x.shape[-1], 32, 16)])
+        with torch.inference_mode():
+            z = model.student.infer(normalize_images(crops)).z
+        return set(class_scores(z, text, model.embedder.logit_scale, "cosine").argmax(dim=-1).tolist())
+
+    # a wide image of colour bands whose windows disagree on their top class
+    rng = np.random.default_rng(4)
+    candidates = (np.repeat(rng.integers(0, 256, (1, 6, 3), dtype=np.uint8), 25, axis=1).repeat(40, axis=0) for _ in range(40))
+    image = next((im for im in candidates if len(window_winners(im)) > 1), None)
+    assert image is not None, "no test image whose windows disagree"
     for seg in (StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, short_side=32, window=32, stride=16, topk_classes=1),
                 GridTeacherSegmenter(model.teacher, text, model.embedder.logit_scale, rule, short_side=32, topk_classes=1)):
         labels = seg.predict(image).labels
@@ -311,6 +326,11 @@ def test_segment_leaves_its_own_outputs_out_of_the_inputs(trained, tmp_path, dem
         names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
         stems = [p.stem for p in sorted(folder.glob("*.jpg"))]
         assert names == sorted(f"{s}_{kind}.png" for s in stems for kind in ("mask", "overlay"))  # no x_mask_mask.png
+    # the same files given by name (a shell glob over the folder) are left out too, and said so
+    photos = tmp_path / "photos"
+    given = [str(p) for p in sorted(photos.iterdir()) if p.is_file()]  # 2 images, their 2 masks and 2 overlays
+    proc = run_cli("segment", *given, "--classes", "circle,square", "--checkpoint", str(ckpt), "--out", str(photos), "--params", str(params_path), "-q", *sets)
+    assert "left out 4 masks and overlays under" in proc.stderr and not list(photos.glob("*_mask_mask.png"))
     a_file = tmp_path / "afile"
     a_file.write_text("x")
     proc = run_cli("segment", str(folder), "--classes", "circle", "--checkpoint", str(ckpt), "--out", str(a_file), "--params", str(params_path), "-q", *sets, check=False)
@@ -349,3 +369,10 @@ def test_legends_say_what_they_leave_out_and_stay_off_tiny_pictures():
     tiny, _ = overlay(np.full((10, 10, 3), 128, np.uint8), np.ones((10, 10), np.int64), ["a"])
     assert not (np.asarray(tiny) == 255).all(axis=-1).any()  # no white legend box over a 10x10 picture
     assert colour(256) != (0, 0, 0) and colour(256) == colour(1) and colour(0) == (0, 0, 0)
+
+
+def test_a_window_shrunk_to_a_small_image_leaves_no_strip_between_windows(model):
+    text = model.embedder(["circle", "square"], template_set("single"))
+    image = np.random.default_rng(6).integers(0, 256, (40, 150, 3), dtype=np.uint8)  # resized to 32 x 120: the window shrinks to 32
+    seg = StudentSegmenter(model.student, text, model.embedder.logit_scale, BackgroundRule("cosine", -1.0), short_side=32, window=64, stride=48)
+    assert (seg.predict(image).labels >= 1).all()  # every pixel was classified: none left to background

@@ -82,17 +82,17 @@ def test_content_hashes_are_memoized_by_path_size_mtime_inode(tmp_path):
     assert build_manifest(tmp_path, "content", progress=False).hash != first
 
 
-def test_folders_are_searched_through_links_but_each_real_folder_once(tmp_path):
-    from PIL import Image
-
+def test_folders_are_searched_through_links_but_never_round_a_cycle(tmp_path):
     from pipeline.manifest import list_images
 
-    (tmp_path / "a").mkdir()
-    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "x.png")
-    (tmp_path / "a" / "loop").symlink_to(tmp_path)  # a link back up the tree
-    (tmp_path / "b").symlink_to(tmp_path / "a")  # a second way into a/
-    (tmp_path / ".hidden").mkdir()
-    Image.new("RGB", (8, 8)).save(tmp_path / ".hidden" / "y.png")
+    for folder, name in (("a", "x.png"), ("d", "p.png"), ("e", "q.png"), (".hidden", "y.png")):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / folder / name)
+    (tmp_path / "a" / "loop").symlink_to(tmp_path)  # a link back up the tree: a cycle
+    (tmp_path / "b").symlink_to(tmp_path / "a")  # a second way into a/: listed, as it always was
     (tmp_path / "c").symlink_to(tmp_path / ".hidden")  # a hidden folder is skipped, a visible link to it is not
+    (tmp_path / "d" / "to_e").symlink_to(tmp_path / "e")  # two siblings linking to each other: a cycle of two
+    (tmp_path / "e" / "to_d").symlink_to(tmp_path / "d")
     root, paths = list_images(tmp_path)
-    assert root == tmp_path and paths == ["a/x.png", "c/y.png"]
+    assert root == tmp_path
+    assert paths == ["a/x.png", "b/x.png", "c/y.png", "d/p.png", "d/to_e/q.png", "e/q.png", "e/to_d/p.png"]

@@ -105,6 +105,11 @@ def test_resume_refuses_a_checkpoint_made_with_other_params(built_cache, tmp_pat
     with pytest.raises(InputError, match=r"made with other train.num_workers \(they fix the data order"):
         run_training(params_for(built_cache, "train.epochs=1", "train.num_workers=2"), str(store), tmp_path / "r", resume="must", progress=False)
     assert run_training(params_for(built_cache, "train.epochs=1", "train.num_workers=1"), str(store), tmp_path / "r", resume="must", progress=False).resumed_from == 1
+    # a checkpoint written before that check cannot say: it is resumed, with a warning
+    old = load_checkpoint(tmp_path / "r" / "checkpoint.pt")
+    del old["compat"]["processes"], old["compat"]["train"]["num_workers"]
+    torch.save(old, tmp_path / "r" / "checkpoint.pt")
+    assert run_training(params_for(built_cache, "train.epochs=1"), str(store), tmp_path / "r", resume="must", progress=False).resumed_from == 1
     fresh = run_training(params_for(built_cache, "train.epochs=1", "loss.distill=2.0"), str(store), tmp_path / "r", resume="auto", progress=False)
     assert fresh.resumed_from is None
     with pytest.raises(InputError, match="no checkpoint to resume"):
@@ -139,8 +144,10 @@ def test_checkpoint_is_plain_data_and_pickled_code_is_refused(built_cache, tmp_p
         load_checkpoint(tmp_path / "evil_zip.pt")
     assert "weights_only" not in str(info.value)
     (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a checkpoint")
-    with pytest.raises(InputError, match="photo.jpg: not a checkpoint"):
+    with pytest.raises(InputError, match="photo.jpg: not a checkpoint: not the zip archive torch.save writes"):
         load_checkpoint(tmp_path / "photo.jpg")
+    with pytest.raises(InputError, match="is a folder, not a checkpoint file"):
+        load_checkpoint(tmp_path)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(built_cache, tmp_path):

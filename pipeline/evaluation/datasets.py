@@ -200,7 +200,7 @@ class SegmentationDataset:
             try:
                 with Image.open(mask_path) as img:
                     mode, size = img.mode, img.size
-            except (OSError, SyntaxError) as exc:  # PIL raises SyntaxError for some broken headers
+            except (OSError, SyntaxError, Image.DecompressionBombError) as exc:  # PIL raises SyntaxError for some broken headers
                 raise InputError(f"{mask_path}: cannot read mask ({type(exc).__name__}: {exc})") from None
             if mode not in ("P", "L"):
                 raise InputError(f"{mask_path}: mask has PIL mode {mode}; expected a single-channel 8-bit label PNG (palette or grayscale)")
@@ -216,7 +216,7 @@ def _image_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             return img.size
-    except (OSError, SyntaxError) as exc:  # UnidentifiedImageError is an OSError
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
         raise InputError(f"{path}: cannot read image ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'empty or not an image'})") from None
 
 
