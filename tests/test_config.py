@@ -56,7 +56,7 @@ def test_overrides_use_dvc_exp_run_syntax(tmp_path):
         ("teacher: {}\n", ["cache.chunk_rows=64", "cache.shard_rows=96"], "--set: cache.shard_rows (96) must be a multiple of cache.chunk_rows (64)"),
         ("cache:\n  shard_rows: 96\n", [], "params.yaml: cache.shard_rows (96) must be a multiple of cache.chunk_rows (64)"),
         ("teacher: {}\n", ["teacher.batch_size=0"], "--set: teacher.batch_size: expected at least 1, got 0"),  # blamed on what set it
-        ("teacher: {}\n", ["cache.chunk_rows=96"], "--set: cache.shard_rows (256) must be a multiple of cache.chunk_rows (96)"),  # either key
+        ("teacher: {}\n", ["cache.chunk_rows=96"], "--set: cache.shard_rows (1024) must be a multiple of cache.chunk_rows (96)"),  # either key
         ("teacher: {}\n", ["teacher.batch_size=x"], "--set: teacher.batch_size: expected int"),
         ("teacher: {}\n", ["eval.window=64", "eval.stride=65"], "eval.stride (65) must not exceed eval.window (64)"),
         ("teacher: {}\n", ["eval.bg_rule=probability", "eval.bg_threshold.demo=5"], "--set: eval.bg_threshold.demo: a probability threshold lies in [0, 1], got 5.0"),
