@@ -229,6 +229,7 @@ def interrupted(args: list[str]) -> str:
 
 def main(args: list[str] | None = None) -> None:
     """Run the CLI; user errors become one line on stderr and exit code 2."""
+    on_interrupt = interrupted(sys.argv[1:] if args is None else args)
     try:
         result = app(args=args, standalone_mode=False)
     except (ZerosegError, cs.CacheSchemaError) as exc:
@@ -241,13 +242,13 @@ def main(args: list[str] | None = None) -> None:
         typer.echo("zeroseg: aborted", err=True)
         sys.exit(130)
     except KeyboardInterrupt:
-        typer.echo(interrupted(sys.argv[1:] if args is None else args), err=True)
+        typer.echo(on_interrupt, err=True)
         sys.exit(130)
     except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:  # a path that cannot be used: the message names it
         typer.echo(f"zeroseg: error: {exc}", err=True)
         sys.exit(2)
     if result == 130:  # typer turns Ctrl-C into exit code 130 before it reaches the handler above
-        typer.echo(interrupted(sys.argv[1:] if args is None else args), err=True)
+        typer.echo(on_interrupt, err=True)
     sys.exit(result if isinstance(result, int) else 0)
 
 

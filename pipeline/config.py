@@ -226,11 +226,17 @@ def _check_ranges(params: Params) -> None:
     e = params.eval
     if e.stride > e.window:  # windows would leave unclassified strips, silently background
         raise ConfigError(f"{origin('eval.stride', 'eval.window')}: eval.stride ({e.stride}) must not exceed eval.window ({e.window})")
-    # One table serves both rules: probabilities lie in [0, 1], cosines in [-1, 1].
-    low = 0.0 if e.bg_rule == "probability" else -1.0
-    for name, value in e.bg_threshold.items():
-        if not low <= value <= 1.0:
-            raise ConfigError(f"{origin('eval.bg_threshold', 'eval.bg_rule')}: eval.bg_threshold.{name}: a {e.bg_rule} threshold lies in [{low:g}, 1], got {value!r}")
+    for name, value in e.bg_threshold.items():  # one table serves both threshold rules
+        problem = threshold_problem(e.bg_rule, value)
+        if problem:
+            raise ConfigError(f"{origin('eval.bg_threshold', 'eval.bg_rule')}: eval.bg_threshold.{name}: {problem}, got {value!r}")
+
+
+def threshold_problem(rule: str, value: float) -> str | None:
+    """Why `value` cannot be a background threshold under `rule` (None if it can):
+    probabilities lie in [0, 1], cosines in [-1, 1]."""
+    low = 0.0 if rule == "probability" else -1.0
+    return None if low <= value <= 1.0 else f"a {rule} threshold lies in [{low:g}, 1]"
 
 
 SECTIONS: dict[str, type] = {

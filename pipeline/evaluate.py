@@ -24,6 +24,7 @@ from pipeline.errors import InputError
 from pipeline.evaluation import ConfusionMatrix, SegmentationScores, open_dataset
 from pipeline.baselines import GridTeacherSegmenter, MaskCLIPSegmenter
 from pipeline.inference import StudentSegmenter, vocabulary
+from pipeline.manifest import output_folder
 from pipeline.oracle import grid_regions, majority_labels
 from pipeline.overlay import write_overlay
 from pipeline.segment import load_model
@@ -75,12 +76,9 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
     # Every dataset is opened (names, layouts, splits, files) before any is evaluated: a typo in
     # the last one must not surface after hours spent on the first.
     datasets = {name: open_dataset(name, root) for name, root in e.datasets.items()}
-    for folder, what in ((metrics_dir, "--metrics-dir"), (pictures_dir, "--pictures")):  # not found after the work
+    for folder, option in ((metrics_dir, "--metrics-dir"), (pictures_dir, "--pictures")):  # not found after the work
         if folder is not None:
-            try:
-                Path(folder).mkdir(parents=True, exist_ok=True)
-            except (FileExistsError, NotADirectoryError):
-                raise InputError(f"{what} {folder}: not a folder") from None
+            output_folder(folder, option)
     missing = [name for name in datasets if name not in e.bg_threshold]
     if missing and e.bg_rule != "class":
         raise InputError(f"eval.bg_threshold: no threshold for dataset {missing[0]!r} (have: {', '.join(e.bg_threshold)})")
@@ -138,6 +136,5 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
         echo(side_by_side(names, {m: scores[m] for m in scored}))
         echo(f"student segments per image: {segments_used / max(1, n):.1f}, per window: {per_window / max(1, n):.2f} (1 means the grouping collapsed)")
         path = Path(metrics_dir) / f"{name}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results[name], indent=2))
     return results

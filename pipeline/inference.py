@@ -56,6 +56,11 @@ class BackgroundRule:
         return best, (idx + 1 - self.background_rows).clamp_min(0)
 
 
+def name_key(name: str) -> str:
+    """A class name as CLIP's tokenizer sees it: lowercased, whitespace runs as one space."""
+    return " ".join(name.lower().split())
+
+
 def vocabulary(embed, classes: list[str], templates, *, mode: str, threshold: float, bg_words=("background",)) -> tuple[torch.Tensor, BackgroundRule]:
     """Class embeddings and the background rule that reads them.
 
@@ -72,8 +77,8 @@ def vocabulary(embed, classes: list[str], templates, *, mode: str, threshold: fl
         return embed(list(classes), templates), BackgroundRule(mode, threshold)
     if not bg_words:
         raise ConfigError("eval.bg_words: bg_rule 'class' needs at least one background word")
-    words = {" ".join(w.lower().split()) for w in bg_words}
-    clash = [c for c in classes if " ".join(c.lower().split()) in words]
+    words = {name_key(w) for w in bg_words}
+    clash = [c for c in classes if name_key(c) in words]
     if clash:  # it would tie with the background word, which is listed first and wins the tie
         raise ConfigError(f"class {clash[0]!r} is also a background word (eval.bg_words) under bg_rule class: it could never be shown; "
                           "drop it from the classes or from eval.bg_words")

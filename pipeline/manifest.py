@@ -66,6 +66,20 @@ def read_text_file(path: Path) -> str:
         raise InputError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r})") from None
 
 
+def output_folder(path: str | Path, option: str) -> Path:
+    """Create the folder an option names for outputs (checked before any work is done).
+
+    Raises:
+        InputError: the path, or a folder on it, is a file.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise InputError(f"{option} {path}: not a folder") from None
+    return path
+
+
 def list_images(source: str | Path) -> tuple[Path, list[str]]:
     """The data root and the ordered relative paths of a folder or a list file.
 

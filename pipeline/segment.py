@@ -11,11 +11,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from pipeline.checkpoint import load_checkpoint
-from pipeline.config import Params
+from pipeline.config import Params, threshold_problem
 from pipeline.decode import load_rgb
 from pipeline.errors import InputError
-from pipeline.inference import StudentSegmenter, vocabulary
-from pipeline.manifest import IMAGE_EXTENSIONS, list_images, read_text_file
+from pipeline.inference import StudentSegmenter, name_key, vocabulary
+from pipeline.manifest import IMAGE_EXTENSIONS, list_images, output_folder, read_text_file
 from pipeline.overlay import write_mask, write_overlay
 from pipeline.student import StudentArch, ZeroSegStudent
 from pipeline.teacher import Teacher, resolve_device
@@ -127,7 +127,7 @@ def parse_classes(text: str) -> list[str]:
         raise InputError("--classes: give at least one class name")
     seen: dict[str, str] = {}
     for name in names:
-        key = " ".join(name.lower().split())
+        key = name_key(name)
         if key in seen:
             same = "repeated" if seen[key] == name else f"the same to the text encoder as {seen[key]!r}"
             raise InputError(f"--classes: {name!r} is {same}")
@@ -150,14 +150,10 @@ def run_segment(params: Params, checkpoint: str | Path, images: Sequence[str | P
         if e.bg_rule == "class":
             raise InputError(f"--threshold {threshold}: eval.bg_rule is class, where background is wherever a bg_words entry wins; "
                              "the threshold applies to bg_rule probability or cosine")
-        low = 0.0 if e.bg_rule == "probability" else -1.0
-        if not low <= threshold <= 1.0:
-            raise InputError(f"--threshold {threshold}: a {e.bg_rule} threshold lies in [{low:g}, 1]")
-    out_dir = Path(out_dir)
-    try:  # before the model loads: an unusable --out is found at once
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise InputError(f"--out {out_dir}: not a folder") from None
+        problem = threshold_problem(e.bg_rule, threshold)
+        if problem:
+            raise InputError(f"--threshold {threshold}: {problem}")
+    out_dir = output_folder(out_dir, "--out")  # before the model loads: an unusable --out is found at once
     inputs = expand_images(images, exclude=out_dir)
     stems = output_stems([name for _, name in inputs])
     model = load_model(params, checkpoint)
@@ -166,20 +162,22 @@ def run_segment(params: Params, checkpoint: str | Path, images: Sequence[str | P
     device = resolve_device(e.device, key="eval.device")
     seg = StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, short_side=e.short_side, window=e.window, stride=e.stride, topk_classes=e.topk_classes, device=device)
     results = []
+
+    def done(entry: dict) -> None:
+        results.append(entry)
+        if on_result:
+            on_result(entry)
+
     for (path, _), stem in tqdm(list(zip(inputs, stems)), desc="segment", unit="img", disable=not progress):
         try:
             image = load_rgb(path, max_pixels=params.data.max_pixels)
         except InputError as exc:
-            results.append({"image": str(path), "error": str(exc)})
-            if on_result:
-                on_result(results[-1])
+            done({"image": str(path), "error": str(exc)})
             continue
         pred = seg.predict(image)
         mask_path, overlay_path = (out_dir / f"{stem}{suffix}" for suffix in OUTPUT_SUFFIXES)
         mask_path.parent.mkdir(parents=True, exist_ok=True)
         write_mask(mask_path, pred.labels)
         legend = write_overlay(overlay_path, image, pred.labels, classes)
-        results.append({"image": str(path), "mask": str(mask_path), "overlay": str(overlay_path), "legend": legend})
-        if on_result:
-            on_result(results[-1])
+        done({"image": str(path), "mask": str(mask_path), "overlay": str(overlay_path), "legend": legend})
     return results

@@ -177,12 +177,8 @@ class SegmentationDataset:
         image_id = self.image_ids[index]
         image_path, mask_path = self.image_path(image_id), self.mask_path(image_id)
         mask = _read_mask(mask_path, self.num_classes, self.ignore_index)  # [H, W]
-        width, height = _image_size(image_path)  # stored size: benchmark masks annotate the stored pixels
-        if mask.shape != (height, width):
-            raise InputError(
-                f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
-                f"{image_path.name} is {width}x{height}"
-            )
+        # stored size: benchmark masks annotate the stored pixels
+        _require_same_size(mask_path, (mask.shape[1], mask.shape[0]), image_path, _image_size(image_path))
         return Sample(image_id, image_path, mask)
 
     def check_headers(self) -> None:
@@ -196,19 +192,33 @@ class SegmentationDataset:
         """
         for image_id in self.image_ids:
             image_path, mask_path = self.image_path(image_id), self.mask_path(image_id)
-            width, height = _image_size(image_path)
+            image_size = _image_size(image_path)
             try:
                 with Image.open(mask_path) as img:
                     mode, size = img.mode, img.size
-            except (OSError, SyntaxError, Image.DecompressionBombError) as exc:  # PIL raises SyntaxError for some broken headers
+            except PIL_ERRORS as exc:
                 raise InputError(f"{mask_path}: cannot read mask ({type(exc).__name__}: {exc})") from None
-            if mode not in ("P", "L"):
-                raise InputError(f"{mask_path}: mask has PIL mode {mode}; expected a single-channel 8-bit label PNG (palette or grayscale)")
-            if size != (width, height):
-                raise InputError(f"{mask_path}: mask is {size[0]}x{size[1]} but its image {image_path.name} is {width}x{height}")
+            _require_label_mode(mask_path, mode)
+            _require_same_size(mask_path, size, image_path, image_size)
 
     def __iter__(self) -> Iterator[Sample]:
         return (self[i] for i in range(len(self)))
+
+
+# What PIL raises on a file it cannot open: OSError (UnidentifiedImageError is one), SyntaxError
+# for some broken headers, DecompressionBombError (not an OSError) past its pixel limit.
+PIL_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError)
+
+
+def _require_label_mode(path: Path, mode: str) -> None:
+    if mode not in ("P", "L"):
+        raise InputError(f"{path}: mask has PIL mode {mode}; expected a single-channel 8-bit label PNG (palette or grayscale)")
+
+
+def _require_same_size(mask_path: Path, mask_size: tuple[int, int], image_path: Path, image_size: tuple[int, int]) -> None:
+    """Sizes as (width, height)."""
+    if mask_size != image_size:
+        raise InputError(f"{mask_path}: mask is {mask_size[0]}x{mask_size[1]} but its image {image_path.name} is {image_size[0]}x{image_size[1]}")
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -216,7 +226,7 @@ def _image_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             return img.size
-    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
+    except PIL_ERRORS as exc:
         raise InputError(f"{path}: cannot read image ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'empty or not an image'})") from None
 
 
@@ -228,8 +238,7 @@ def _read_mask(path: Path, num_classes: int, ignore_index: int) -> np.ndarray:
             mask = np.array(img)
     except OSError as exc:
         raise InputError(f"{path}: cannot read mask ({exc})") from None
-    if mode not in ("P", "L") or mask.dtype != np.uint8:
-        raise InputError(f"{path}: mask has PIL mode {mode}; expected a single-channel 8-bit label PNG (palette or grayscale)")
+    _require_label_mode(path, mode)  # P and L arrays are uint8
     bad = (mask >= num_classes) & (mask != ignore_index)
     if bad.any():
         raise InputError(
