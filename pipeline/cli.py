@@ -51,7 +51,9 @@ def teacher_cache(
     rate = stats.rows_computed / stats.wall_s if stats.wall_s else 0.0
     typer.echo(
         f"{stats.store}: {stats.rows_computed} images processed ({stats.views_computed} views, {rate:.1f} img/s overall), "
-        f"{stats.shards_written} shards written, {stats.shards_skipped} already done; the store has {stats.failed} failed rows (zeroseg cache info lists them)"
+        f"{stats.shards_written} shards written, {stats.shards_skipped} already done"
+        + (f", {stats.views_recovered} views recovered from tasks whose worker died" if stats.views_recovered else "")
+        + f"; the store has {stats.failed} failed rows (zeroseg cache info lists them)"
         + ("" if stats.complete else " - INCOMPLETE")
     )
 

@@ -29,9 +29,11 @@ import threading
 import uuid
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import cache_schema as cs
 from pipeline.cache_store import CacheStore, ShardWork
 from pipeline.config import Params, TeacherConfig
 from pipeline.errors import InputError
@@ -92,9 +94,15 @@ def shard_task(url: str, fingerprint: str, shard: int, work: ShardWork, root: st
         raise InputError(f"dask worker on {socket.gethostname()}: its teacher differs from the run's in {differ} (same weights on every worker?)")
     store = CacheStore.open(url, fingerprint)
     stats = RunStats(store=url)
-    work = store.lacking(shard, work)
-    if not work:  # written and marked by an earlier run of this task, whose result dask lost
+    lacking = store.lacking(shard, work)
+    recovered = [g for g in work.grids if g not in lacking.grids]
+    if recovered:  # an earlier attempt of this task marked these grids before its worker died
+        ok = int(np.sum(store.settled_rows(shard)[0] == cs.STATUS_OK))
+        stats.views_recovered = ok * sum(g * g for g in recovered)
+    if not lacking:  # the whole shard: dask lost the earlier attempt's result, not its work
+        stats.shards_recovered = 1
         return stats
+    work = lacking
     views_before = teacher.forward_views
     compute_shards(store, Path(root), paths, teacher, {shard: work}, params, stats)
     stats.views_computed = teacher.forward_views - views_before

@@ -51,6 +51,11 @@ class RunStats:
     views_computed: int = 0
     shards_written: int = 0
     shards_skipped: int = 0
+    # Work that a dask task found already written and marked when it started: an earlier attempt
+    # of the same task committed it before its worker died. Not recomputed, and not in the
+    # counts above, so views_computed + views_recovered is the views the run's shards lacked.
+    shards_recovered: int = 0
+    views_recovered: int = 0
     failed: int = 0
     complete: bool = False
     wall_s: float = 0.0
@@ -68,7 +73,7 @@ class RunStats:
     def add(self, other: RunStats) -> None:
         """Add a part's work (a dask task's shard) to this run's totals."""
         for f in fields(self):
-            if f.name in ("rows_computed", "views_computed", "shards_written") or (f.name.endswith("_s") and f.name != "wall_s"):
+            if f.name in ("rows_computed", "views_computed", "shards_written", "shards_recovered", "views_recovered") or (f.name.endswith("_s") and f.name != "wall_s"):
                 setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
         self.failures.update(other.failures)
 
