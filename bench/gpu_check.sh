@@ -27,14 +27,55 @@ if [ "$DRY_RUN" = 1 ]; then echo "CPU dry run (DRY_RUN=1): figures of a small te
 else nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1; fi
 python3 -c "import torch, open_clip, zarr, timm; print('torch', torch.__version__, 'open_clip', open_clip.__version__, 'zarr', zarr.__version__, 'timm', timm.__version__)" | tee -a "$OUT/gpu.txt"
 STEPS=${STEPS:-tests stage1 stage2 inference stage1_pure profile}
-# run_step NAME LIMIT: true when NAME is in STEPS and at least 30 s of the budget are left;
-# sets LIMIT_S to min(LIMIT, seconds left).
-run_step() {
-  case " $STEPS " in *" $1 "*) ;; *) return 1;; esac
+# Every step named in STEPS ends in exactly one outcome, one line of $OUT/steps.tsv
+# (name, outcome, seconds, detail):
+#   ok       its figures were written (the file the step exists to produce, non-empty);
+#   skipped  under 30 s of the budget were left for it (also listed in $OUT/skipped.txt);
+#   failed   it exited non-zero, ran past its limit, or wrote no figures (also in $OUT/failed.txt,
+#            with the last lines of its log).
+# The exit status says which: 0 every step ok, 1 a step failed, 2 none failed but one was skipped.
+# LIMIT_SCALE multiplies every step's limit (the CPU dry run on a busy machine needs more time);
+# LIMIT_CAP caps it (tests use it to force a time-out).
+LIMIT_SCALE=${LIMIT_SCALE:-$([ "$DRY_RUN" = 1 ] && echo 4 || echo 1)}
+LIMIT_CAP=${LIMIT_CAP:-0}
+: > "$OUT/steps.tsv"
+rm -f "$OUT/skipped.txt" "$OUT/failed.txt"
+record() {  # record NAME OUTCOME SECONDS DETAIL
+  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$OUT/steps.tsv"
+  echo "== $1: $2 ($4)"
+}
+# step NAME LIMIT FIGURES FUNCTION: run FUNCTION (its output to $OUT/NAME.log) when NAME is in
+# STEPS, under min(LIMIT x LIMIT_SCALE, budget left) seconds, exported as LIMIT_S, then record
+# its outcome.
+step() {
+  local name=$1 limit=$2 figures=$3 fn=$4
+  case " $STEPS " in *" $name "*) ;; *) return 0;; esac
   local left=$(( BUDGET - SECONDS ))
-  if (( left < 30 )); then echo "== $1: skipped, ${left} s of the budget left" | tee -a "$OUT/skipped.txt"; return 1; fi
-  LIMIT_S=$(( $2 < left ? $2 : left ))
-  echo "== $1 (limit ${LIMIT_S} s, ${SECONDS} s elapsed)"
+  if (( left < 30 )); then
+    record "$name" skipped 0 "${left} s of the budget left"
+    echo "== $name: skipped, ${left} s of the budget left" >> "$OUT/skipped.txt"
+    return 0
+  fi
+  LIMIT_S=$(( limit * LIMIT_SCALE ))
+  (( LIMIT_CAP > 0 && LIMIT_CAP < LIMIT_S )) && LIMIT_S=$LIMIT_CAP
+  (( left < LIMIT_S )) && LIMIT_S=$left
+  echo "== $name (limit ${LIMIT_S} s, ${SECONDS} s elapsed)"
+  rm -f "$OUT/$figures"
+  local t0=$SECONDS rc=0 why=""
+  "$fn" > "$OUT/$name.log" 2>&1 || rc=$?
+  local took=$(( SECONDS - t0 ))
+  if (( rc == 124 || rc == 137 )); then why="ran past its limit of ${LIMIT_S} s"
+  elif (( rc != 0 )); then why="exited with status $rc"
+  elif [ ! -s "$OUT/$figures" ]; then why="exited 0 but wrote no $figures"
+  fi
+  if [ -z "$why" ]; then
+    record "$name" ok "$took" "$figures"
+    tail -3 "$OUT/$name.log"
+  else
+    record "$name" failed "$took" "$why"
+    { echo "== $name: failed after ${took} s: $why; last lines of $name.log:"; tail -8 "$OUT/$name.log" | sed 's/^/    /'; } >> "$OUT/failed.txt"
+    tail -8 "$OUT/$name.log"
+  fi
 }
 if [ "$DRY_RUN" = 1 ]; then
   DEVICE=cpu TEACHER=ViT-S-32 STUDENT=zeroseg_micro JPEG=160x120 BATCH=8 SHARD=8
@@ -45,39 +86,30 @@ else
 fi
 STAGE1="--model $TEACHER --device $DEVICE --batch-size $BATCH --shard-rows $SHARD --size $JPEG"
 STAGE2="--variant $STUDENT --device $DEVICE --micro-batch $MB --steps $N2_STEPS"
-if run_step tests 90; then
-  timeout -k 10 $LIMIT_S python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_views.py tests/test_inference.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
-fi
-if run_step stage1 150; then
-  timeout -k 10 $LIMIT_S python3 bench/teacher_cache_bench.py $STAGE1 --precision bf16 --images $N1 --naive-images $N1_NAIVE --json "$OUT/stage1.json" > "$OUT/stage1.log" 2>&1
-  tail -3 "$OUT/stage1.log"
-fi
-if run_step stage2 120; then
-  timeout -k 10 $LIMIT_S python3 -m bench.train_bench $STAGE2 \
-    --e2e-images $E2E_IMAGES --e2e-steps $E2E_STEPS --e2e-micro-batch $E2E_MB --e2e-sources decode,cache --workers $WORKERS --json "$OUT/stage2.json" > "$OUT/stage2.log" 2>&1
-  tail -3 "$OUT/stage2.log"
-fi
-if run_step inference 45; then
-  timeout -k 10 $LIMIT_S python3 bench/inference_bench.py --variant $STUDENT --device $DEVICE --images $N_INF > "$OUT/inference.json" 2> "$OUT/inference.log"
-  cat "$OUT/inference.json"
-fi
+run() { timeout -k 10 "$LIMIT_S" "$@"; }
+tests() { run python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_views.py tests/test_inference.py; }  # figures: its log
+stage1() { run python3 bench/teacher_cache_bench.py $STAGE1 --precision bf16 --images $N1 --naive-images $N1_NAIVE --json "$OUT/stage1.json"; }
+stage2() {
+  run python3 -m bench.train_bench $STAGE2 \
+    --e2e-images $E2E_IMAGES --e2e-steps $E2E_STEPS --e2e-micro-batch $E2E_MB --e2e-sources decode,cache --workers $WORKERS --json "$OUT/stage2.json"
+}
+inference() { run python3 bench/inference_bench.py --variant $STUDENT --device $DEVICE --images $N_INF --json "$OUT/inference.json"; }
 # The untried speed options, on the same kind of images, against stage1's bf16 autocast figure.
-if run_step stage1_pure 60; then
-  timeout -k 10 $LIMIT_S python3 bench/teacher_cache_bench.py $STAGE1 --precision pure_bf16 --images $N1_OPT --naive-images 0 --json "$OUT/stage1_pure.json" > "$OUT/stage1_pure.log" 2>&1
-  tail -3 "$OUT/stage1_pure.log"
-fi
+stage1_pure() { run python3 bench/teacher_cache_bench.py $STAGE1 --precision pure_bf16 --images $N1_OPT --naive-images 0 --json "$OUT/stage1_pure.json"; }
 # Where the time goes in each hot loop: torch.profiler tables and the GPU's busy share.
-if run_step profile 60; then
-  timeout -k 10 $LIMIT_S python3 -m bench.gpu_profile --device $DEVICE --teacher $TEACHER --views $PROF_VIEWS --student $STUDENT --micro-batch $MB --out "$OUT" > "$OUT/profile.log" 2>&1
-  tail -3 "$OUT/profile.log"
-fi
-if run_step stage2_compile 200; then
-  timeout -k 10 $LIMIT_S python3 -m bench.train_bench $STAGE2 --compile --json "$OUT/stage2_compile.json" > "$OUT/stage2_compile.log" 2>&1
-  tail -3 "$OUT/stage2_compile.log"
-fi
-if run_step stage1_compile 200; then
-  timeout -k 10 $LIMIT_S python3 bench/teacher_cache_bench.py $STAGE1 --precision pure_bf16 --compile --images $N1_OPT --naive-images 0 --json "$OUT/stage1_compile.json" > "$OUT/stage1_compile.log" 2>&1
-  tail -3 "$OUT/stage1_compile.log"
-fi
+profile() { run python3 -m bench.gpu_profile --device $DEVICE --teacher $TEACHER --views $PROF_VIEWS --student $STUDENT --micro-batch $MB --out "$OUT"; }
+stage2_compile() { run python3 -m bench.train_bench $STAGE2 --compile --json "$OUT/stage2_compile.json"; }
+stage1_compile() { run python3 bench/teacher_cache_bench.py $STAGE1 --precision pure_bf16 --compile --images $N1_OPT --naive-images 0 --json "$OUT/stage1_compile.json"; }
+step tests 90 tests.log tests
+step stage1 150 stage1.json stage1
+step stage2 120 stage2.json stage2
+step inference 45 inference.json inference
+step stage1_pure 60 stage1_pure.json stage1_pure
+step profile 60 profile.json profile
+step stage2_compile 200 stage2_compile.json stage2_compile
+step stage1_compile 200 stage1_compile.json stage1_compile
 echo "== done in ${SECONDS} s" | tee "$OUT/elapsed.txt"
 python3 bench/gpu_report.py "$OUT" | tee "$OUT/gpu_check.md"
+if [ -s "$OUT/failed.txt" ]; then exit 1; fi
+if [ -s "$OUT/skipped.txt" ]; then exit 2; fi
+exit 0

@@ -13,9 +13,14 @@ def main() -> None:
     out = Path(sys.argv[1])
     gpu = (out / "gpu.txt").read_text().strip() if (out / "gpu.txt").exists() else "?"
     s1, s2 = load(out / "stage1.json"), load(out / "stage2.json")
-    tests = (out / "gpu_tests.log").read_text().strip().splitlines()[-1:] if (out / "gpu_tests.log").exists() else ["not run"]
+    tests = (out / "tests.log").read_text().strip().splitlines()[-1:] if (out / "tests.log").exists() else ["not run"]
     lines = [f"# GPU check\n\nDevice: {gpu}\n\nGPU tests: {tests[0] if tests else '?'}\n"]
-    for extra in ("elapsed.txt", "skipped.txt"):
+    steps = [row.split("\t") for row in (out / "steps.tsv").read_text().splitlines()] if (out / "steps.tsv").exists() else []
+    if steps:  # every step's outcome, so a step without figures can never pass unseen
+        lines += ["| step | outcome | seconds | detail |", "|---|---|---|---|"]
+        lines += [f"| {name} | {outcome} | {seconds} | {detail} |" for name, outcome, seconds, detail in steps]
+        lines.append("")
+    for extra in ("elapsed.txt", "skipped.txt", "failed.txt"):
         if (out / extra).exists():
             lines.append((out / extra).read_text().strip() + "\n")
     if s1:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=224)
     ap.add_argument("--classes", type=int, default=21)
     ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
     torch.manual_seed(0)
     student = ZeroSegStudent(arch=student_arch(args.variant), out_dim=args.dim).eval()
@@ -47,9 +49,12 @@ def main() -> None:
     for image in images:
         seg.predict(image)  # returns numpy: synchronizes
     dt = time.perf_counter() - t0
-    print(json.dumps({"variant": args.variant, "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+    figures = json.dumps({"variant": args.variant, "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                       "short_side": args.short_side, "window": args.window, "stride": args.stride, "classes": args.classes,
-                      "images": args.images, "images_per_s": args.images / dt, "ms_per_image": 1000 * dt / args.images}, indent=2))
+                      "images": args.images, "images_per_s": args.images / dt, "ms_per_image": 1000 * dt / args.images}, indent=2)
+    print(figures)
+    if args.json:
+        Path(args.json).write_text(figures + "\n")
 
 
 if __name__ == "__main__":
