@@ -131,6 +131,7 @@ def train_demo_teacher(out_dir: str | Path, *, seed: int = 0, steps: int = 300, 
     row = {key: i for i, key in enumerate(keys)}
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     start, step = time.perf_counter(), 0
+    log(f"training the demo teacher ({MODEL}): {steps} steps of {batch_size} crops, seed {seed}, {threads} threads")
     model.train()
     while step < steps:
         crops = sample_crops(rng, batch_size)

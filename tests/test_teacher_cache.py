@@ -181,8 +181,7 @@ def test_killed_run_resumes_without_recomputing_finished_shards(tmp_path):
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     markers = store / "progress" / "4x4" / "c"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
+    while proc.poll() is None:  # until 2 shards are marked (a slower machine only waits longer)
         if markers.is_dir() and len(os.listdir(markers)) >= 2:
             break
         time.sleep(0.01)
