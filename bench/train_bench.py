@@ -50,7 +50,7 @@ def training_step(args, device: torch.device):
     def step(m=step_model):
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             out = m(images, args.mask_ratio)
-            total, _ = objective(out, targets, model.patchify(images))
+            total, _ = objective(out, targets, model.patchify(images), model.target_space)
         total.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -36,11 +36,11 @@ def _to_view(teacher: Teacher, pixels: torch.Tensor) -> torch.Tensor:
     return F.interpolate(pixels[None], size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0].clamp_(0, 255).round_()
 
 
-def _restrict(scores: torch.Tensor, teacher: Teacher, x: torch.Tensor, text: torch.Tensor, scale: float, rule: BackgroundRule, topk: int) -> torch.Tensor:
+def _restrict(scores: torch.Tensor, teacher: Teacher, x: torch.Tensor, text: torch.Tensor, scale: float, rule: BackgroundRule, topk: int, center: torch.Tensor | None) -> torch.Tensor:
     """`keep_topk` with the image's classes picked by the teacher's whole-image (1x1) view."""
     if not topk:
         return scores
-    image = class_scores(teacher.encode(_normalize(teacher, _to_view(teacher, x.to(teacher.device))[None])), text, scale, rule.mode)[0]  # [K']
+    image = class_scores(teacher.encode(_normalize(teacher, _to_view(teacher, x.to(teacher.device))[None])), text, scale, rule.mode, center)[0]  # [K']
     return keep_topk(scores, image, topk, rule.background_rows)
 
 
@@ -53,11 +53,12 @@ class GridTeacherSegmenter:
         logit_scale, rule, short_side: as for the student.
         grids: grid sizes whose cells are classified (the cache's local views by default).
         topk_classes: keep only the image's k best classes by its whole-image view (0: all).
+        center: [D] eval.calibration's mean, as for the student (`class_scores`).
     """
 
-    def __init__(self, teacher: Teacher, text: torch.Tensor, logit_scale: float, rule: BackgroundRule, *, short_side: int = 448, grids: Sequence[int] = (2, 3, 4), topk_classes: int = 0):
+    def __init__(self, teacher: Teacher, text: torch.Tensor, logit_scale: float, rule: BackgroundRule, *, short_side: int = 448, grids: Sequence[int] = (2, 3, 4), topk_classes: int = 0, center: torch.Tensor | None = None):
         self.teacher, self.text, self.scale, self.rule = teacher, text.to(teacher.device), logit_scale, rule
-        self.short_side, self.grids, self.topk = short_side, tuple(grids), topk_classes
+        self.short_side, self.grids, self.topk, self.center = short_side, tuple(grids), topk_classes, center
 
     @torch.inference_mode()
     def predict(self, image: np.ndarray) -> Prediction:
@@ -71,12 +72,12 @@ class GridTeacherSegmenter:
                     cells.append(_to_view(self.teacher, x[:, ys[r] : ys[r + 1], xs[c] : xs[c + 1]]))
                     boxes.append((ys[r], ys[r + 1], xs[c], xs[c + 1]))
         views = torch.stack(cells)  # [n, 3, T, T]
-        probs = class_scores(self.teacher.encode(_normalize(self.teacher, views)), self.text, self.scale, self.rule.mode)  # [n, K]
+        probs = class_scores(self.teacher.encode(_normalize(self.teacher, views)), self.text, self.scale, self.rule.mode, self.center)  # [n, K]
         acc = torch.zeros(self.text.shape[0], h, w, device=probs.device)  # [K, h, w]
         for p, (y0, y1, x0, x1) in zip(probs, boxes):
             acc[:, y0:y1, x0:x1] += p[:, None, None]
         acc /= len(self.grids)  # every pixel lies in exactly one cell per grid
-        acc = _restrict(acc.permute(1, 2, 0), self.teacher, x, self.text, self.scale, self.rule, self.topk)  # [h, w, K]
+        acc = _restrict(acc.permute(1, 2, 0), self.teacher, x, self.text, self.scale, self.rule, self.topk, self.center)  # [h, w, K]
         score, label = self.rule.decide(acc)  # [h, w]
         return finish(label, score, self.rule, image.shape[:2])
 
@@ -86,17 +87,17 @@ class MaskCLIPSegmenter:
 
     Args:
         teacher: an open_clip model whose image tower is a VisionTransformer with a class token.
-        text, logit_scale, rule, short_side: as for the student.
+        text, logit_scale, rule, short_side, topk_classes, center: as for the grid baseline.
     """
 
-    def __init__(self, teacher: Teacher, text: torch.Tensor, logit_scale: float, rule: BackgroundRule, *, short_side: int = 448, topk_classes: int = 0):
+    def __init__(self, teacher: Teacher, text: torch.Tensor, logit_scale: float, rule: BackgroundRule, *, short_side: int = 448, topk_classes: int = 0, center: torch.Tensor | None = None):
         visual = teacher.model.visual
         if not isinstance(visual, VisionTransformer) or getattr(visual, "attn_pool", None) is not None or visual.proj is None:
             raise InputError(f"eval.baselines: maskclip needs an open_clip ViT teacher with a class token, not {teacher.identity.model}")
         if not isinstance(visual.transformer.resblocks[-1].attn, torch.nn.MultiheadAttention):
             raise InputError(f"eval.baselines: maskclip does not know the attention of {teacher.identity.model}")
         self.teacher, self.text, self.scale, self.rule = teacher, text.to(teacher.device), logit_scale, rule
-        self.short_side, self.topk = short_side, topk_classes
+        self.short_side, self.topk, self.center = short_side, topk_classes, center
 
     def dense_features(self, views: torch.Tensor) -> torch.Tensor:
         """[n, 3, T, T] normalized -> [n, gh, gw, D] per-patch embeddings in the text space."""
@@ -123,7 +124,7 @@ class MaskCLIPSegmenter:
         crops = torch.stack([x[:, t : t + size, l : l + size] for t, l in origins])  # [n, 3, T, T]
         feats = self.dense_features(_normalize(self.teacher, crops))  # [n, gh, gw, D]
         n, gh, gw, _ = feats.shape
-        scores = class_scores(feats.reshape(n * gh * gw, -1), self.text, self.scale, self.rule.mode)  # [n*gh*gw, K]
+        scores = class_scores(feats.reshape(n * gh * gw, -1), self.text, self.scale, self.rule.mode, self.center)  # [n*gh*gw, K]
         scores = scores.view(n, gh, gw, -1).permute(0, 3, 1, 2)  # [n, K, gh, gw]
         scores = F.interpolate(scores, size=(size, size), mode="bilinear", align_corners=False)  # [n, K, T, T]
         acc = torch.zeros(scores.shape[1], h, w, device=scores.device)  # [K, h, w]
@@ -131,6 +132,6 @@ class MaskCLIPSegmenter:
         for s, (t, l) in zip(scores, origins):
             acc[:, t : t + size, l : l + size] += s
             count[:, t : t + size, l : l + size] += 1
-        scores = _restrict((acc / count).permute(1, 2, 0), self.teacher, x, self.text, self.scale, self.rule, self.topk)  # [h, w, K]
+        scores = _restrict((acc / count).permute(1, 2, 0), self.teacher, x, self.text, self.scale, self.rule, self.topk, self.center)  # [h, w, K]
         score, label = self.rule.decide(scores)  # [h, w]
         return finish(label, score, self.rule, image.shape[:2])

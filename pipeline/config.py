@@ -105,6 +105,12 @@ class LossConfig:
     norm_pix: bool = True
     infomax: float = 0.0  # information maximization on assignments (stabilizer)
     infomax_usage: Literal["image", "batch"] = "image"  # spread tokens over groups per image, or over the batch
+    # The space embeddings are compared in (pipeline/student/target_space.py): unit vectors (none),
+    # minus the teacher's dataset mean over one rms (center), or standardised per dimension.
+    target_norm: Literal["none", "center", "standardize"] = "none"
+    target_stats_rows: int = 4096  # cache rows (whole chunks, spread over the cache) the statistics come from
+    contrastive: float = 0.0  # each segment's region target against the other images' in the batch (InfoNCE)
+    contrastive_tau: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -153,6 +159,9 @@ class EvalConfig:
     topk_classes: int = 0  # keep only the image's top-k classes (by the global embedding); 0: all
     max_images: int = 0  # per dataset; 0: all
     baselines: tuple[str, ...] = ("training_free",)  # evaluated by the same harness beside the student
+    # none | center: subtract the teacher's dataset mean (from the student's checkpoint) from every
+    # method's image-side embeddings, as unit vectors, before the cosine with the class embeddings.
+    calibration: Literal["none", "center"] = "none"
     pictures: int = 8  # overlays of the first N images of each dataset
     device: str = "auto"
 
@@ -190,7 +199,8 @@ RANGES: dict[str, Range] = {
     "student.mask_ratio": Range(0.0, 1.0, open_high=True), "student.gumbel_tau": Range(1e-6),
     "loss.grids": Range(1, 64), "loss.region_grids": Range(1, 64),
     "loss.distill": Range(0.0), "loss.segment_match": Range(0.0), "loss.view_match": Range(0.0), "loss.region_match": Range(0.0),
-    "loss.reconstruction": Range(0.0), "loss.infomax": Range(0.0),
+    "loss.reconstruction": Range(0.0), "loss.infomax": Range(0.0), "loss.target_stats_rows": Range(1),
+    "loss.contrastive": Range(0.0), "loss.contrastive_tau": Range(1e-3),
     "train.epochs": Range(1), "train.warmup_epochs": Range(0.0), "train.batch_size": Range(1), "train.micro_batch": Range(1),
     "train.base_lr": Range(0.0), "train.min_lr": Range(0.0), "train.weight_decay": Range(0.0),
     "train.beta1": Range(0.0, 1.0, open_high=True), "train.beta2": Range(0.0, 1.0, open_high=True), "train.grad_clip": Range(0.0),

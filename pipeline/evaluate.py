@@ -27,7 +27,7 @@ from pipeline.inference import StudentSegmenter, vocabulary
 from pipeline.manifest import output_folder
 from pipeline.oracle import grid_regions, majority_labels
 from pipeline.overlay import write_overlay
-from pipeline.segment import load_model
+from pipeline.segment import calibration_center, load_model
 from pipeline.teacher import resolve_device
 from pipeline.text import template_set
 
@@ -85,19 +85,21 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
     model = load_model(params, checkpoint)
     base = load_model(params, base_checkpoint) if base_checkpoint else None
     device = resolve_device(e.device, key="eval.device")
+    center = calibration_center(params, model, checkpoint)  # one mean for every method: the teacher's
     templates = template_set(e.templates)
     results: dict[str, dict] = {}
     for name, dataset in datasets.items():
         classes = list(dataset.class_names[1:])  # index 0 is background, decided by the background rule
         text, rule = vocabulary(model.embedder, classes, templates, mode=e.bg_rule, threshold=e.bg_threshold.get(name, 0.0), bg_words=e.bg_words)
-        window = dict(short_side=e.short_side, window=e.window, stride=e.stride, topk_classes=e.topk_classes, device=device)
+        window = dict(short_side=e.short_side, window=e.window, stride=e.stride, topk_classes=e.topk_classes, device=device, center=center)
         methods = {"student": StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, **window)}
         if base is not None:
             methods["base"] = StudentSegmenter(base.student, text, model.embedder.logit_scale, rule, **window)
+        teacher_only = dict(short_side=e.short_side, topk_classes=e.topk_classes, center=center)
         if "training_free" in e.baselines:
-            methods["training_free"] = GridTeacherSegmenter(model.teacher, text, model.embedder.logit_scale, rule, short_side=e.short_side, topk_classes=e.topk_classes)
+            methods["training_free"] = GridTeacherSegmenter(model.teacher, text, model.embedder.logit_scale, rule, **teacher_only)
         if "maskclip" in e.baselines:
-            methods["maskclip"] = MaskCLIPSegmenter(model.teacher, text, model.embedder.logit_scale, rule, short_side=e.short_side, topk_classes=e.topk_classes)
+            methods["maskclip"] = MaskCLIPSegmenter(model.teacher, text, model.embedder.logit_scale, rule, **teacher_only)
         scored = [*methods, "trivial", "oracle_student", "oracle_grid"]
         matrices = {m: ConfusionMatrix(dataset.num_classes, dataset.ignore_index) for m in scored}
         n = len(dataset) if not e.max_images else min(e.max_images, len(dataset))

@@ -101,9 +101,18 @@ class Prediction:
     segments_per_window: float | None = None
 
 
-def class_scores(emb: torch.Tensor, text: torch.Tensor, logit_scale: float, mode: str) -> torch.Tensor:
-    """[N, D] region embeddings x [K, D] unit class embeddings -> [N, K] scores under `mode`."""
-    cos = F.normalize(emb.float(), dim=-1) @ text.T  # [N, K]
+def class_scores(emb: torch.Tensor, text: torch.Tensor, logit_scale: float, mode: str, center: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, D] region embeddings x [K, D] unit class embeddings -> [N, K] scores under `mode`.
+
+    Args:
+        center: [D] the teacher's dataset mean of unit image embeddings (`eval.calibration:
+            center`): subtracted from the unit region embeddings before the cosine, so the
+            component every image shares stops favouring the class words nearest it.
+    """
+    emb = F.normalize(emb.float(), dim=-1)  # [N, D]
+    if center is not None:
+        emb = F.normalize(emb - center.to(emb.device), dim=-1)
+    cos = emb @ text.T  # [N, K]
     return cos if mode == "cosine" else (cos * logit_scale).softmax(dim=-1)  # probability and class
 
 
@@ -165,9 +174,10 @@ class StudentSegmenter:
             of its windows' (0: all).
         windows_per_forward: windows run through the model at once (memory: a tall or wide
             image has many).
+        center: [D] eval.calibration's mean (`class_scores`); None: no calibration.
     """
 
-    def __init__(self, student: ZeroSegStudent, text: torch.Tensor, logit_scale: float, rule: BackgroundRule, *, short_side: int = 448, window: int = 448, stride: int = 224, topk_classes: int = 0, device: torch.device | str = "cpu", windows_per_forward: int = 32):
+    def __init__(self, student: ZeroSegStudent, text: torch.Tensor, logit_scale: float, rule: BackgroundRule, *, short_side: int = 448, window: int = 448, stride: int = 224, topk_classes: int = 0, device: torch.device | str = "cpu", windows_per_forward: int = 32, center: torch.Tensor | None = None):
         p = student.arch.patch_size
         for key, value in (("eval.short_side", short_side), ("eval.window", window)):
             if value < p:
@@ -177,6 +187,7 @@ class StudentSegmenter:
         self.short_side, self.window, self.stride = short_side, window - window % p, stride
         self.topk, self.device = topk_classes, torch.device(device)
         self.windows_per_forward = max(1, windows_per_forward)
+        self.center = center
 
     @torch.inference_mode()
     def predict(self, image: np.ndarray) -> Prediction:
@@ -193,10 +204,10 @@ class StudentSegmenter:
                 out = self.student.infer(normalize_images(crops[a : a + self.windows_per_forward]))
             outs.append((out.masks.float(), out.segments.float(), out.z.float()))
         masks, segments_emb, z = (torch.cat(parts) for parts in zip(*outs))  # [n, S, gh, gw], [n, S, D], [n, D]
-        probs = class_scores(segments_emb.flatten(0, 1), self.text, self.scale, self.rule.mode).view(len(origins), -1, self.text.shape[0])  # [n, S, K]
+        probs = class_scores(segments_emb.flatten(0, 1), self.text, self.scale, self.rule.mode, self.center).view(len(origins), -1, self.text.shape[0])  # [n, S, K]
         if self.topk:
             image_emb = F.normalize(z, dim=-1).mean(dim=0, keepdim=True)  # [1, D] the image's, from all its windows
-            probs = keep_topk(probs, class_scores(image_emb, self.text, self.scale, self.rule.mode)[0], self.topk, self.rule.background_rows)
+            probs = keep_topk(probs, class_scores(image_emb, self.text, self.scale, self.rule.mode, self.center)[0], self.topk, self.rule.background_rows)
         best, cls = self.rule.decide(probs)  # [n, S] score and label of each segment
         masks = F.interpolate(masks, size=(win, win), mode="bilinear", align_corners=False)  # [n, S, win, win]
         seg = masks.argmax(dim=1)  # [n, win, win] segment of each pixel

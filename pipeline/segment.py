@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from pipeline.checkpoint import load_checkpoint
@@ -56,6 +57,20 @@ def load_model(params: Params, checkpoint: str | Path) -> LoadedModel:
             f"but params name {teacher.identity.model} (weights {teacher.identity.weights_sha256[:12]})"
         )
     return LoadedModel(student.eval(), teacher, ClassEmbedder(teacher), ckpt)
+
+
+def calibration_center(params: Params, model: LoadedModel, checkpoint: str | Path) -> torch.Tensor | None:
+    """eval.calibration's mean: the teacher's dataset mean from the student's checkpoint (None when off).
+
+    Raises:
+        InputError: calibration is on and the checkpoint predates the statistics.
+    """
+    if params.eval.calibration == "none":
+        return None
+    stats = model.checkpoint.get("teacher_stats")
+    if stats is None:
+        raise InputError(f"{checkpoint}: eval.calibration={params.eval.calibration} needs the teacher's statistics, which this checkpoint predates; retrain it or set eval.calibration=none")
+    return torch.tensor(stats["mean"], dtype=torch.float32)
 
 
 def expand_images(inputs: Sequence[str | Path], exclude: str | Path | None = None) -> list[tuple[Path, Path]]:
@@ -160,7 +175,8 @@ def run_segment(params: Params, checkpoint: str | Path, images: Sequence[str | P
     threshold = threshold if threshold is not None else e.bg_threshold.get("default", 0.5)
     text, rule = vocabulary(model.embedder, list(classes), template_set(e.templates), mode=e.bg_rule, threshold=threshold, bg_words=e.bg_words)
     device = resolve_device(e.device, key="eval.device")
-    seg = StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, short_side=e.short_side, window=e.window, stride=e.stride, topk_classes=e.topk_classes, device=device)
+    seg = StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, short_side=e.short_side, window=e.window, stride=e.stride, topk_classes=e.topk_classes, device=device,
+                           center=calibration_center(params, model, checkpoint))
     results = []
 
     def done(entry: dict) -> None:

@@ -17,6 +17,7 @@ no JPEG decoding in stage two (`train.images`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -205,12 +206,9 @@ class CachePairs(IterableDataset):
         buffer: list[tuple[int, np.ndarray, np.ndarray | None]] = []
         for index in rng.permutation(len(stream.chunks)):
             a, b = stream.chunks[index]
-            try:
+            with _decoding(self.store, a, b):
                 targets = load_targets(self._views, rows=slice(a, b))  # [b-a, V, D] one read per grid
                 images = self._images[a:b] if self._images is not None else None  # [b-a, 3, S, S]
-            except Exception as exc:  # noqa: BLE001 - each codec raises its own error type
-                raise InputError(f"{self.store}: rows {a}-{b - 1} do not decode ({type(exc).__name__}: {exc}); "
-                                 f"zeroseg cache validate --deep lists the damage") from None
             buffer.extend(
                 (a + i, targets[i].copy(), None if images is None else images[i].copy()) for i in np.flatnonzero(self.status[a:b] == cs.STATUS_OK)
             )
@@ -220,3 +218,44 @@ class CachePairs(IterableDataset):
                 yield buffer.pop()
         rng.shuffle(buffer)
         yield from buffer
+
+
+@contextlib.contextmanager
+def _decoding(store: str, a: int, b: int):
+    """Rows a..b-1 of `store` are read inside: a chunk that does not decode is one line naming them."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - each codec raises its own error type
+        raise InputError(f"{store}: rows {a}-{b - 1} do not decode ({type(exc).__name__}: {exc}); "
+                         f"zeroseg cache validate --deep lists the damage") from None
+
+
+def teacher_statistics(store: str, grids: tuple[int, ...], max_rows: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The teacher's statistics over a sample of the cache: (mean [D], std [D], rows used).
+
+    The views of `grids` are pooled, as unit vectors (`target_space.unit_statistics`). The
+    sample is whole chunks spread evenly over the store (a chunk is the unit of a read: scattered
+    rows would each cost one), enough of them for `max_rows` rows, so it is the same on every
+    run and every rank, and costs one pass over `max_rows` rows whatever the cache's size.
+    """
+    from pipeline.student.target_space import unit_statistics
+
+    group = cs.open_store(store)
+    status = group[cs.STATUS][:]  # [N]
+    chunk = int(group.attrs["layout"]["chunk_rows"])
+    starts = list(range(0, len(status), chunk))
+    take = min(len(starts), max(1, -(-max_rows // chunk)))
+    picked = [starts[i] for i in np.linspace(0, len(starts) - 1, take).round().astype(int)]
+    arrays = view_arrays(group, grids)
+    parts = []
+    for a in sorted(set(picked)):
+        rows = slice(a, min(len(status), a + chunk))
+        ok = status[rows] == cs.STATUS_OK
+        if ok.any():
+            with _decoding(store, rows.start, rows.stop):
+                parts.append(load_targets(arrays, rows=rows)[ok])  # [n_ok, V, D]
+    if not parts:
+        raise InputError(f"{store}: no ok rows to take the teacher's statistics from")
+    views = torch.from_numpy(np.concatenate(parts)).flatten(0, 1)  # [n * V, D]
+    mean, std = unit_statistics(views)
+    return mean, std, sum(len(p) for p in parts)

@@ -39,8 +39,20 @@ from pipeline.config import Params, TrainConfig, section_dict
 from pipeline.errors import ConfigError, InputError, ZerosegError
 from pipeline.student import ZeroSegStudent, param_groups_for_weight_decay, student_arch
 from pipeline.student.grouping import compose_assignments
-from pipeline.student.losses import AssignmentInfoMaxLoss, DistillationLoss, ReconstructionLoss, RegionMatchingLoss, SegmentMatchingLoss, cell_layout, local_view_mask, token_cells
-from pipeline.student_data import CachePairs, ParentEnviron, normalize_images
+from pipeline.student.health import health_metrics
+from pipeline.student.losses import (
+    AssignmentInfoMaxLoss,
+    ContrastiveRegionLoss,
+    DistillationLoss,
+    ReconstructionLoss,
+    RegionMatchingLoss,
+    SegmentMatchingLoss,
+    cell_layout,
+    local_view_mask,
+    token_cells,
+)
+from pipeline.student.target_space import TargetSpace
+from pipeline.student_data import CachePairs, ParentEnviron, normalize_images, teacher_statistics
 from pipeline.teacher import resolve_device
 from pipeline.views import view_layout
 
@@ -56,7 +68,8 @@ class TrainingDiverged(ZerosegError):
 
 @dataclass
 class TrainSummary:
-    """What a run did; `losses` are the last logged averages of each term."""
+    """What a run did; `losses` are the last logged averages of each term, `health` the last
+    logged label-free health figures (`pipeline/student/health.py`)."""
 
     checkpoint: str = ""
     step: int = 0
@@ -65,6 +78,7 @@ class TrainSummary:
     resumed_from: int | None = None
     losses: dict[str, float] = field(default_factory=dict)
     first_losses: dict[str, float] = field(default_factory=dict)
+    health: dict[str, float] = field(default_factory=dict)
     images_per_s: float = 0.0
     data_wait_fraction: float = 0.0
 
@@ -111,11 +125,15 @@ class StudentObjective(torch.nn.Module):
     def __init__(self, params: Params, grids: tuple[int, ...]):
         super().__init__()
         self.cfg = params.loss
-        self.distill = DistillationLoss()
-        self.matching = SegmentMatchingLoss(bidirectional=self.cfg.bidirectional_matching)
+        # Under a centered or standardised target space both sides arrive transformed (forward).
+        self.affine = self.cfg.target_norm != "none"
+        unit = not self.affine
+        self.distill = DistillationLoss(normalize=unit)
+        self.matching = SegmentMatchingLoss(bidirectional=self.cfg.bidirectional_matching, normalize=unit)
         self.reconstruction = ReconstructionLoss(norm_pix=self.cfg.norm_pix)
         self.infomax = AssignmentInfoMaxLoss(usage=self.cfg.infomax_usage)
-        self.region = RegionMatchingLoss()
+        self.region = RegionMatchingLoss(normalize=unit)
+        self.contrastive = ContrastiveRegionLoss(tau=self.cfg.contrastive_tau)
         self.grids = grids
         # Local views as indices, not a mask, and their presence as a Python bool: indexing with
         # a boolean CUDA mask and `bool(tensor)` each make the host wait for the GPU.
@@ -128,17 +146,32 @@ class StudentObjective(torch.nn.Module):
         self.register_buffer("region_views", torch.tensor([float(g in region) for g, _, _ in view_layout(grids)]), persistent=False)
         self.register_buffer("layout", cell_layout(grids), persistent=False)  # [3, V]
 
-    def forward(self, out, targets: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, out, targets: torch.Tensor, patches: torch.Tensor, space: TargetSpace) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Args:
+            out: the student's `StudentOutput`.
+            targets: [B, V, D] teacher views as cached.
+            patches: [B, L, p*p*3] the images' patches (reconstruction targets).
+            space: the student's target space (`model.target_space`).
+        """
         c = self.cfg
-        terms = dict(self.distill(out.z, targets))
+        z, segments = out.z, out.segments
+        if self.affine:
+            targets = space.targets(targets)  # [B, V, D]
+            z, segments = space.predictions(z, affine=True), space.predictions(segments, affine=True)
+        terms = dict(self.distill(z, targets))
         weights = {"distill": c.distill}
         if c.segment_match and self.has_local:
-            terms.update(self.matching(out.segments, targets, self.local))
+            terms.update(self.matching(segments, targets, self.local))
             weights.update(segment_match=c.segment_match, view_match=c.view_match)
-        if c.region_match and self.has_local:
+        if (c.region_match or c.contrastive) and self.has_local:
             cells = token_cells(out.ids_keep, out.grid, self.layout) * self.region_views  # [B, N, V]
-            terms.update(self.region(out.segments, targets, compose_assignments(out.hard_assignments), cells))
-            weights["region_match"] = c.region_match
+            assignment = compose_assignments(out.hard_assignments)  # [B, S, N]
+            if c.region_match:
+                terms.update(self.region(segments, targets, assignment, cells))
+                weights["region_match"] = c.region_match
+            if c.contrastive:
+                terms.update(self.contrastive(segments, targets, assignment, cells))
+                weights["contrastive"] = c.contrastive
         if c.reconstruction and out.pred is not None:
             terms.update(self.reconstruction(out.pred, patches, out.mask))
             weights["reconstruction"] = c.reconstruction
@@ -229,6 +262,9 @@ def _train(params: Params, cache: str, out_dir: str | Path, *, resume: str, live
     s = params.student
     arch = student_arch(s.variant, hard_assignment=s.hard_assignment, gumbel_tau=s.gumbel_tau, learnable_assign_temperature=s.learnable_assign_temperature)
     model = ZeroSegStudent(arch=arch, out_dim=out_dim)
+    # The teacher's statistics: the target space's map (loss.target_norm), and eval.calibration's mean.
+    stat_mean, stat_std, stat_rows = teacher_statistics(cache, grids, params.loss.target_stats_rows)
+    model.target_space.set_statistics(params.loss.target_norm, stat_mean, stat_std)
     if s.init_from:
         report = model.load_encoder_state_dict(load_checkpoint(s.init_from))
         log.info("student.init_from %s: %s", s.init_from, report.summary())
@@ -310,6 +346,7 @@ def _train(params: Params, cache: str, out_dir: str | Path, *, resume: str, live
                 "config": {name: section_dict(getattr(params, name)) for name in ("data", "teacher", "cache", "student", "loss", "train")},
                 "arch": {k: (list(map(list, v)) if k == "group_stages" else v) for k, v in asdict(arch).items()},
                 "cache": {"url": str(cache), "fingerprint": attrs["fingerprint"], "grids": list(grids), "embed_dim": out_dim, "teacher": attrs["teacher"]},
+                "teacher_stats": {"mean": stat_mean.tolist(), "std": stat_std.tolist(), "rows": stat_rows, "grids": list(grids)},
                 "zeroseg_version": __version__,
             })
 
@@ -340,7 +377,7 @@ def _train(params: Params, cache: str, out_dir: str | Path, *, resume: str, live
                     sync = train_model.no_sync() if world > 1 and micro < sched.accum - 1 else contextlib.nullcontext()
                     with sync, torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                         out = train_model(images, params.student.mask_ratio, decode=bool(params.loss.reconstruction))
-                        total, terms = objective(out, targets, model.patchify(images))
+                        total, terms = objective(out, targets, model.patchify(images), model.target_space)
                     scaler.scale(total / sched.accum).backward()
                     for k, v in {**terms, "total": total}.items():
                         on_device[k] = on_device.get(k, 0.0) + v.detach().float() / sched.accum
@@ -369,10 +406,14 @@ def _train(params: Params, cache: str, out_dir: str | Path, *, resume: str, live
                     summary.losses = {k: v / window["_n"] for k, v in window.items() if k != "_n"}
                     summary.images_per_s, summary.data_wait_fraction = seen / elapsed, wait / elapsed
                     bar.set_postfix(loss=f"{summary.losses['total']:.4f}", lr=f"{lr:.2e}", img_s=f"{summary.images_per_s:.0f}")
+                    if rank == 0:  # on the step's last micro-batch: label-free signs of a collapse
+                        summary.health = health_metrics(out, targets, model.target_space, objective.local)
                     if live is not None:
                         live.step = step  # log_metric records at the current step: set it first
                         for k, v in summary.losses.items():
                             live.log_metric(f"loss/{k}", v)
+                        for k, v in summary.health.items():
+                            live.log_metric(f"health/{k}", v)
                         live.log_metric("lr", lr)
                         live.log_metric("images_per_s", summary.images_per_s)
                         live.log_metric("data_wait_fraction", summary.data_wait_fraction)

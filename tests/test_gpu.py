@@ -111,7 +111,7 @@ def test_a_training_step_queues_without_waiting_for_the_gpu(built_cache):
         images = normalize_images(host_images.to("cuda", non_blocking=True))
         targets = host_targets.to("cuda", non_blocking=True).float()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            total, terms = objective(model(images, 0.6), targets, model.patchify(images))
+            total, terms = objective(model(images, 0.6), targets, model.patchify(images), model.target_space)
         total.backward()
         return terms
 

@@ -15,9 +15,11 @@ from pipeline.student.model import EncoderOutput, SegmentPrediction, StudentOutp
 from pipeline.student.patches import patchify, unpatchify
 from pipeline.student.pos_embed import resize_sincos_pos_embed, sincos_2d
 from pipeline.student.pretrained import LoadReport, load_encoder_state_dict
+from pipeline.student.target_space import TARGET_NORMS, TargetSpace, unit_statistics
 from pipeline.student.weight_decay import param_groups_for_weight_decay
 
 __all__ = [
+    "TARGET_NORMS",
     "VARIANTS",
     "AssignmentInfoMaxLoss",
     "DistillationLoss",
@@ -33,6 +35,7 @@ __all__ = [
     "SegmentationHead",
     "StudentArch",
     "StudentOutput",
+    "TargetSpace",
     "ZeroSegStudent",
     "compose_assignments",
     "load_encoder_state_dict",
@@ -43,5 +46,6 @@ __all__ = [
     "resize_sincos_pos_embed",
     "sincos_2d",
     "student_arch",
+    "unit_statistics",
     "unpatchify",
 ]

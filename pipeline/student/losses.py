@@ -1,8 +1,11 @@
 """Stage-two losses. Each module returns a dict of named, unweighted terms.
 
 Weights are applied in one place (the training step), so the same dict feeds the optimizer
-and the logger. All embedding losses L2-normalize student and teacher vectors and reduce the
-L1 distance by its mean over dimensions (METHOD.md "Losses": the paper gives none of this).
+and the logger. The embedding losses reduce the L1 distance by its mean over dimensions. By
+default (`normalize=True`) they L2-normalize student and teacher vectors (METHOD.md "Losses":
+the paper gives none of this); with `normalize=False` they take both already in a target
+space (`pipeline/student/target_space.py`: centered or standardised teacher statistics) and
+compare them as they are.
 """
 
 from __future__ import annotations
@@ -35,8 +38,21 @@ def local_view_mask(grids: Sequence[int], *, device: torch.device | str | None =
     return torch.tensor(flags, dtype=torch.bool, device=device)
 
 
+def _unit(x: Tensor, normalize: bool) -> Tensor:
+    """x as float, L2-normalized over the last axis when `normalize` (else already in a target space)."""
+    return F.normalize(x.float(), dim=-1) if normalize else x.float()
+
+
 class DistillationLoss(nn.Module):
-    """Multi-scale distillation: the global embedding z to every teacher view, 1x1 included."""
+    """Multi-scale distillation: the global embedding z to every teacher view, 1x1 included.
+
+    Args:
+        normalize: L2-normalize both sides (False: both are given in a target space).
+    """
+
+    def __init__(self, *, normalize: bool = True) -> None:
+        super().__init__()
+        self.normalize = normalize
 
     def forward(self, z: Tensor, targets: Tensor) -> dict[str, Tensor]:
         """Args:
@@ -44,10 +60,10 @@ class DistillationLoss(nn.Module):
             targets: [B, V, D] teacher view embeddings.
 
         Returns:
-            {"distill": mean over B, V of the L1 distance (mean over D) of normalized vectors}.
+            {"distill": mean over B, V of the L1 distance (mean over D)}.
         """
-        z = F.normalize(z.float(), dim=-1)  # [B, D]
-        t = F.normalize(targets.float(), dim=-1)  # [B, V, D]
+        z = _unit(z, self.normalize)  # [B, D]
+        t = _unit(targets, self.normalize)  # [B, V, D]
         return {"distill": l1_distance(z[:, None, :], t).mean()}  # [B, V] -> scalar
 
 
@@ -61,11 +77,12 @@ class SegmentMatchingLoss(nn.Module):
 
     Args:
         bidirectional: add the view-to-segment term.
+        normalize: L2-normalize both sides (False: both are given in a target space).
     """
 
-    def __init__(self, *, bidirectional: bool = False) -> None:
+    def __init__(self, *, bidirectional: bool = False, normalize: bool = True) -> None:
         super().__init__()
-        self.bidirectional = bidirectional
+        self.bidirectional, self.normalize = bidirectional, normalize
 
     def forward(self, segments: Tensor, targets: Tensor, local: Tensor) -> dict[str, Tensor]:
         """Args:
@@ -78,8 +95,8 @@ class SegmentMatchingLoss(nn.Module):
             {"segment_match": mean over B, S of L1(g_i, nearest local view)} and, when
             bidirectional, {"view_match": mean over B, V_local of L1(view, nearest segment)}.
         """
-        g = F.normalize(segments.float(), dim=-1)  # [B, S, D]
-        t = F.normalize(targets.float(), dim=-1)[:, local]  # [B, Vl, D]
+        g = _unit(segments, self.normalize)  # [B, S, D]
+        t = _unit(targets, self.normalize)[:, local]  # [B, Vl, D]
         B, S, D = g.shape
         with torch.no_grad():
             dist = torch.cdist(g, t, p=1) / D  # [B, S, Vl] mean-over-D L1
@@ -131,16 +148,45 @@ def token_cells(ids_keep: Tensor, grid: tuple[int, int], layout: Tensor) -> Tens
     return inside.float()
 
 
+def region_targets(targets: Tensor, assignment: Tensor, cells: Tensor, *, normalize: bool = True) -> tuple[Tensor, Tensor]:
+    """Each segment's region target and its share of the image's tokens.
+
+    The target is the mean of the local views weighted by the segment's mass inside each view's
+    box (so, grid by grid, the views of the cells it covers; grids weigh alike, as each grid's
+    boxes tile the image).
+
+    Args:
+        targets: [B, V, D] teacher views, unit vectors or in a target space.
+        assignment: [B, S, N] token-to-segment weights, summing to 1 over S.
+        cells: [B, N, V] from `token_cells` (zero columns for views not used).
+        normalize: L2-normalize the target (the unit-vector space); else the plain weighted mean.
+
+    Returns:
+        (target [B, S, D], share [B, S] summing to 1 over S).
+    """
+    a = assignment.float()
+    weight = torch.bmm(a, cells.float())  # [B, S, V] segment mass inside each view
+    mixed = torch.bmm(weight, targets.float())  # [B, S, D]
+    target = F.normalize(mixed, dim=-1) if normalize else mixed / weight.sum(dim=2, keepdim=True).clamp_min(1e-6)
+    return target, a.sum(dim=2) / a.shape[2]
+
+
 class RegionMatchingLoss(nn.Module):
     """Each segment to the teacher views of the cells it covers (a stabilizer, not in the paper).
 
-    A segment's target is the mean of the local views' embeddings weighted by the share of the
-    segment's tokens inside each view's box (so, grid by grid, the views of the cells it
-    covers). Unlike nearest-view matching the target depends on where the segment lies, and
-    the gradient reaches the assignment too: a segment is pulled both to say what the teacher
-    sees in its cells and to lie where the teacher sees what it says. Segments are weighted by
-    their share of the image's tokens, so an empty segment costs nothing.
+    A segment's target is `region_targets`'. Unlike nearest-view matching the target depends
+    on where the segment lies, and the gradient reaches the assignment too: a segment is
+    pulled both to say what the teacher sees in its cells and to lie where the teacher sees
+    what it says. Segments are weighted by their share of the image's tokens, so an empty
+    segment costs nothing.
+
+    Args:
+        normalize: L2-normalize both sides (False: both are given in a target space).
     """
+
+    def __init__(self, *, normalize: bool = True) -> None:
+        super().__init__()
+        self.normalize = normalize
 
     def forward(self, segments: Tensor, targets: Tensor, assignment: Tensor, cells: Tensor) -> dict[str, Tensor]:
         """Args:
@@ -152,13 +198,44 @@ class RegionMatchingLoss(nn.Module):
         Returns:
             {"region_match": mean over B of sum over S of share_i * L1(g_i, target_i)}.
         """
-        g = F.normalize(segments.float(), dim=-1)  # [B, S, D]
-        t = F.normalize(targets.float(), dim=-1)  # [B, V, D]
-        a = assignment.float()
-        weight = torch.bmm(a, cells.float())  # [B, S, V] segment mass inside each view
-        target = F.normalize(torch.bmm(weight, t), dim=-1)  # [B, S, D] (grids weigh alike: each sums to the mass)
-        share = a.sum(dim=2) / a.shape[2]  # [B, S], sums to 1 over S
+        g = _unit(segments, self.normalize)  # [B, S, D]
+        target, share = region_targets(_unit(targets, self.normalize), assignment, cells, normalize=self.normalize)
         return {"region_match": (share * l1_distance(g, target)).sum(dim=1).mean()}
+
+
+class ContrastiveRegionLoss(nn.Module):
+    """Each segment must pick its own region target out of the batch's (InfoNCE; not in the paper).
+
+    L1 regression to targets that share a large common component is nearly met by predicting
+    that component; a contrastive term is not: a segment's cosine to its own region target
+    (`region_targets`) competes with its cosine to every region target of the other images in
+    the batch, at temperature `tau`, so only what tells the images apart lowers it. Segments
+    are weighted by their share of the image's tokens, as in region matching.
+
+    Args:
+        tau: the softmax temperature over cosines.
+    """
+
+    def __init__(self, *, tau: float = 0.1) -> None:
+        super().__init__()
+        self.tau = tau
+
+    def forward(self, segments: Tensor, targets: Tensor, assignment: Tensor, cells: Tensor) -> dict[str, Tensor]:
+        """Args: as `RegionMatchingLoss.forward` (targets unit vectors or in a target space).
+
+        Returns:
+            {"contrastive": mean over B of sum over S of share_i * cross-entropy of own target}.
+        """
+        B, S, _ = segments.shape
+        target, share = region_targets(targets, assignment, cells, normalize=True)  # [B, S, D] unit
+        g = F.normalize(segments.float(), dim=-1).flatten(0, 1)  # [B*S, D]
+        logits = g @ target.flatten(0, 1).T / self.tau  # [B*S, B*S]
+        image = torch.arange(B, device=g.device).repeat_interleave(S)  # [B*S] image of each row / column
+        own = torch.arange(B * S, device=g.device)
+        # Other segments of the same image are neither positives nor negatives.
+        logits = logits.masked_fill((image[:, None] == image[None, :]) & (own[:, None] != own[None, :]), -math.inf)
+        nll = F.cross_entropy(logits, own, reduction="none").view(B, S)  # [B, S]
+        return {"contrastive": (share * nll).sum(dim=1).mean()}
 
 
 class ReconstructionLoss(nn.Module):

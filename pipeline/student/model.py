@@ -24,6 +24,7 @@ from pipeline.student.masking import random_masking, unshuffle
 from pipeline.student.patches import patchify, unpatchify
 from pipeline.student.pos_embed import resize_sincos_pos_embed, sincos_2d
 from pipeline.student.pretrained import LoadReport, load_encoder_state_dict
+from pipeline.student.target_space import TargetSpace
 
 
 class EncoderOutput(NamedTuple):
@@ -54,8 +55,8 @@ class SegmentPrediction:
     """Inference output: per-patch soft masks and the segments' embeddings."""
 
     masks: Tensor  # [B, S, h, w] patch-to-segment weights, sum to 1 over S
-    segments: Tensor  # [B, S, D]
-    z: Tensor  # [B, D]
+    segments: Tensor  # [B, S, D] in the teacher's space
+    z: Tensor  # [B, D] in the teacher's space
 
 
 class ZeroSegStudent(nn.Module):
@@ -107,6 +108,9 @@ class ZeroSegStudent(nn.Module):
         self.global_block = Block(dim=C, num_heads=arch.num_heads, mlp_ratio=arch.mlp_ratio, qkv_bias=True)
         self.global_norm = LayerNorm(C)
         self.global_mlp = Mlp(in_features=C, hidden_features=int(C * arch.mlp_ratio), out_features=out_dim)
+        # The affine map between the outputs above and the teacher's space (identity unless
+        # loss.target_norm centers or standardises the targets); buffers, so checkpoints carry it.
+        self.target_space = TargetSpace(out_dim)
 
         self._init_weights()
 
@@ -255,7 +259,12 @@ class ZeroSegStudent(nn.Module):
         z, segments, soft, _ = self.forward_segments(latent[:, 1:])
         weights = compose_assignments(soft)  # [B, S, L]
         masks = weights.reshape(weights.shape[0], weights.shape[1], h, w)  # [B, S, h, w]
-        return SegmentPrediction(masks=masks, segments=segments, z=z)
+        return SegmentPrediction(masks=masks, segments=self.target_space.to_teacher(segments), z=self.target_space.to_teacher(z))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As nn.Module's; a checkpoint written before the target space gets the identity map (its space)."""
+        state_dict = {**{f"target_space.{k}": v for k, v in TargetSpace(self.out_dim).state_dict().items()}, **state_dict}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def segment_masks(self, imgs: Tensor) -> Tensor:
         """[B, 3, H, W] -> [B, S, H/p, W/p] soft patch-to-segment weights (eval mode)."""
