@@ -34,10 +34,13 @@ def test_the_space_maps_there_and_back_exactly_and_none_is_unit_vectors():
         assert torch.equal(space.predictions(u), u)  # compared as they are
     standard = TargetSpace(8)
     standard.set_statistics("standardize", mean, std)
-    torch.testing.assert_close(standard.targets(t).std(dim=0, unbiased=False), torch.ones(8))  # unit variance per dimension
+    u = standard.targets(t)
+    torch.testing.assert_close(u.std(dim=0, unbiased=False), torch.full((8,), 8**-0.5))  # the same variance in every dimension
+    assert u.pow(2).sum(dim=1).mean().item() == pytest.approx(1.0)  # unit mean squared norm, as unit vectors: weights keep their meaning
     center = TargetSpace(8)
     center.set_statistics("center", mean, std)
-    assert center.scale.unique().numel() == 1 and center.scale[0].item() == pytest.approx(float(std.pow(2).mean().sqrt()))
+    assert center.scale.unique().numel() == 1 and center.scale[0].item() == pytest.approx(float(std.pow(2).mean().sqrt()) * 8**0.5)
+    assert center.targets(t).pow(2).sum(dim=1).mean().item() == pytest.approx(1.0)
     none = TargetSpace(8)
     none.set_statistics("none", mean, std)
     assert not none.affine and torch.equal(none.to_teacher(t), t)
@@ -165,3 +168,13 @@ def test_a_checkpoint_from_before_the_target_space_loads_as_the_identity():
     fresh.target_space.mean.fill_(1.0)
     fresh.load_state_dict(old)
     assert not fresh.target_space.affine
+
+
+def test_health_of_a_whole_image_only_student_uses_every_view():
+    # loss.grids [1] (the Base ablation) has no local view: the figures use the 1x1 views.
+    B, S, N, D = 4, 2, 4, 8
+    views = F.normalize(torch.randn(B, 1, D), dim=-1)
+    assignment = torch.zeros(B, S, N)
+    assignment[:, 0] = 1.0
+    figures = health_metrics(_Out(views.expand(B, S, D).clone(), assignment), views, TargetSpace(D), torch.zeros(0, dtype=torch.long))
+    assert figures["segments_per_image"] == 1.0 and figures["segment_retrieval"] == 1.0

@@ -74,20 +74,26 @@ def health_metrics(out, targets: Tensor, space: TargetSpace, local: Tensor) -> d
     entropy = -(soft * soft.clamp_min(1e-12).log()).sum(dim=1).mean() / math.log(S) if S > 1 else soft.new_zeros(())
     seg = F.normalize(space.to_teacher(out.segments.float()), dim=-1)[used]  # [U, D] teacher space
     seg_image = torch.arange(B, device=seg.device)[:, None].expand(B, S)[used]  # [U]
-    views = F.normalize(targets.float(), dim=-1)[:, local]  # [B, Vl, D]
+    views = F.normalize(targets.float(), dim=-1)
+    views = views[:, local] if len(local) else views  # [B, Vl, D]; all views when there is no local one (loss.grids [1])
     Vl = views.shape[1]
     view_image = torch.arange(B, device=seg.device).repeat_interleave(Vl)  # [B*Vl]
     views = views.flatten(0, 1)  # [B*Vl, D]
-    nearest = (seg @ views.T).argmax(dim=1)  # [U] nearest view in the whole batch
-    return {
+    figures = {
         "segments_per_image": float(used.sum(dim=1).float().mean()),
         "assignment_entropy": float(entropy),
-        "segment_resultant": resultant(seg),
         "teacher_resultant": resultant(views),
-        "segment_rank": effective_rank(seg),
         "teacher_rank": effective_rank(views),
-        "segment_retrieval": float((view_image[nearest] == seg_image).float().mean()),
         "retrieval_chance": 1.0 / B,
-        "segment_image_gap": _image_gap(seg, seg_image),
         "teacher_image_gap": _image_gap(views, view_image),
+    }
+    if not len(seg):  # no segment in use (hard assignments can leave every share under 1%)
+        return {**figures, **dict.fromkeys(("segment_resultant", "segment_rank", "segment_retrieval", "segment_image_gap"), float("nan"))}
+    nearest = (seg @ views.T).argmax(dim=1)  # [U] nearest view in the whole batch
+    return {
+        **figures,
+        "segment_resultant": resultant(seg),
+        "segment_rank": effective_rank(seg),
+        "segment_retrieval": float((view_image[nearest] == seg_image).float().mean()),
+        "segment_image_gap": _image_gap(seg, seg_image),
     }

@@ -12,8 +12,13 @@ rivals masked image modeling in fine-tuning via feature distillation"; data2vec'
 targets). `loss.target_norm` chooses:
 
 - `none`: unit vectors (the paper's implicit choice): targets `t/|t|`, predictions `x/|x|`;
-- `center`: `(t/|t| - mean) / rms`, one scale for every dimension;
-- `standardize`: `(t/|t| - mean) / std`, per dimension.
+- `center`: `(t/|t| - mean) / (rms sqrt(D))`, one scale for every dimension;
+- `standardize`: `(t/|t| - mean) / (std sqrt(D))`, per dimension.
+
+The sqrt(D) keeps the transformed targets' expected squared norm at 1, as unit vectors have, so
+the loss weights in params.yaml mean the same in every space. Without it the L1 terms grew about
+14x on the demo (per-dimension values of ~1 instead of ~1/sqrt(D)), which is a 14x heavier
+region-matching weight, and the grouping collapsed to one segment per window.
 
 `mean` and `std` are the teacher's statistics over a sample of the cache (unit vectors, every
 view of the training grids pooled), kept as buffers of this module and so in every checkpoint.
@@ -58,10 +63,11 @@ class TargetSpace(nn.Module):
             self.scale.fill_(1.0)
             return
         self.mean.copy_(mean)
+        root_d = len(mean) ** 0.5
         if mode == "center":
-            self.scale.fill_(float(std.pow(2).mean().sqrt()))  # the rms of the centered vectors' components
+            self.scale.fill_(float(std.pow(2).mean().sqrt()) * root_d)  # the rms of the centered components, x sqrt(D)
         else:
-            self.scale.copy_(std.clamp_min(1e-3 * float(std.max())))  # a constant dimension must not blow up
+            self.scale.copy_(std.clamp_min(1e-3 * float(std.max())) * root_d)  # a constant dimension must not blow up
 
     def targets(self, teacher: Tensor) -> Tensor:
         """[..., D] teacher embeddings (as cached) -> target space."""
