@@ -108,6 +108,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
         decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
         head_depth=5, group_stages=((2, 16), (4, 4)),
     ),
+    # zeroseg_tiny with 4-pixel patches: a 16x16 grid, so a demo shape spans 4-9 patches
+    # instead of 2-4 (same weights per token, about 4x the compute).
+    "zeroseg_tiny_p4": dict(
+        img_size=64, patch_size=4, embed_dim=96, depth=4, num_heads=3,
+        decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
+        head_depth=5, group_stages=((2, 16), (4, 4)),
+    ),
     # Unit-test sized: 4x4 patch grid, a few tens of thousands of parameters.
     "zeroseg_micro": dict(
         img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
