@@ -183,9 +183,10 @@ class CacheStore:
         n = len(paths)
         rows = max(1, min(cfg.shard_rows, n))
         # One chunk per shard for the small per-row arrays: each writer owns whole chunks.
-        group.create_array(cs.STATUS, shape=(n,), dtype="uint8", chunks=(rows,), fill_value=cs.STATUS_PENDING)
-        group.create_array(cs.FAILURES, shape=(n,), dtype=str, chunks=(rows,))
-        paths_arr = group.create_array(cs.PATHS, shape=(n,), dtype=str, chunks=(max(1, min(n, 65536)),))
+        status = group.create_array(cs.STATUS, shape=(n,), dtype="uint8", chunks=(rows,), fill_value=cs.STATUS_PENDING, dimension_names=("image",))
+        status.attrs["codes"] = {str(code): name for code, name in cs.STATUS_NAMES.items()}  # the reason of a failed row: failures
+        group.create_array(cs.FAILURES, shape=(n,), dtype=str, chunks=(rows,), dimension_names=("image",))
+        paths_arr = group.create_array(cs.PATHS, shape=(n,), dtype=str, chunks=(max(1, min(n, 65536)),), dimension_names=("image",))
         paths_arr[:] = np.asarray(paths, dtype=object).astype(str)
         attrs = {k: identity[k] for k in cs.IDENTITY_FIELDS}
         attrs.update(
@@ -241,7 +242,7 @@ class CacheStore:
                 **image_codecs(cfg),
             )
             arr.attrs.update(size=size, content="RGB center square resized with PIL bicubic (antialiased), channels first", complete=False)
-            self.group.create_array(cs.images_progress_array(size), shape=(self.n_shards,), dtype="uint8", chunks=(1,), fill_value=0)
+            self.group.create_array(cs.images_progress_array(size), shape=(self.n_shards,), dtype="uint8", chunks=(1,), fill_value=0, dimension_names=("shard",))
             self.group.attrs.update(image_sizes=sorted({*cs.store_image_sizes(self.group), size}), complete=False)
 
     def _ensure_grids(self, grids: Sequence[int], cfg: CacheConfig) -> None:
@@ -263,7 +264,7 @@ class CacheStore:
                 dimension_names=("image", "view", "feature"),
             )
             arr.attrs.update(grid=g, boxes=[list(b) for b in grid_boxes(g)], box_format="top,left,bottom,right as fractions of the center square", complete=False)
-            self.group.create_array(cs.progress_array(g), shape=(self.n_shards,), dtype="uint8", chunks=(1,), fill_value=0)
+            self.group.create_array(cs.progress_array(g), shape=(self.n_shards,), dtype="uint8", chunks=(1,), fill_value=0, dimension_names=("shard",))
         self.group.attrs.update(grids=sorted(have | set(new)), complete=False)
 
     def _markers(self, shards: slice | int = slice(None)) -> dict[str, np.ndarray]:

@@ -6,6 +6,7 @@ and exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -15,20 +16,69 @@ import click
 import typer
 
 import cache_schema as cs
-from pipeline.config import load_params
+from pipeline.config import Params, load_params
 from pipeline.errors import ZerosegError
 
+EXAMPLES = """Examples:
+
+\b
+  dvc repro                                          # the whole demo: cache, students, metrics
+  zeroseg teacher-cache --set data.images=my/images  # stage one on your images
+  zeroseg train --set data.images=my/images          # stage two, on the store stage one built
+  zeroseg segment photo.jpg --classes "circle,star" --out out/
+  zeroseg evaluate --set "eval.datasets={voc: data/VOCdevkit/VOC2012}"
+  zeroseg cache info caches/teacher.zarr
+"""
+
+# Plain click help (rich_markup_mode None): typer's rich panels print a "<bool>" placeholder
+# beside every flag, as if it took a value.
 app = typer.Typer(
     help="ZeroSeg: open-vocabulary segmentation trained without human labels.",
+    epilog=EXAMPLES,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,
 )
-cache_app = typer.Typer(help="Inspect and validate teacher caches.", no_args_is_help=True)
+cache_app = typer.Typer(help="Inspect and validate teacher caches.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(cache_app, name="cache")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from pipeline import __version__
+
+        typer.echo(f"zeroseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")] = False) -> None:
+    """ZeroSeg: open-vocabulary segmentation trained without human labels."""
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params file (YAML)")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-S", help="override, e.g. teacher.model=ViT-B-16 (repeatable)")]
+
+ModelParamsOpt = Annotated[Optional[Path], typer.Option("--params", help="params file (YAML) [default: params.yaml if there is one here, else the params recorded in the checkpoint]")]
+
+
+def params_for_model(params: Path | None, set_: list[str] | None, checkpoint: Path) -> Params:
+    """Params for using a trained student: the file given, ./params.yaml, or else the checkpoint's own.
+
+    The checkpoint records the teacher, data and eval sections it was trained with (and where its
+    teacher's files were), so a model works from any folder with no params file at hand.
+    """
+    if params is not None or Path("params.yaml").is_file():
+        return load_params(params or Path("params.yaml"), set_ or ())
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.config import SECTIONS
+
+    recorded = load_checkpoint(checkpoint).get("config", {})
+    base = {}
+    for name in ("teacher", "data", "eval"):  # what using a model reads; keys of other versions dropped
+        known = {f.name for f in dataclasses.fields(SECTIONS[name])}
+        base[name] = {k: v for k, v in recorded.get(name, {}).items() if k in known}
+    return load_params(None, set_ or (), base=base, base_source=f"{checkpoint} (the params it was trained with)")
 
 
 @app.command("teacher-cache")
@@ -39,6 +89,7 @@ def teacher_cache(
     replace: Annotated[bool, typer.Option(help="rebuild a store at --out that was built for other params")] = False,
     stats_json: Annotated[Optional[Path], typer.Option(help="write the run's counts and time split here")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="exit 1 when the store holds images that could not be read (they are recorded either way)")] = False,
 ) -> None:
     """Stage one: embed every image's multi-scale views with the teacher, into a Zarr store."""
     from pipeline.teacher_cache import run_teacher_cache
@@ -56,13 +107,16 @@ def teacher_cache(
         + f"; the store has {stats.failed} failed rows (zeroseg cache info lists them)"
         + ("" if stats.complete else " - INCOMPLETE")
     )
+    if stats.failed and strict:
+        typer.echo(f"zeroseg: error: {stats.failed} images could not be read (--strict)", err=True)
+        raise typer.Exit(1)
 
 
 @app.command("train")
 def train(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
-    cache: Annotated[str, typer.Option("--cache", help="teacher cache store (path or URL)")] = "caches/teacher.zarr",
+    cache: Annotated[Optional[str], typer.Option("--cache", help="teacher cache store (path or URL; default: the store teacher-cache built for these params, found by fingerprint under cache.root)")] = None,
     out: Annotated[Path, typer.Option("--out", help="folder for checkpoint.pt")] = Path("models/student"),
     resume: Annotated[bool, typer.Option("--resume", help="continue the checkpoint in --out exactly (fail if there is none or it differs)")] = False,
     auto_resume: Annotated[bool, typer.Option("--auto-resume", help="continue the checkpoint in --out when it was made with the same config and cache, else start afresh")] = False,
@@ -82,14 +136,24 @@ def train(
 
 @app.command("demo-teacher")
 def demo_teacher(
-    out: Annotated[Path, typer.Option("--out", help="folder for the open_clip local-dir checkpoint")] = Path("assets/demo-teacher"),
+    out: Annotated[Optional[Path], typer.Option("--out", help="folder for the open_clip local-dir checkpoint [default: teacher.pretrained of --params, when it names the demo teacher]")] = None,
     steps: Annotated[int, typer.Option(help="optimizer steps")] = 700,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 2e-3,
     threads: Annotated[int, typer.Option(help="CPU threads")] = 2,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the files of a non-empty --out (the default --out is the shipped teacher)")] = False,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
 ) -> None:
     """Reproduce the demo's CLIP teacher: an open_clip ResNet trained on captioned scene crops."""
-    from pipeline.demo_teacher import train_demo_teacher
+    from pipeline.demo_teacher import MODEL, check_out_dir, train_demo_teacher
+
+    if out is None:
+        teacher = load_params(params, set_ or ()).teacher
+        if teacher.model != MODEL or not teacher.pretrained:
+            raise typer.BadParameter(f"{params} names teacher {teacher.model} + {teacher.pretrained!r}, not the demo's {MODEL} in a folder: pass --out", param_hint="--out")
+        out = Path(teacher.pretrained)
+    check_out_dir(out, overwrite)
 
     metrics = train_demo_teacher(out, seed=seed, steps=steps, lr=lr, threads=threads, log=typer.echo)
     acc = ", ".join(f"{g} {100 * v:.0f}%" for g, v in metrics["zero_shot_shape_accuracy"].items())
@@ -98,19 +162,20 @@ def demo_teacher(
 
 @app.command("evaluate")
 def evaluate(
-    params: ParamsOpt = Path("params.yaml"),
+    params: ModelParamsOpt = None,
     set_: SetOpt = None,
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="the student's checkpoint.pt")] = Path("models/student/checkpoint.pt"),
     base_checkpoint: Annotated[Optional[Path], typer.Option("--base-checkpoint", help="a second student (the Base ablation) to evaluate beside")] = None,
-    metrics: Annotated[Path, typer.Option("--metrics-dir", help="folder for one metrics JSON per dataset")] = Path("metrics"),
+    metrics: Annotated[Path, typer.Option("--metrics-dir", help="folder for one headline metrics JSON per dataset")] = Path("metrics"),
+    details: Annotated[Path, typer.Option("--details-dir", help="folder for one per-class detail JSON per dataset (pixel accuracy, per-class IoU)")] = Path("metrics_detail"),
     pictures: Annotated[Optional[Path], typer.Option("--pictures", help="folder for overlay pictures")] = Path("outputs/eval"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     """Zero-shot mIoU of the student, the baselines and the grouping oracles on eval.datasets."""
     from pipeline.evaluate import run_evaluation
 
-    results = run_evaluation(load_params(params, set_ or ()), checkpoint, metrics, pictures, base_checkpoint=base_checkpoint, progress=not quiet, echo=typer.echo)
-    typer.echo(f"\nmetrics written to {', '.join(str(metrics / f'{n}.json') for n in results)}" + (f", pictures to {pictures}" if pictures else ""))
+    results = run_evaluation(params_for_model(params, set_, checkpoint), checkpoint, metrics, pictures, base_checkpoint=base_checkpoint, progress=not quiet, echo=typer.echo, details_dir=details)
+    typer.echo(f"\nmetrics written to {', '.join(str(metrics / f'{n}.json') for n in results)}, per-class detail to {details}" + (f", pictures to {pictures}" if pictures else ""))
 
 
 @app.command("segment")
@@ -120,9 +185,12 @@ def segment(
     out: Annotated[Path, typer.Option("--out", help="folder for NAME_mask.png and NAME_overlay.png (a folder's images keep their sub-folders)")],
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="the student's checkpoint.pt")] = Path("models/student/checkpoint.pt"),
     threshold: Annotated[Optional[float], typer.Option(help="background threshold under eval.bg_rule probability or cosine (default: eval.bg_threshold.default or 0.5)")] = None,
-    params: ParamsOpt = Path("params.yaml"),
+    include: Annotated[Optional[list[str]], typer.Option("--include", help="keep only images whose path inside the folder matches this glob (repeatable), e.g. '*.jpg'")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="leave out images whose path inside the folder matches this glob (repeatable)")] = None,
+    params: ModelParamsOpt = None,
     set_: SetOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="exit 1 when some images could not be read (the others are segmented either way)")] = False,
 ) -> None:
     """Zero-shot segmentation of any images with any vocabulary: a mask PNG and an overlay PNG each."""
     from pipeline.segment import parse_classes, run_segment
@@ -133,22 +201,30 @@ def segment(
         else:
             typer.echo(f"{r['image']}: {r['overlay']} ({', '.join(r['legend']) or 'background only'})")
 
-    results = run_segment(load_params(params, set_ or ()), checkpoint, images, parse_classes(classes), out, threshold=threshold, progress=not quiet, on_result=report)
+    results = run_segment(params_for_model(params, set_, checkpoint), checkpoint, images, parse_classes(classes), out, threshold=threshold, progress=not quiet, on_result=report,
+                          include_globs=include or (), exclude_globs=exclude or ())
     skipped = sum("error" in r for r in results)
     if skipped:
-        typer.echo(f"zeroseg: error: {skipped} of {len(results)} images could not be read (listed above); the others were segmented", err=True)
-        raise typer.Exit(2)
+        typer.echo(f"zeroseg: {'error' if strict else 'warning'}: {skipped} of {len(results)} images could not be read (listed above); the others were segmented", err=True)
+        if strict:
+            raise typer.Exit(1)
 
 
 @cache_app.command("info")
 def cache_info(
-    path: Annotated[str, typer.Argument(help="store path or URL")],
+    path: Annotated[Optional[str], typer.Argument(help="store path or URL [default: the store teacher-cache built for --params, found by fingerprint]")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     max_failures: Annotated[int, typer.Option(help="failures listed in text mode")] = 20,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
 ) -> None:
     """Teacher identity, views, dims, rows by status, fingerprint, provenance, failures."""
     from pipeline.cache_info import describe
 
+    if path is None:
+        from pipeline.teacher_cache import find_store
+
+        path = find_store(load_params(params, set_ or ()), progress=False)
     info = describe(path)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
@@ -180,7 +256,7 @@ def cache_info(
 @cache_app.command("validate")
 def cache_validate(
     path: Annotated[str, typer.Argument(help="store path or URL")],
-    params: Annotated[Optional[Path], typer.Option("--params", help="also check the store matches these params")] = None,
+    params: Annotated[Optional[Path], typer.Option("--params", help="also check the store matches these params (with --set alone: params.yaml)")] = None,
     set_: SetOpt = None,
     deep: Annotated[bool, typer.Option("--deep", help="also read every row: every shard decodes, views agree with each row's status")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
@@ -189,6 +265,10 @@ def cache_validate(
     from tqdm.auto import tqdm
 
     expected, grids = None, None
+    if params is None and set_:  # overrides are of params: the default file's, as in every other command
+        if not Path("params.yaml").is_file():
+            raise typer.BadParameter("--set overrides params, and there is no params.yaml here: pass --params FILE too", param_hint="--set")
+        params = Path("params.yaml")
     if params is not None:
         from pipeline.teacher_cache import identity_from_params
 
@@ -219,21 +299,40 @@ USAGE_ERRORS = tuple({click.exceptions.ClickException, getattr(typer, "TyperExce
 ABORTS = tuple({click.exceptions.Abort, typer.Abort})
 RESUMABLE = {
     "teacher-cache": "zeroseg: interrupted; finished shards are kept: rerun to resume",
-    "train": "zeroseg: interrupted; the last checkpoint is kept: rerun with --resume to continue",
 }
 
 
 def interrupted(args: list[str]) -> str:
-    """What Ctrl-C leaves behind, for the command in `args`."""
+    """What Ctrl-C leaves behind, for the command in `args` (asked when it happens)."""
     command = next((a for a in args if not a.startswith("-")), "")
+    if command == "train":
+        from pipeline.train import SAVED
+
+        if SAVED.get("step") is not None:
+            return f"zeroseg: interrupted; the checkpoint of step {SAVED['step']} is kept ({SAVED['path']}): rerun with --resume to continue"
+        return "zeroseg: interrupted before the first checkpoint of this run (it comes at the end of epoch 1, or every train.checkpoint_every steps): nothing to resume"
     return RESUMABLE.get(command, "zeroseg: interrupted")
+
+
+def _run_app(args: list[str] | None):
+    """typer's app; a command that fails or is interrupted takes back the empty output folders it made."""
+    from pipeline.manifest import remove_empty_created
+
+    try:
+        result = app(args=args, standalone_mode=False)
+    except BaseException:
+        remove_empty_created()
+        raise
+    if result not in (None, 0):
+        remove_empty_created()
+    return result
 
 
 def main(args: list[str] | None = None) -> None:
     """Run the CLI; user errors become one line on stderr and exit code 2."""
-    on_interrupt = interrupted(sys.argv[1:] if args is None else args)
+    argv = sys.argv[1:] if args is None else args
     try:
-        result = app(args=args, standalone_mode=False)
+        result = _run_app(args)
     except (ZerosegError, cs.CacheSchemaError) as exc:
         typer.echo(f"zeroseg: error: {exc}", err=True)
         sys.exit(2)
@@ -244,13 +343,13 @@ def main(args: list[str] | None = None) -> None:
         typer.echo("zeroseg: aborted", err=True)
         sys.exit(130)
     except KeyboardInterrupt:
-        typer.echo(on_interrupt, err=True)
+        typer.echo(interrupted(argv), err=True)
         sys.exit(130)
     except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:  # a path that cannot be used: the message names it
         typer.echo(f"zeroseg: error: {exc}", err=True)
         sys.exit(2)
     if result == 130:  # typer turns Ctrl-C into exit code 130 before it reaches the handler above
-        typer.echo(on_interrupt, err=True)
+        typer.echo(interrupted(argv), err=True)
     sys.exit(result if isinstance(result, int) else 0)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -280,17 +281,19 @@ class Params:
         return "--set" if self.overridden.intersection(keys) else self.source
 
 
-def load_params(path: str | Path | None = "params.yaml", overrides: typing.Sequence[str] = ()) -> Params:
+def load_params(path: str | Path | None = "params.yaml", overrides: typing.Sequence[str] = (), *, base: Mapping[str, Any] | None = None, base_source: str = "") -> Params:
     """Read a params file, apply `KEY=VALUE` overrides, and check every key and type.
 
     Args:
-        path: the YAML file; None for built-in defaults only.
+        path: the YAML file; None for built-in defaults only (or `base`).
         overrides: strings like `teacher.model=ViT-B-16` or `cache.grids=[1,3]`.
+        base: with `path` None, sections to start from instead of the file (a checkpoint's
+            recorded params), named `base_source` in errors.
     Raises:
         ConfigError: one line naming the file and the offending key.
     """
-    source = str(path) if path is not None else "<defaults>"
-    raw: dict[str, Any] = {}
+    source = str(path) if path is not None else base_source or "<defaults>"
+    raw: dict[str, Any] = {k: dict(v) for k, v in (base or {}).items() if k in SECTIONS} if path is None else {}
     overridden: set[str] = set()
     if path is not None:
         try:

@@ -12,8 +12,11 @@ open_clip's local-dir format (open_clip_config.json + open_clip_model.safetensor
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from pipeline.demo_data import CLASSES, make_scene
+from pipeline.errors import InputError
 from pipeline.teacher import SHIPPED_CONFIGS  # noqa: F401 - registers the shipped configs
 from pipeline.views import ViewSpec, cell_edges, make_views
 
@@ -120,7 +124,8 @@ def train_demo_teacher(out_dir: str | Path, *, seed: int = 0, steps: int = 300, 
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     rng = np.random.default_rng(seed)
-    model = open_clip.create_model(MODEL)
+    with _quiet_random_init():
+        model = open_clip.create_model(MODEL)  # a random init is what training starts from, not a failure to load
     model.visual.to(memory_format=torch.channels_last)  # 2-3x faster convolutions on the CPU
     tokenizer = open_clip.get_tokenizer(MODEL)
     pp = open_clip.get_model_preprocess_cfg(model)
@@ -156,6 +161,9 @@ def train_demo_teacher(out_dir: str | Path, *, seed: int = 0, steps: int = 300, 
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / "open_clip_model.safetensors"
     save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()}, str(weights))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(weights, 0o666 & ~umask)  # safetensors writes 0600: a teacher to share reads like any other file
     config = {"model_cfg": open_clip.get_model_config(MODEL), "preprocess_cfg": {k: (list(v) if isinstance(v, tuple) else v) for k, v in pp.items()}}
     (out_dir / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()
@@ -167,6 +175,38 @@ def train_demo_teacher(out_dir: str | Path, *, seed: int = 0, steps: int = 300, 
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out_dir / "SHA256SUMS").write_text(f"{sha}  open_clip_model.safetensors\n")
     return metrics
+
+
+def check_out_dir(out_dir: str | Path, overwrite: bool) -> None:
+    """Refuse an --out that already holds files (the default is the shipped teacher) unless `overwrite`.
+
+    Raises:
+        InputError: found before training, not after it.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out {out_dir}: not a folder")
+    held = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if held and not overwrite:
+        raise InputError(f"--out {out_dir} already holds {', '.join(held[:4])}{' ...' if len(held) > 4 else ''}: "
+                         "pass another --out, or --overwrite to replace it (the shipped teacher is in git: git checkout restores it)")
+
+
+@contextlib.contextmanager
+def _quiet_random_init():
+    """Drop open_clip's "No pretrained weights loaded" warning for the one call that wants none."""
+
+    class Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "No pretrained weights loaded" not in record.getMessage()
+
+    root = logging.getLogger()
+    drop = Drop()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 def verify(out_dir: str | Path) -> str:

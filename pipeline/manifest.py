@@ -66,18 +66,36 @@ def read_text_file(path: Path) -> str:
         raise InputError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r})") from None
 
 
+CREATED: list[Path] = []  # folders output_folder made in this process, outermost first per call
+
+
 def output_folder(path: str | Path, option: str) -> Path:
     """Create the folder an option names for outputs (checked before any work is done).
+
+    The folders it creates are remembered (`CREATED`), so that a command that then fails can
+    take back the ones it left empty (`remove_empty_created`).
 
     Raises:
         InputError: the path, or a folder on it, is a file.
     """
     path = Path(path)
+    missing = [p for p in [path, *path.parents] if not p.exists()][::-1]
     try:
         path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise InputError(f"{option} {path}: not a folder") from None
+    CREATED.extend(missing)
     return path
+
+
+def remove_empty_created() -> None:
+    """Remove the folders `output_folder` created that are still empty (innermost first)."""
+    for folder in reversed(CREATED):
+        try:
+            folder.rmdir()  # only an empty folder goes
+        except OSError:
+            pass
+    CREATED.clear()
 
 
 def list_images(source: str | Path) -> tuple[Path, list[str]]:

@@ -27,14 +27,26 @@ def colour(label: int) -> tuple[int, int, int]:
     return (0, 0, 0) if label == 0 else tuple(int(v) for v in PALETTE[1 + (label - 1) % 255])
 
 
-def write_mask(path: str | Path, labels: np.ndarray) -> None:
-    """labels: [H, W] ints -> palette PNG (16-bit grayscale PNG when a label exceeds 255)."""
+def write_mask(path: str | Path, labels: np.ndarray, names: Sequence[str] | None = None) -> None:
+    """labels: [H, W] ints -> palette PNG (16-bit grayscale PNG when a label exceeds 255).
+
+    `names` (the vocabulary, label k = names[k-1]) go into the PNG's "classes" text chunk, one
+    `k name` per line from `0 background`, so a mask says what its values mean on its own.
+    """
+    info = PngImagePlugin.PngInfo()
+    if names is not None:
+        info.add_itxt("classes", class_table(names))
     if labels.max(initial=0) > 255:
-        Image.fromarray(labels.astype(np.uint16)).save(path)
+        Image.fromarray(labels.astype(np.uint16)).save(path, pnginfo=info)
         return
     img = Image.fromarray(labels.astype(np.uint8), "P")
     img.putpalette(voc_palette())
-    img.save(path)
+    img.save(path, pnginfo=info)
+
+
+def class_table(names: Sequence[str]) -> str:
+    """"0 background\n1 NAME\n...": what each mask value means."""
+    return "\n".join(f"{k} {name}" for k, name in enumerate(["background", *names])) + "\n"
 
 
 def overlay(image: np.ndarray, labels: np.ndarray, names: Sequence[str], *, alpha: float = 0.55) -> tuple[Image.Image, list[str]]:

@@ -13,9 +13,12 @@ a different cache.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
+import os
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -54,6 +57,42 @@ class TeacherIdentity:
         d = asdict(self)
         d.pop("library_version")
         return d
+
+
+def teacher_files(cfg: TeacherConfig, beside: str | Path) -> dict:
+    """Where `cfg`'s model config and weights are, for a checkpoint written at `beside`.
+
+    Each of `teacher.model` and `teacher.pretrained` that names a file or folder here is recorded
+    as an absolute path and as a path relative to the checkpoint's folder, so that a model copied
+    together with its teacher (or used on the machine it was trained on, from any folder) finds
+    it again. Tags and built-in model names are recorded as they are.
+    """
+    out: dict[str, str] = {"model": cfg.model, "pretrained": cfg.pretrained}
+    home = Path(beside).resolve().parent
+    for key in ("model", "pretrained"):
+        value = getattr(cfg, key)
+        local = value[len("local-dir:"):] if value.startswith("local-dir:") else value
+        if local and Path(local).exists():
+            where = Path(local).resolve()
+            out[f"{key}_absolute"] = str(where)
+            out[f"{key}_relative"] = os.path.relpath(where, home)
+    return out
+
+
+def teacher_candidates(files: dict, checkpoint: str | Path) -> list[tuple[str, str]]:
+    """(model, pretrained) pairs to try for a checkpoint's recorded `teacher_files`, in order:
+    beside the checkpoint (a copied model folder), where it was at training, as recorded."""
+    home = Path(checkpoint).resolve().parent
+
+    def places(key: str) -> list[str]:
+        value = files.get(key, "")
+        prefix = "local-dir:" if value.startswith("local-dir:") else ""
+        found = [prefix + str(home / files[f"{key}_relative"])] if files.get(f"{key}_relative") else []
+        found += [prefix + files[f"{key}_absolute"]] if files.get(f"{key}_absolute") else []
+        return [*found, value]
+
+    pairs = [(m, p) for m in places("model") for p in places("pretrained")]
+    return list(dict.fromkeys(pairs))
 
 
 def resolve_device(device: str, key: str = "teacher.device") -> torch.device:
@@ -169,6 +208,37 @@ def _json_sha256(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def _check_hub_weights_reachable(name: str, tag: str, cache_dir: str | None) -> None:
+    """Fail at once, with what to do, when a tag's weights are neither cached nor downloadable.
+
+    Offline, huggingface_hub retries for about a minute and prints dozens of warnings before
+    open_clip gives up. The weights in the local hub cache, or a reachable hub, pass.
+    """
+    hub = (open_clip.get_pretrained_cfg(name, tag) or {}).get("hf_hub", "")
+    if not hub:
+        return  # URL-only weights: open_clip's own download reports its error
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return
+    repo, filename = os.path.split(hub)
+    names = [f for f in (filename, "open_clip_model.safetensors", "open_clip_pytorch_model.bin") if f]
+    if any(isinstance(try_to_load_from_cache(repo, f, cache_dir=cache_dir), str) for f in names):
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if not offline:
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=5).close()
+            return
+        except OSError:
+            pass
+    why = "HF_HUB_OFFLINE is set" if offline else "huggingface.co cannot be reached"
+    raise InputError(
+        f"teacher.pretrained: the {tag!r} weights of {name} ({repo}) are not in the local Hugging Face cache and {why}: "
+        "download them once where there is a network (or copy the hub cache here), or set teacher.pretrained to a local checkpoint file"
+    )
+
+
 def _check_local_dir_model(name: str, folder: Path) -> None:
     """Refuse a teacher.model other than the one an open_clip local-dir folder holds.
 
@@ -210,11 +280,15 @@ def _create_model(cfg: TeacherConfig) -> tuple[torch.nn.Module, str, bool]:
         name = path.stem
     pretrained = cfg.pretrained or None
     if not name.startswith("local-dir:") and name not in open_clip.list_models():
-        raise InputError(f"teacher.model: {cfg.model!r} is not an open_clip model name, model config JSON or local-dir: path")
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(close)}?" if close else " (open_clip.list_models() lists the names)"
+        raise InputError(f"teacher.model: {cfg.model!r} is not an open_clip model name, model config JSON or local-dir: path{hint}")
     tags = [] if name.startswith("local-dir:") else open_clip.list_pretrained_tags_by_model(name)
     local = weights_are_local(name, pretrained or "")
     if pretrained and not local and pretrained not in tags:
         raise InputError(f"teacher.pretrained: {pretrained!r} is neither a file nor a pretrained tag of {name} (tags: {', '.join(tags) or 'none'})")
+    if pretrained and not local:
+        _check_hub_weights_reachable(name, pretrained, cfg.weights_dir or None)
     if local and Path(pretrained).is_dir():
         _check_local_dir_model(name, Path(pretrained))
         name, pretrained = f"local-dir:{pretrained}", None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Protocol
@@ -34,7 +35,7 @@ from pipeline.shard_compute import RunStats, compute_shards
 from pipeline.teacher import Teacher, TeacherIdentity
 from pipeline.views import ViewSpec, canonical_grids
 
-__all__ = ["RunStats", "default_store_url", "expected_identity", "identity_from_params", "run_teacher_cache"]
+__all__ = ["RunStats", "check_manifest", "default_store_url", "expected_identity", "find_store", "identity_from_params", "run_teacher_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,10 @@ def run_teacher_cache(params: Params, out: str | None = None, *, replace: bool =
         store = CacheStore.open_or_create(url, identity, manifest.paths, grids, params.cache, replace=replace)
         todo = store.missing(grids, params.cache.student_image_size)
         stats = RunStats(store=url, images=len(manifest), shards_skipped=store.n_shards - len(todo))
+        if todo and stats.shards_skipped and progress:  # said before the work, not only in the summary
+            rows_done = sum(len(store.shard_rows_range(s)) for s in range(store.n_shards) if s not in todo)
+            tqdm.write(f"{url}: resuming: {stats.shards_skipped} of {store.n_shards} shards already done ({rows_done} of {len(manifest)} images), "
+                       f"{len(todo)} to compute", file=sys.stderr)
         if todo:
             executor.run(store, manifest, todo, params, stats, progress)
     stats.complete = store.finalize()
@@ -131,6 +136,85 @@ def identity_from_params(params: Params, progress: bool = True) -> dict:
     manifest = build_manifest(params.data.images, params.data.manifest_hash, progress=progress)
     teacher = Teacher.load(dataclasses.replace(params.teacher, device="cpu"))
     return expected_identity(teacher, manifest, params.data.min_side, params.teacher.jpeg_draft_side)
+
+
+DVC_STORE_NAME = "teacher.zarr"  # where dvc.yaml's teacher_cache stage writes, under cache.root
+
+
+def find_store(params: Params, progress: bool = True) -> str:
+    """The store `zeroseg teacher-cache` built for `params` (no `--out`), found by fingerprint.
+
+    Looks at `default_store_url` first, then `cache.root/teacher.zarr` (the DVC stage's store),
+    then every other `*.zarr` under `cache.root`, and returns the first whose fingerprint is the
+    one `params` give: the same teacher, preprocessing and images. So `teacher-cache` and
+    `train` with the same params meet at the same store whoever wrote it.
+
+    Raises:
+        InputError: no store there was built for these params; the message says what to run.
+    """
+    identity = identity_from_params(params, progress)
+    want = cs.fingerprint(identity)
+    root = params.cache.root
+    default = default_store_url(root, identity)
+    base = root if root.endswith("://") else root.rstrip("/") + "/"
+    candidates = [default, base + DVC_STORE_NAME]
+    try:
+        fs, path = fsspec.core.url_to_fs(root)
+        fs.invalidate_cache()
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        for found in sorted(fs.glob(path.rstrip("/") + "/*.zarr")):
+            candidates.append(found if protocol in ("file", "local") else f"{protocol}://{found}")
+    except Exception:  # noqa: BLE001 - an unlistable root: the two named candidates are still tried
+        pass
+    looked, seen_keys = [], set()
+    for url in candidates:
+        key = url if "://" in url else str(Path(url).resolve())
+        if key in seen_keys:
+            continue
+        seen_keys.add(key)
+        attrs = _store_attrs(url)
+        if attrs is None:
+            continue
+        looked.append(url)
+        if attrs.get("fingerprint") == want:
+            return url
+    others = f"; {len(looked)} store(s) there were built for other teachers or images" if looked else ""
+    raise InputError(
+        f"no teacher cache under {root} for these params (fingerprint {want[:12]}, "
+        f"{identity['manifest']['n']} images of {params.data.images}){others}: "
+        f"run `zeroseg teacher-cache` with the same --params/--set (it writes {default}), or pass --cache STORE"
+    )
+
+
+def check_manifest(store: str, attrs: dict, images: str, progress: bool = False) -> None:
+    """Refuse a store whose images are not `images` (`data.images`), hashed as the store was.
+
+    A source that does not exist here is not checked: a store shared by another team carries
+    its own student images, and training from them needs no source files.
+
+    Raises:
+        InputError: one line naming the store, the source and how they differ.
+    """
+    stored = attrs.get("manifest", {})
+    if not Path(images).exists():
+        log.warning("%s: data.images %s is not here; the store's own %s images are trusted unchecked", store, images, stored.get("n"))
+        return
+    manifest = build_manifest(images, stored.get("hash_mode", "content"), progress=progress)
+    if manifest.hash == stored.get("hash"):
+        return
+    raise InputError(
+        f"refusing to train on {store}: it was built from other images than data.images {images} "
+        f"(store: {stored.get('n')} images, manifest {str(stored.get('hash'))[:12]}; "
+        f"{images}: {len(manifest)} images, manifest {manifest.hash[:12]}): pass the store built from them, "
+        "or set data.images to the images the store was built from"
+    )
+
+
+def _store_attrs(url: str) -> dict | None:
+    try:
+        return dict(cs.open_store(url).attrs)
+    except cs.CacheSchemaError:
+        return None
 
 
 class LocalExecutor:

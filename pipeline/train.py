@@ -53,10 +53,13 @@ from pipeline.student.losses import (
 )
 from pipeline.student.target_space import TargetSpace
 from pipeline.student_data import CachePairs, ParentEnviron, normalize_images, teacher_statistics
-from pipeline.teacher import resolve_device
+from pipeline.teacher import resolve_device, teacher_files
 from pipeline.views import view_layout
 
 log = logging.getLogger(__name__)
+
+# The checkpoint this process wrote last ({"step", "path"}): what an interrupted run can say it keeps.
+SAVED: dict = {}
 
 CHECKPOINT_NAME = "checkpoint.pt"
 _AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -204,7 +207,7 @@ def data_root(images: str) -> Path:
     return path if path.is_dir() else path.parent
 
 
-def run_training(params: Params, cache: str, out_dir: str | Path, *, resume: str = "never", live_dir: str | Path | None = None, progress: bool = True) -> TrainSummary:
+def run_training(params: Params, cache: str | None, out_dir: str | Path, *, resume: str = "never", live_dir: str | Path | None = None, progress: bool = True) -> TrainSummary:
     """Train (or resume training) the student on the teacher cache at `cache`.
 
     SIGTERM (a scheduler's or a killed `dvc repro`'s stop) unwinds like Ctrl-C while this
@@ -213,7 +216,9 @@ def run_training(params: Params, cache: str, out_dir: str | Path, *, resume: str
 
     Args:
         params: the `student`, `loss`, `train` and `data` sections are read.
-        cache: teacher cache path or URL; refused unless it validates for `loss.grids`.
+        cache: teacher cache path or URL; refused unless it validates for `loss.grids` and was
+            built from `data.images` (when that source is here). None: the store
+            `zeroseg teacher-cache` builds for these params (`find_store`).
         out_dir: where `checkpoint.pt` is written.
         resume: "never" (start fresh), "must" (continue the checkpoint in out_dir, or fail),
             "auto" (continue it when it was made with the same config and cache, else start fresh).
@@ -244,15 +249,23 @@ def _sigterm_as_exit():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _train(params: Params, cache: str, out_dir: str | Path, *, resume: str, live_dir: str | Path | None, progress: bool) -> TrainSummary:
+def _train(params: Params, cache: str | None, out_dir: str | Path, *, resume: str, live_dir: str | Path | None, progress: bool) -> TrainSummary:
     cfg = params.train
     rank, world, local_rank = _init_distributed()
     device = _device(cfg.device, local_rank, world)
     grids = tuple(sorted(set(params.loss.grids)))
+    if cache is None:
+        from pipeline.teacher_cache import find_store
+
+        cache = find_store(params, progress=progress and rank == 0)
+        log.info("teacher cache: %s (built for these params)", cache)
     try:
         attrs = cs.validate(cache, grids=grids)
     except cs.CacheSchemaError as exc:
         raise InputError(f"refusing to train on {cache}: {exc}") from None
+    from pipeline.teacher_cache import check_manifest
+
+    check_manifest(cache, attrs, params.data.images)
     out_dim = int(attrs["teacher"]["embed_dim"])
     # Every global RNG, not only torch's: a checkpoint stores them all (for exact resume), and an
     # unseeded one would make two identical runs write different checkpoint files.
@@ -343,12 +356,14 @@ def _train(params: Params, cache: str, out_dir: str | Path, *, resume: str, live
             save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "schedule": asdict(sched), "step": step, "epoch": epoch, "rng": states, "compat": compat,
-                "config": {name: section_dict(getattr(params, name)) for name in ("data", "teacher", "cache", "student", "loss", "train")},
+                "config": {name: section_dict(getattr(params, name)) for name in ("data", "teacher", "cache", "student", "loss", "train", "eval")},
+                "teacher_files": teacher_files(params.teacher, ckpt_path),
                 "arch": {k: (list(map(list, v)) if k == "group_stages" else v) for k, v in asdict(arch).items()},
                 "cache": {"url": str(cache), "fingerprint": attrs["fingerprint"], "grids": list(grids), "embed_dim": out_dim, "teacher": attrs["teacher"]},
                 "teacher_stats": {"mean": stat_mean.tolist(), "std": stat_std.tolist(), "rows": stat_rows, "grids": list(grids)},
                 "zeroseg_version": __version__,
             })
+            SAVED.update(step=step, path=str(ckpt_path))
 
     limit = min(sched.total_steps, cfg.max_steps) if cfg.max_steps else sched.total_steps
     bar = tqdm(total=limit, initial=step, desc="train", unit="step", disable=not progress or rank != 0)
@@ -430,6 +445,9 @@ def _train(params: Params, cache: str, out_dir: str | Path, *, resume: str, live
         bar.close()
         if live is not None:
             live.end()
+            from pipeline.curves import write_curves
+
+            write_curves(live.dir, title=Path(out_dir).name)  # offline PNGs beside dvclive's tables
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
     summary.step, summary.epochs = step, step // sched.steps_per_epoch

@@ -129,12 +129,14 @@ def test_segment_command_writes_masks_and_overlays_of_the_input_size(trained, tm
         mask = Image.open(tmp_path / "out" / f"{path.stem}_mask.png")
         over = Image.open(tmp_path / "out" / f"{path.stem}_overlay.png")
         assert mask.size == size and over.size == size and mask.mode == "P"
+        assert mask.text["classes"] == "0 background\n1 circle\n2 square\n3 star\n"  # the mask says what its values are
         labels = np.array(mask)
         names = ["circle", "square", "star"]
         present = {names[k - 1] for k in np.unique(labels) if k > 0}
         legend = over.text["legend"].split("\n") if over.text["legend"] else []
         assert set(legend) == present and len(present) >= 1  # threshold 0: every pixel has a class
         assert path.name in proc.stdout
+    assert (tmp_path / "out" / "classes.txt").read_text() == "0 background\n1 circle\n2 square\n3 star\n"
 
 
 def test_segment_keeps_every_output_and_skips_what_it_cannot_read(trained, tmp_path, demo_dir):
@@ -147,9 +149,12 @@ def test_segment_keeps_every_output_and_skips_what_it_cannot_read(trained, tmp_p
     (folder / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
     sets = [a for kv in overrides for a in ("--set", kv)]
     base = ["segment", str(folder), "--classes", "circle,square", "--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), "--params", str(params_path), "-q", *sets]
+    # the same rule as teacher-cache: unreadable inputs are reported, and fail the command under --strict
     proc = run_cli(*base, check=False)
-    assert proc.returncode == 2 and "1 of 4 images could not be read" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 0 and "warning: 1 of 4 images could not be read" in proc.stderr and "Traceback" not in proc.stderr
     assert f"zeroseg: skipped {folder / 'b' / 'broken.jpg'}: " in proc.stderr
+    strict = run_cli(*base, "--strict", check=False)
+    assert strict.returncode == 1 and "error: 1 of 4 images could not be read" in strict.stderr
     # one name per input: the extension only where two would share a name
     written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*_mask.png"))
     assert written == ["a/x.jpg_mask.png", "a/x.png_mask.png", "b/x_mask.png"]
@@ -174,8 +179,13 @@ def test_evaluation_checks_every_dataset_before_evaluating_any(trained, tmp_path
 
 def test_evaluation_writes_the_science_metrics(trained, tmp_path):
     params, ckpt, _, _ = trained
-    results = run_evaluation(params, ckpt, tmp_path / "metrics", tmp_path / "pics", base_checkpoint=ckpt, progress=False, echo=lambda *_: None)
-    saved = json.loads((tmp_path / "metrics" / "demo.json").read_text())
+    results = run_evaluation(params, ckpt, tmp_path / "metrics", tmp_path / "pics", base_checkpoint=ckpt, progress=False, echo=lambda *_: None, details_dir=tmp_path / "detail")
+    headline = json.loads((tmp_path / "metrics" / "demo.json").read_text())
+    detail = json.loads((tmp_path / "detail" / "demo.json").read_text())
+    # the registered metrics stay narrow (9 values); the per-class detail sits beside them
+    assert set(headline) == {"miou", "oracle", "segments_per_image", "segments_per_window", "images"}
+    assert set(detail) == {"pixel_accuracy", "per_class_iou", "images"}
+    saved = {**headline, **detail}
     assert saved == results["demo"] and saved["images"] == 4
     assert set(saved["miou"]) == {"student", "base", "training_free", "trivial"} and set(saved["oracle"]) == {"student", "grid"}
     assert saved["miou"]["base"] == saved["miou"]["student"]  # the same checkpoint twice

@@ -169,7 +169,7 @@ def write_slow_images(folder, n=24, side=1400):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_without_recomputing_finished_shards(tmp_path):
+def test_killed_run_resumes_without_recomputing_finished_shards(tmp_path, capsys):
     write_slow_images(tmp_path / "imgs")
     params = write_params(
         tmp_path / "params.yaml", tmp_path / "imgs", tmp_path / "caches",
@@ -189,9 +189,12 @@ def test_killed_run_resumes_without_recomputing_finished_shards(tmp_path):
     proc.wait()
     done_at_kill = len(os.listdir(markers))
     assert 0 < done_at_kill < 12, "the run was not interrupted part-way; make the images slower"
-    stats = run_teacher_cache(load_params(params), str(store), progress=False)
+    capsys.readouterr()
+    stats = run_teacher_cache(load_params(params), str(store), progress=True)
     # Shards marked done before the kill are not recomputed (a shard written but not yet marked is).
     assert stats.shards_skipped >= done_at_kill
+    # and the rerun says so before it starts
+    assert f"resuming: {stats.shards_skipped} of 12 shards already done ({2 * stats.shards_skipped} of 24 images), {12 - stats.shards_skipped} to compute" in capsys.readouterr().err
     assert stats.views_computed == 30 * 2 * (12 - stats.shards_skipped)
     assert stats.complete
     fresh = tmp_path / "caches" / "fresh.zarr"
