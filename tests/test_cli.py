@@ -16,7 +16,7 @@ from conftest import REPO, run_cli
     [
         (["bogus"], "Error: No such command 'bogus'."),
         (["segment"], "Error: Missing argument 'images'."),
-        (["cache", "info"], "Error: Missing argument 'path'."),
+        (["cache", "validate"], "Error: Missing argument 'path'."),
         (["evaluate", "--metrics", "m"], "Error: No such option: --metrics"),
         (["demo-teacher", "--steps", "x"], "Invalid value for '--steps'"),
         ([], "Usage: "),  # a bare command shows its help
