@@ -163,6 +163,12 @@ class EvalConfig:
     # none | center: subtract the teacher's dataset mean (from the student's checkpoint) from every
     # method's image-side embeddings, as unit vectors, before the cosine with the class embeddings.
     calibration: Literal["none", "center"] = "none"
+    # How the student's windows become a segmentation (pipeline/inference.py): zeroseg (the more
+    # confident window wins a pixel; plain softmax per segment; square windows) or groupvit
+    # (GroupViT's evaluation exactly: mmseg slide inference averaging window logits, group
+    # scores through the image's top-5 classes, background capped by the window's best score,
+    # windows clipped to the image, position table interpolated bicubically).
+    protocol: Literal["zeroseg", "groupvit"] = "zeroseg"
     pictures: int = 8  # overlays of the first N images of each dataset
     device: str = "auto"
 

@@ -98,7 +98,7 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
     for name, dataset in datasets.items():
         classes = list(dataset.class_names[1:])  # index 0 is background, decided by the background rule
         text, rule = vocabulary(model.embedder, classes, templates, mode=e.bg_rule, threshold=e.bg_threshold.get(name, 0.0), bg_words=e.bg_words)
-        window = dict(short_side=e.short_side, window=e.window, stride=e.stride, topk_classes=e.topk_classes, device=device, center=center)
+        window = dict(short_side=e.short_side, window=e.window, stride=e.stride, topk_classes=e.topk_classes, device=device, center=center, protocol=e.protocol)
         methods = {"student": StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, **window)}
         if base is not None:
             methods["base"] = StudentSegmenter(base.student, text, model.embedder.logit_scale, rule, **window)

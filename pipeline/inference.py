@@ -150,6 +150,82 @@ def window_origins(length: int, window: int, stride: int) -> list[int]:
     return starts + [length - window]
 
 
+def slide_boxes(height: int, width: int, window: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """(top, left, rows, cols) of mmseg's `slide_inference` windows over a [height, width] image.
+
+    A window is `window` square where it fits; at the image's far edges it is moved back to
+    end flush with the image, and where the image is shorter than the window it is clipped to
+    the image and keeps its other side (96x160 at window 128, stride 64: two 96x128 windows, at
+    x=0 and x=32). Windows are not deduplicated, as in mmseg (a window that lands twice counts
+    twice in the average).
+    """
+    rows = max(height - window + stride - 1, 0) // stride + 1
+    cols = max(width - window + stride - 1, 0) // stride + 1
+    boxes = []
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * stride + window, height), min(c * stride + window, width)
+            y1, x1 = max(y2 - window, 0), max(x2 - window, 0)
+            boxes.append((y1, x1, y2 - y1, x2 - x1))
+    return boxes
+
+
+class WindowAverage:
+    """mmseg's slide-inference merge: per pixel, the sum of the windows' logits over their count."""
+
+    def __init__(self, channels: int, height: int, width: int, device: torch.device | str = "cpu"):
+        self.sum = torch.zeros(channels, height, width, device=device)
+        self.count = torch.zeros(height, width, device=device)
+
+    def add(self, top: int, left: int, logits: torch.Tensor) -> None:
+        """logits: [channels, rows, cols] of the window at (top, left)."""
+        rows, cols = logits.shape[-2:]
+        self.sum[:, top : top + rows, left : left + cols] += logits
+        self.count[top : top + rows, left : left + cols] += 1
+
+    def result(self) -> torch.Tensor:
+        """[channels, height, width]; every pixel must be covered by a window."""
+        if bool((self.count == 0).any()):
+            raise ValueError("a pixel is covered by no window")
+        return self.sum / self.count
+
+
+GROUPVIT_TOPK = 5  # GroupViT's evaluation keeps each window's top-5 classes
+GROUPVIT_MAX_SCALE = 100.0  # and clamps the logit scale at CLIP's cap
+
+
+def groupvit_group_logits(segments: torch.Tensor, image: torch.Tensor, text: torch.Tensor, logit_scale: float, rule: BackgroundRule, *, topk: int = GROUPVIT_TOPK, center: torch.Tensor | None = None) -> torch.Tensor:
+    """GroupViT's class logits of each group of one window, background channel first.
+
+    For groups `segments` [S, D] of a window whose global embedding is `image` [D]: affinities
+    A = cosine x scale (scale clamped at 100) [S, K']; P = softmax(A); the window's classes are
+    its top-k by softmax(cosine(image) x scale); the group scores are softmax(A restricted to
+    those) x P. Under `probability` the background channel is 1 for a group whose best score is
+    under min(threshold, the window's best score over all groups and classes), else 0, so a
+    threshold above every score cannot make the whole window background. Under `class` the
+    background words (the first rows of `text`, always kept) give the background channel their
+    best score.
+
+    Returns:
+        [S, 1 + K] (K: the vocabulary without background words).
+    """
+    if rule.mode == "cosine":
+        raise ConfigError("eval.protocol groupvit scores groups by softmax probabilities: use eval.bg_rule probability or class")
+    scale = min(float(logit_scale), GROUPVIT_MAX_SCALE)
+    affinity = class_scores(segments, text, 1.0, "cosine", center) * scale  # [S, K']
+    prior = affinity.softmax(dim=-1)
+    window = (class_scores(image[None], text, 1.0, "cosine", center)[0] * scale).softmax(dim=-1)  # [K']
+    bg = rule.background_rows
+    keep = torch.zeros(text.shape[0], dtype=torch.bool, device=affinity.device)
+    keep[:bg] = True
+    keep[window[bg:].topk(min(topk, text.shape[0] - bg)).indices + bg] = True
+    scores = affinity.masked_fill(~keep, -math.inf).softmax(dim=-1) * prior  # [S, K']
+    if rule.mode == "class":
+        return torch.cat([scores[:, :bg].amax(dim=1, keepdim=True), scores[:, bg:]], dim=1)
+    cut = min(rule.threshold, float(scores.max()))
+    return torch.cat([(scores.amax(dim=1, keepdim=True) < cut).to(scores.dtype), scores], dim=1)
+
+
 def finish(labels: torch.Tensor, score: torch.Tensor, rule: BackgroundRule, out_hw: tuple[int, int], segments: torch.Tensor | None = None) -> Prediction:
     """Apply the background rule and bring [h, w] maps to the input's resolution (nearest)."""
     labels = torch.where(score < rule.threshold, torch.zeros_like(labels), labels)
@@ -175,23 +251,33 @@ class StudentSegmenter:
         windows_per_forward: windows run through the model at once (memory: a tall or wide
             image has many).
         center: [D] eval.calibration's mean (`class_scores`); None: no calibration.
+        protocol: `zeroseg` (below) or `groupvit` (`predict_groupvit`).
     """
 
-    def __init__(self, student: ZeroSegStudent, text: torch.Tensor, logit_scale: float, rule: BackgroundRule, *, short_side: int = 448, window: int = 448, stride: int = 224, topk_classes: int = 0, device: torch.device | str = "cpu", windows_per_forward: int = 32, center: torch.Tensor | None = None):
+    def __init__(self, student: ZeroSegStudent, text: torch.Tensor, logit_scale: float, rule: BackgroundRule, *, short_side: int = 448, window: int = 448, stride: int = 224, topk_classes: int = 0, device: torch.device | str = "cpu", windows_per_forward: int = 32, center: torch.Tensor | None = None,
+                 protocol: str = "zeroseg"):
         p = student.arch.patch_size
         for key, value in (("eval.short_side", short_side), ("eval.window", window)):
             if value < p:
                 raise ConfigError(f"{key}: {value} px is smaller than the student's patch size ({p} px)")
+        if protocol not in ("zeroseg", "groupvit"):
+            raise ConfigError(f"eval.protocol: expected zeroseg or groupvit, got {protocol!r}")
+        if protocol == "groupvit" and rule.mode == "cosine":
+            raise ConfigError("eval.protocol groupvit scores groups by softmax probabilities: use eval.bg_rule probability or class")
         self.student = student.eval().to(device)
         self.text, self.scale, self.rule = text.to(device), logit_scale, rule
         self.short_side, self.window, self.stride = short_side, window - window % p, stride
+        self.window_px = window  # groupvit: the window as given (a patch conv covers its multiple of p)
         self.topk, self.device = topk_classes, torch.device(device)
         self.windows_per_forward = max(1, windows_per_forward)
         self.center = center
+        self.protocol = protocol
 
     @torch.inference_mode()
     def predict(self, image: np.ndarray) -> Prediction:
         """image: [H, W, 3] uint8 RGB."""
+        if self.protocol == "groupvit":
+            return self.predict_groupvit(image)
         x = resize_short_side(image, self.short_side).to(self.device)  # [3, h, w]
         h, w = x.shape[-2:]
         win = min(self.window, h - h % self.student.arch.patch_size, w - w % self.student.arch.patch_size)
@@ -226,4 +312,57 @@ class StudentSegmenter:
             segments[t : t + win, l : l + win][better] = (i * best.shape[1] + seg[i])[better]
         pred = finish(labels, score, self.rule, image.shape[:2], segments)
         pred.segments_per_window = per_window
+        return pred
+
+    @torch.inference_mode()
+    def predict_groupvit(self, image: np.ndarray) -> Prediction:
+        """GroupViT's evaluation (segmentation/evaluation/group_vit_seg.py + mmseg slide_inference).
+
+        Windows as mmseg lays them out (`slide_boxes`); in each, the student sees the part a
+        stride-p patch embedding covers (the window's sides floored to multiples of p), with its
+        position table interpolated bicubically; the composed soft assignment is resized
+        bilinearly to the whole window and each pixel takes its argmax group, whose class logits
+        are `groupvit_group_logits` (top-k classes of the window: eval.topk_classes, else 5).
+        The windows' logits are summed per pixel and divided by the number of windows covering
+        it; the label is the argmax, background channel first. For the grouping oracle, a pixel
+        keeps the segment of the window where its logit was highest.
+        """
+        p = self.student.arch.patch_size
+        x = resize_short_side(image, self.short_side).to(self.device)  # [3, h, w]
+        h, w = x.shape[-2:]
+        if min(h, w) < p:
+            raise ConfigError(f"eval.short_side: the image is {h}x{w} px after resizing, smaller than the student's patch ({p} px)")
+        boxes = slide_boxes(h, w, self.window_px, self.stride)
+        merged = WindowAverage(1 + self.text.shape[0] - self.rule.background_rows, h, w, self.device)
+        segments = torch.zeros(h, w, dtype=torch.long, device=self.device)
+        seg_best = torch.full((h, w), -math.inf, device=self.device)
+        topk = self.topk or GROUPVIT_TOPK
+        owned = []
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for i, (_, _, rows, cols) in enumerate(boxes):
+            by_shape.setdefault((rows, cols), []).append(i)
+        for (rows, cols), members in by_shape.items():
+            seen_h, seen_w = rows - rows % p, cols - cols % p  # what the patch embedding covers
+            for a in range(0, len(members), self.windows_per_forward):
+                part = members[a : a + self.windows_per_forward]
+                crops = torch.stack([x[:, t : t + seen_h, l : l + seen_w] for t, l, _, _ in (boxes[i] for i in part)])
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                    out = self.student.infer(normalize_images(crops), pos_mode="interpolate")
+                masks = F.interpolate(out.masks.float(), size=(rows, cols), mode="bilinear", align_corners=False)  # [n, S, rows, cols]
+                seg = masks.argmax(dim=1)  # [n, rows, cols]
+                S = masks.shape[1]
+                for j, i in enumerate(part):
+                    t, l = boxes[i][:2]
+                    group = groupvit_group_logits(out.segments[j].float(), out.z[j].float(), self.text, self.scale, self.rule, topk=topk, center=self.center)  # [S, channels]
+                    pix = group[seg[j]].permute(2, 0, 1)  # [channels, rows, cols]
+                    merged.add(t, l, pix)
+                    best = pix.amax(dim=0)
+                    region = seg_best[t : t + rows, l : l + cols]
+                    better = best > region
+                    region[better] = best[better]
+                    segments[t : t + rows, l : l + cols][better] = (i * S + seg[j])[better]
+                    owned.append(int((torch.bincount(seg[j].flatten(), minlength=S) >= 0.01 * rows * cols).sum()))
+        score, labels = merged.result().max(dim=0)
+        pred = finish(labels, score, BackgroundRule("probability", -math.inf), image.shape[:2], segments)
+        pred.segments_per_window = sum(owned) / len(owned)
         return pred

@@ -271,7 +271,7 @@ def run_segment(params: Params, checkpoint: str | Path, images: Sequence[str | P
     threshold = threshold if threshold is not None else e.bg_threshold.get("default", 0.5)
     text, rule = vocabulary(model.embedder, list(classes), template_set(e.templates), mode=e.bg_rule, threshold=threshold, bg_words=e.bg_words)
     device = resolve_device(e.device, key="eval.device")
-    seg = StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, short_side=e.short_side, window=e.window, stride=e.stride, topk_classes=e.topk_classes, device=device,
+    seg = StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, short_side=e.short_side, window=e.window, stride=e.stride, topk_classes=e.topk_classes, device=device, protocol=e.protocol,
                            center=calibration_center(params, model, checkpoint))
     (out_dir / "classes.txt").write_text(class_table(classes), encoding="utf-8")  # what the masks' values mean
     results = []

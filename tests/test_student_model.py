@@ -289,3 +289,19 @@ def test_tiny_student_overfits_a_fixed_batch():
         first, last = mean(name, history[:5]), mean(name, history[-5:])
         assert last < first, f"{name}: {first:.4f} -> {last:.4f}"
     assert mean("usage_neg_entropy", history[-5:]) < -0.3  # still no collapse to one group
+
+
+def test_every_norm_is_its_reference_implementations():
+    """GroupViT's grouping head uses nn.LayerNorm (eps 1e-5); MAE's encoder and decoder eps 1e-6.
+    At initialisation the group tokens (std 0.02) have a variance near eps, so the choice is not
+    cosmetic; it is pinned here, not left to a library's default."""
+    from pipeline.student import ZeroSegStudent, student_arch
+
+    model = ZeroSegStudent(arch=student_arch("zeroseg_micro"), out_dim=16)
+    norms = {name: m.eps for name, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+    head = {n: e for n, e in norms.items() if n.startswith("seg_head.")}
+    rest = {n: e for n, e in norms.items() if not n.startswith("seg_head.")}
+    assert head and set(head.values()) == {1e-5}, head
+    assert rest and set(rest.values()) == {1e-6}, rest
+    assert {"norm", "decoder_norm", "global_norm", "blocks.0.norm1", "decoder_blocks.0.norm2"} <= set(rest)
+    assert {"seg_head.norm", "seg_head.blocks.0.norm1", "seg_head.grouping.0.norm_tokens", "seg_head.grouping.0.pre_assign_attn.norm_post"} <= set(head)

@@ -45,8 +45,9 @@ class StudentArch:
     group_token_projector: bool = True
     # Position embeddings at a grid other than img_size/patch_size: "recompute" evaluates
     # sin-cos at the new integer patch positions; "rescale" evaluates it at positions mapped
-    # into the training grid's range (what bicubic interpolation of the table approximates).
-    pos_embed_resize: Literal["recompute", "rescale"] = "recompute"
+    # into the training grid's range (what bicubic interpolation of the table approximates);
+    # "interpolate" interpolates the table's values bicubically (GroupViT's evaluation).
+    pos_embed_resize: Literal["recompute", "rescale", "interpolate"] = "recompute"
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
@@ -74,8 +75,8 @@ class StudentArch:
             if groups < 1:
                 fail(f"group_stages {self.group_stages}: group counts must be positive")
             prev = after
-        if self.pos_embed_resize not in ("recompute", "rescale"):
-            fail(f"pos_embed_resize: expected recompute or rescale, got {self.pos_embed_resize!r}")
+        if self.pos_embed_resize not in ("recompute", "rescale", "interpolate"):
+            fail(f"pos_embed_resize: expected recompute, rescale or interpolate, got {self.pos_embed_resize!r}")
 
     @property
     def grid_size(self) -> tuple[int, int]:

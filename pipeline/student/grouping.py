@@ -10,6 +10,7 @@ and a hard straight-through one-hot in training); the assignment normalized over
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Sequence
 
@@ -18,6 +19,10 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import Tensor, nn
 
+
+# Every norm of the grouping head is GroupViT's nn.LayerNorm (eps 1e-5), named here so that no
+# library default decides it; the encoder and decoder use MAE's (eps 1e-6, model.MAE_NORM).
+GROUPVIT_NORM = functools.partial(nn.LayerNorm, eps=1e-5)
 
 class Grouped(NamedTuple):
     """Output of `GroupingBlock`."""
@@ -70,9 +75,9 @@ class CrossAttentionBlock(nn.Module):
     def __init__(self, *, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
         self.attn = CrossAttention(dim=dim, num_heads=num_heads)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = GROUPVIT_NORM(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio))
-        self.norm_post = nn.LayerNorm(dim)
+        self.norm_post = GROUPVIT_NORM(dim)
 
     def forward(self, query: Tensor, key: Tensor) -> Tensor:
         """query: [B, S, C], key: [B, N, C] -> [B, S, C]."""
@@ -181,18 +186,18 @@ class GroupingBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.num_output_groups = num_output_groups
-        self.norm_tokens = nn.LayerNorm(dim)
+        self.norm_tokens = GROUPVIT_NORM(dim)
         self.mlp_inter = TokenMixingMlp(
             num_tokens=num_group_tokens, hidden=int(dim * token_mlp_ratio), num_out=num_output_groups
         )
-        self.norm_post_tokens = nn.LayerNorm(dim)
-        self.norm_x = nn.LayerNorm(dim)
+        self.norm_post_tokens = GROUPVIT_NORM(dim)
+        self.norm_x = GROUPVIT_NORM(dim)
         self.pre_assign_attn = CrossAttentionBlock(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio)
         self.assign = AssignAttention(
             dim=dim, hard=hard, gumbel=gumbel, gumbel_tau=gumbel_tau,
             assign_eps=assign_eps, learnable_temperature=learnable_temperature,
         )
-        self.norm_new_x = nn.LayerNorm(dim)
+        self.norm_new_x = GROUPVIT_NORM(dim)
         self.mlp_channels = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio))
 
     def forward(self, x: Tensor, group_tokens: Tensor) -> Grouped:

@@ -20,7 +20,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from pipeline.student.grouping import GroupingBlock, TokenMixingMlp
+from pipeline.student.grouping import GROUPVIT_NORM, GroupingBlock, TokenMixingMlp
 
 
 class HeadOutput(NamedTuple):
@@ -63,7 +63,7 @@ class SegmentationHead(nn.Module):
         self.depth = depth
         self.group_stages = tuple(tuple(s) for s in group_stages)
         self.blocks = nn.ModuleList(
-            Block(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True) for _ in range(depth)
+            Block(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=GROUPVIT_NORM) for _ in range(depth)
         )
         counts = [n for _, n in self.group_stages]
         self.group_tokens = nn.ParameterList(nn.Parameter(torch.zeros(1, n, dim)) for n in counts)
@@ -77,10 +77,10 @@ class SegmentationHead(nn.Module):
         )
         # projector k maps stage k's outgoing group tokens into stage k+1's incoming ones
         self.group_projectors = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(dim), TokenMixingMlp(num_tokens=prev, hidden=dim // 2, num_out=n))
+            nn.Sequential(GROUPVIT_NORM(dim), TokenMixingMlp(num_tokens=prev, hidden=dim // 2, num_out=n))
             for prev, n in zip(counts[:-1], counts[1:])
         ) if group_token_projector else None
-        self.norm = nn.LayerNorm(dim)
+        self.norm = GROUPVIT_NORM(dim)
         for k, tokens in enumerate(self.group_tokens):
             if k == 0 or self.group_projectors is None:  # GroupViT: zero init where projected
                 trunc_normal_(tokens, std=0.02)

@@ -9,11 +9,13 @@ head lives under `seg_head.*` (not `head.*`, which is timm's classifier).
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from timm.layers import LayerNorm, Mlp, PatchEmbed
+from timm.layers import Mlp, PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
@@ -26,6 +28,10 @@ from pipeline.student.pos_embed import resize_sincos_pos_embed, sincos_2d
 from pipeline.student.pretrained import LoadReport, load_encoder_state_dict
 from pipeline.student.target_space import TargetSpace
 
+
+# MAE's norms (eps 1e-6) for the encoder, the decoder and the global branch, named here so that
+# no library default decides them (timm's Block happens to default to the same today).
+MAE_NORM = functools.partial(nn.LayerNorm, eps=1e-6)
 
 class EncoderOutput(NamedTuple):
     """Output of `ZeroSegStudent.forward_encoder` (unpacks like MAE's triple)."""
@@ -80,9 +86,9 @@ class ZeroSegStudent(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, C))
         self.pos_embed = nn.Parameter(sincos_2d(C, self.grid_size, num_prefix_tokens=1)[None], requires_grad=False)
         self.blocks = nn.ModuleList(
-            Block(dim=C, num_heads=arch.num_heads, mlp_ratio=arch.mlp_ratio, qkv_bias=True) for _ in range(arch.depth)
+            Block(dim=C, num_heads=arch.num_heads, mlp_ratio=arch.mlp_ratio, qkv_bias=True, norm_layer=MAE_NORM) for _ in range(arch.depth)
         )
-        self.norm = LayerNorm(C)
+        self.norm = MAE_NORM(C)
 
         # reconstruction decoder (MAE names)
         self.decoder_embed = nn.Linear(C, Cd)
@@ -91,10 +97,10 @@ class ZeroSegStudent(nn.Module):
             sincos_2d(Cd, self.grid_size, num_prefix_tokens=1)[None], requires_grad=False
         )
         self.decoder_blocks = nn.ModuleList(
-            Block(dim=Cd, num_heads=arch.decoder_num_heads, mlp_ratio=arch.mlp_ratio, qkv_bias=True)
+            Block(dim=Cd, num_heads=arch.decoder_num_heads, mlp_ratio=arch.mlp_ratio, qkv_bias=True, norm_layer=MAE_NORM)
             for _ in range(arch.decoder_depth)
         )
-        self.decoder_norm = LayerNorm(Cd)
+        self.decoder_norm = MAE_NORM(Cd)
         self.decoder_pred = nn.Linear(Cd, p * p * 3)
 
         # segmentation head and the outputs in the teacher's space
@@ -105,8 +111,9 @@ class ZeroSegStudent(nn.Module):
             group_token_projector=arch.group_token_projector,
         )
         self.segment_proj = nn.Linear(C, out_dim)
-        self.global_block = Block(dim=C, num_heads=arch.num_heads, mlp_ratio=arch.mlp_ratio, qkv_bias=True)
-        self.global_norm = LayerNorm(C)
+        # the global branch reads the encoder's tokens: the encoder's norms
+        self.global_block = Block(dim=C, num_heads=arch.num_heads, mlp_ratio=arch.mlp_ratio, qkv_bias=True, norm_layer=MAE_NORM)
+        self.global_norm = MAE_NORM(C)
         self.global_mlp = Mlp(in_features=C, hidden_features=int(C * arch.mlp_ratio), out_features=out_dim)
         # The affine map between the outputs above and the teacher's space (identity unless
         # loss.target_norm centers or standardises the targets); buffers, so checkpoints carry it.
@@ -138,11 +145,12 @@ class ZeroSegStudent(nn.Module):
             raise ValueError(f"input {H}x{W} is not a multiple of the patch size {p}")
         return H // p, W // p
 
-    def _pos(self, table: Tensor, grid: tuple[int, int]) -> Tensor:
-        """The [1, 1 + h*w, C] position table for `grid` (recomputed when not the training grid)."""
+    def _pos(self, table: Tensor, grid: tuple[int, int], mode: str | None = None) -> Tensor:
+        """The [1, 1 + h*w, C] position table for `grid` (resized by `mode`, default the arch's,
+        when not the training grid)."""
         return resize_sincos_pos_embed(
             table, source_grid=self.grid_size, new_grid=grid, num_prefix_tokens=1,
-            mode=self.arch.pos_embed_resize,
+            mode=mode or self.arch.pos_embed_resize,
         )
 
     def patchify(self, imgs: Tensor) -> Tensor:
@@ -155,7 +163,7 @@ class ZeroSegStudent(nn.Module):
 
     # ---- parts ----------------------------------------------------------------------------
     def forward_encoder(
-        self, imgs: Tensor, mask_ratio: float, generator: torch.Generator | None = None
+        self, imgs: Tensor, mask_ratio: float, generator: torch.Generator | None = None, pos_mode: str | None = None
     ) -> EncoderOutput:
         """Embed patches, drop a random `mask_ratio` of them per image, encode the rest.
 
@@ -163,12 +171,14 @@ class ZeroSegStudent(nn.Module):
             imgs: [B, 3, H, W] normalized images, H and W multiples of the patch size.
             mask_ratio: fraction of patches removed; 0 keeps all in patch order.
             generator: optional RNG for the masking noise (on the images' device).
+            pos_mode: how the position table is resized to another grid (None: the arch's
+                `pos_embed_resize`).
 
         Returns:
             `EncoderOutput(latent [B, 1+L_keep, C], mask [B, L], ids_restore [B, L])`.
         """
         grid = self.grid_of(imgs)
-        pos = self._pos(self.pos_embed, grid)  # [1, 1+L, C]
+        pos = self._pos(self.pos_embed, grid, pos_mode)  # [1, 1+L, C]
         x = self.patch_embed(imgs) + pos[:, 1:]  # [B, L, C]
         masked = random_masking(x, mask_ratio, generator=generator)
         cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)  # [B, 1, C]
@@ -239,7 +249,7 @@ class ZeroSegStudent(nn.Module):
         )
 
     @torch.no_grad()
-    def infer(self, imgs: Tensor) -> SegmentPrediction:
+    def infer(self, imgs: Tensor, pos_mode: str | None = None) -> SegmentPrediction:
         """Inference on all patches: soft masks of the final segments and their embeddings.
 
         Masks multiply the stages' noise-free soft assignments (GroupViT's evaluation), giving
@@ -248,6 +258,7 @@ class ZeroSegStudent(nn.Module):
 
         Args:
             imgs: [B, 3, H, W].
+            pos_mode: position-table resizing for this call (None: the arch's).
 
         Returns:
             `SegmentPrediction(masks [B, S, H/p, W/p], segments [B, S, D], z [B, D])`.
@@ -255,7 +266,7 @@ class ZeroSegStudent(nn.Module):
         if self.training:
             raise RuntimeError("infer/segment_masks need eval mode (model.eval()): training adds Gumbel noise")
         h, w = self.grid_of(imgs)
-        latent, _, _ = self.forward_encoder(imgs, 0.0)  # all patches, patch order
+        latent, _, _ = self.forward_encoder(imgs, 0.0, pos_mode=pos_mode)  # all patches, patch order
         z, segments, soft, _ = self.forward_segments(latent[:, 1:])
         weights = compose_assignments(soft)  # [B, S, L]
         masks = weights.reshape(weights.shape[0], weights.shape[1], h, w)  # [B, S, h, w]

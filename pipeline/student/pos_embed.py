@@ -12,6 +12,10 @@ it is just evaluating it at the new grid's positions. Two choices of those posit
 - `rescale`: the new grid's patch centres mapped into the training grid's range
   (`(i + 0.5) * h / h' - 0.5`), which is what bicubic interpolation of the table
   (MAE's and GroupViT's recipe for a new resolution) approximates.
+
+And the reference recipe itself, `interpolate`: bicubic interpolation of the trained table's
+numbers to the new grid (`F.interpolate`, align_corners False, as GroupViT resizes its table
+for a window larger than its training grid), for numbers comparable with theirs.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -80,7 +85,7 @@ def resize_sincos_pos_embed(
     source_grid: tuple[int, int],
     new_grid: tuple[int, int],
     num_prefix_tokens: int = 1,
-    mode: Literal["recompute", "rescale"] = "recompute",
+    mode: Literal["recompute", "rescale", "interpolate"] = "recompute",
 ) -> Tensor:
     """A sin-cos table for `new_grid`, given the one built for `source_grid`.
 
@@ -92,8 +97,9 @@ def resize_sincos_pos_embed(
         source_grid: (h, w) the table was built for.
         new_grid: (h', w') wanted.
         num_prefix_tokens: leading non-patch rows.
-        mode: `recompute` (integer positions of the new grid) or `rescale` (positions
-            mapped into the source grid's range).
+        mode: `recompute` (integer positions of the new grid), `rescale` (positions
+            mapped into the source grid's range) or `interpolate` (bicubic interpolation of
+            the table's values, GroupViT's way).
 
     Returns:
         [1, num_prefix_tokens + h'*w', D], on `pos_embed`'s device and dtype.
@@ -101,6 +107,12 @@ def resize_sincos_pos_embed(
     if tuple(new_grid) == tuple(source_grid):
         return pos_embed
     dim = pos_embed.shape[-1]
+    if mode == "interpolate":
+        h, w = source_grid
+        grid = pos_embed[:, num_prefix_tokens:].float().reshape(1, h, w, dim).permute(0, 3, 1, 2)  # [1, D, h, w]
+        grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False)  # [1, D, h', w']
+        table = grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)
+        return torch.cat([pos_embed[:, :num_prefix_tokens], table], dim=1)
     table = sincos_2d(dim, new_grid, source_grid=source_grid if mode == "rescale" else None)
     table = table.to(device=pos_embed.device, dtype=pos_embed.dtype)[None]  # [1, h'*w', D]
     return torch.cat([pos_embed[:, :num_prefix_tokens], table], dim=1)
