@@ -2,10 +2,10 @@
 
 - `training_free` (any teacher): classify every cell of 2x2, 3x3 and 4x4 grids over the
   resized image (the cache's own kind of views) and average the cells' class scores per pixel.
-- `maskclip` (open_clip ViT teachers): dense CLIP as MaskCLIP does it; the last block's value
-  embeddings of the patch tokens, through its output projection, the final LayerNorm and the
-  image projection, give one embedding per patch; teacher-sized windows slide over the image
-  with half-window stride and overlapping scores are averaged.
+- `maskclip`, `sclip`, `naclip` (open_clip ViT teachers): dense CLIP as MaskCLIP, SCLIP and
+  NACLIP do it, each rewriting the teacher's last block only (`DENSE_CLIP`): one embedding per
+  patch, through the final LayerNorm and the image projection; teacher-sized windows slide over
+  the image with half-window stride and overlapping scores are averaged.
 """
 
 from __future__ import annotations
@@ -82,22 +82,73 @@ class GridTeacherSegmenter:
         return finish(label, score, self.rule, image.shape[:2])
 
 
+NACLIP_STD = 5.0  # NACLIP's Gaussian neighbourhood, in patches (its published setting)
+
+
+def neighbourhood_bias(grid: tuple[int, int], std: float = NACLIP_STD, prefix: int = 1) -> torch.Tensor:
+    """NACLIP's attention addition [prefix + h*w, prefix + h*w]: between patches at (r, c) and
+    (r', c'), exp(-((r - r')^2 + (c - c')^2) / (2 std^2)); 0 in the class token's row and column."""
+    h, w = grid
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    pos = torch.stack([rows.flatten(), cols.flatten()], dim=1)  # [N, 2]
+    bias = torch.exp(-torch.cdist(pos, pos).square() / (2 * std**2))  # [N, N]
+    return F.pad(bias, (prefix, 0, prefix, 0)).float()
+
+
+def last_block_attention(q: torch.Tensor, k: torch.Tensor, kind: str, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """Attention weights [n, heads, L, L] of the dense-CLIP variants from per-head q, k [n, heads, L, d].
+
+    `identity`: each token attends to itself only (MaskCLIP's value embeddings); `csa`: SCLIP's
+    correlative self-attention, softmax(q q^T) + softmax(k k^T); `neighbourhood`: NACLIP's,
+    softmax(k k^T + the Gaussian neighbourhood bias over the patch grid). Scaled by d^-1/2.
+    """
+    n, heads, L, d = q.shape
+    scale = d**-0.5
+    if kind == "identity":
+        return torch.eye(L, dtype=q.dtype, device=q.device).expand(n, heads, L, L)
+    if kind == "csa":
+        return (q @ q.transpose(-1, -2) * scale).softmax(dim=-1) + (k @ k.transpose(-1, -2) * scale).softmax(dim=-1)
+    if kind == "neighbourhood":
+        bias = neighbourhood_bias(grid, prefix=L - grid[0] * grid[1]).to(device=q.device, dtype=q.dtype)
+        return (k @ k.transpose(-1, -2) * scale + bias).softmax(dim=-1)
+    raise ValueError(f"unknown attention {kind!r}")
+
+
+# What each method changes in the last block of the teacher's ViT (nothing before it):
+# (attention, keep the residual, keep the feed-forward).
+DENSE_CLIP = {
+    "maskclip": ("identity", False, False),  # MaskCLIP: value embeddings, no residual, no FFN
+    "sclip": ("csa", True, True),  # SCLIP: correlative self-attention, residual and FFN kept
+    "naclip": ("neighbourhood", False, False),  # NACLIP: neighbourhood attention, "reduced" block
+}
+
+
 class MaskCLIPSegmenter:
-    """Dense CLIP from an open_clip ViT teacher (MaskCLIP): one class decision per patch.
+    """Dense CLIP from an open_clip ViT teacher: one class decision per patch.
+
+    `method` is `maskclip` (MaskCLIP), `sclip` (SCLIP) or `naclip` (NACLIP): each rewrites the
+    last transformer block only (`DENSE_CLIP`), then every token goes through the final
+    LayerNorm and the image projection into the text space. Teacher-sized windows slide with
+    half-window stride (their published 224/112 for a 224-px teacher) and overlapping scores are
+    averaged.
 
     Args:
         teacher: an open_clip model whose image tower is a VisionTransformer with a class token.
         text, logit_scale, rule, short_side, topk_classes, center: as for the grid baseline.
     """
 
-    def __init__(self, teacher: Teacher, text: torch.Tensor, logit_scale: float, rule: BackgroundRule, *, short_side: int = 448, topk_classes: int = 0, center: torch.Tensor | None = None):
+    def __init__(self, teacher: Teacher, text: torch.Tensor, logit_scale: float, rule: BackgroundRule, *, short_side: int = 448, topk_classes: int = 0, center: torch.Tensor | None = None,
+                 method: str = "maskclip"):
+        if method not in DENSE_CLIP:
+            raise InputError(f"eval.baselines: unknown dense-CLIP method {method!r} (known: {', '.join(DENSE_CLIP)})")
         visual = teacher.model.visual
         if not isinstance(visual, VisionTransformer) or getattr(visual, "attn_pool", None) is not None or visual.proj is None:
-            raise InputError(f"eval.baselines: maskclip needs an open_clip ViT teacher with a class token, not {teacher.identity.model}")
+            raise InputError(f"eval.baselines: {method} needs an open_clip ViT teacher with a class token, not {teacher.identity.model}")
         if not isinstance(visual.transformer.resblocks[-1].attn, torch.nn.MultiheadAttention):
-            raise InputError(f"eval.baselines: maskclip does not know the attention of {teacher.identity.model}")
+            raise InputError(f"eval.baselines: {method} does not know the attention of {teacher.identity.model}")
         self.teacher, self.text, self.scale, self.rule = teacher, text.to(teacher.device), logit_scale, rule
         self.short_side, self.topk, self.center = short_side, topk_classes, center
+        self.method = method
 
     def dense_features(self, views: torch.Tensor) -> torch.Tensor:
         """[n, 3, T, T] normalized -> [n, gh, gw, D] per-patch embeddings in the text space."""
@@ -107,13 +158,20 @@ class MaskCLIPSegmenter:
         for block in blocks[:-1]:
             x = block(x)
         last = blocks[-1]
-        y = last.ln_1(x)
-        c = y.shape[-1]
-        v = F.linear(y, last.attn.in_proj_weight[2 * c :], last.attn.in_proj_bias[2 * c :])  # [n, 1 + N, C] values only
-        v = visual.ln_post(last.attn.out_proj(v)[:, 1:])  # [n, N, C], class token dropped
-        feats = (v @ visual.proj).float()  # [n, N, D]
-        side = int(round(feats.shape[1] ** 0.5))
-        return feats.view(feats.shape[0], side, side, -1)  # [n, gh, gw, D]
+        kind, residual, ffn = DENSE_CLIP[self.method]
+        n, L, c = x.shape
+        heads = last.attn.num_heads
+        side = int(round((L - 1) ** 0.5))
+        q, k, v = F.linear(last.ln_1(x), last.attn.in_proj_weight, last.attn.in_proj_bias).view(n, L, 3, heads, c // heads).permute(2, 0, 3, 1, 4)  # 3 x [n, h, L, d]
+        attn = last_block_attention(q, k, kind, (side, side))  # [n, h, L, L]
+        y = last.attn.out_proj((attn @ v).transpose(1, 2).reshape(n, L, c))  # [n, L, C]
+        ls_1, ls_2 = getattr(last, "ls_1", torch.nn.Identity()), getattr(last, "ls_2", torch.nn.Identity())
+        if residual:
+            y = x + ls_1(y)
+        if ffn:
+            y = y + ls_2(last.mlp(last.ln_2(y)))
+        feats = (visual.ln_post(y[:, 1:]) @ visual.proj).float()  # [n, N, D], class token dropped
+        return feats.view(n, side, side, -1)  # [n, gh, gw, D]
 
     @torch.inference_mode()
     def predict(self, image: np.ndarray) -> Prediction:

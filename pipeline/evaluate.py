@@ -31,7 +31,7 @@ from pipeline.segment import calibration_center, load_model
 from pipeline.teacher import resolve_device
 from pipeline.text import template_set
 
-BASELINES = ("training_free", "maskclip")
+BASELINES = ("training_free", "maskclip", "sclip", "naclip")
 
 
 def side_by_side(names: list[str], columns: dict[str, SegmentationScores]) -> str:
@@ -60,7 +60,7 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
     """Evaluate the student (and the baselines in `eval.baselines`) on every dataset of `eval.datasets`.
 
     Writes the headline `metrics_dir/DATASET.json` per dataset (what DVC registers as metrics):
-    `miou.{student, base, training_free, maskclip, trivial}` (those that ran), `oracle.{student,
+    `miou.{student, base, training_free, maskclip, sclip, naclip, trivial}` (those that ran), `oracle.{student,
     grid}` (segments labelled by their majority true class: the grouping alone, beside a
     content-blind 3x3 grid), `segments_per_image` (distinct student segments per image),
     `segments_per_window` (segments owning at least 1% of a window, averaged: 1 means the
@@ -105,8 +105,9 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
         teacher_only = dict(short_side=e.short_side, topk_classes=e.topk_classes, center=center)
         if "training_free" in e.baselines:
             methods["training_free"] = GridTeacherSegmenter(model.teacher, text, model.embedder.logit_scale, rule, **teacher_only)
-        if "maskclip" in e.baselines:
-            methods["maskclip"] = MaskCLIPSegmenter(model.teacher, text, model.embedder.logit_scale, rule, **teacher_only)
+        for dense in ("maskclip", "sclip", "naclip"):
+            if dense in e.baselines:
+                methods[dense] = MaskCLIPSegmenter(model.teacher, text, model.embedder.logit_scale, rule, method=dense, **teacher_only)
         scored = [*methods, "trivial", "oracle_student", "oracle_grid"]
         matrices = {m: ConfusionMatrix(dataset.num_classes, dataset.ignore_index) for m in scored}
         n = len(dataset) if not e.max_images else min(e.max_images, len(dataset))

@@ -91,3 +91,51 @@ def test_groupvit_protocol_segments_any_window_and_never_thresholds_a_whole_wind
         StudentSegmenter(micro, text, 50.0, rule, protocol="mmseg", **common)
     with pytest.raises(ConfigError, match="use eval.bg_rule probability or class"):
         StudentSegmenter(micro, text, 50.0, BackgroundRule("cosine", 0.1), protocol="groupvit", **common)
+
+
+def _tiny_vit_teacher():
+    from pipeline.config import TeacherConfig
+    from pipeline.teacher import Teacher
+
+    return Teacher.load(TeacherConfig(model="zeroseg-test-vit", pretrained="", device="cpu"))
+
+
+def _values_only_reference(teacher, views):
+    """MaskCLIP written out on its own: the last block's value projection of each token, its
+    output projection, the final LayerNorm and the image projection (no attention, residual, FFN)."""
+    visual = teacher.model.visual
+    x = visual._embeds(views)
+    for block in visual.transformer.resblocks[:-1]:
+        x = block(x)
+    last = visual.transformer.resblocks[-1]
+    c = x.shape[-1]
+    v = torch.nn.functional.linear(last.ln_1(x), last.attn.in_proj_weight[2 * c :], last.attn.in_proj_bias[2 * c :])
+    return visual.ln_post(last.attn.out_proj(v)[:, 1:]) @ visual.proj
+
+
+def test_dense_clip_baselines_change_only_the_last_block_as_their_papers_do():
+    from pipeline.baselines import DENSE_CLIP, MaskCLIPSegmenter, last_block_attention, neighbourhood_bias
+
+    teacher = _tiny_vit_teacher()
+    text = torch.nn.functional.normalize(torch.randn(3, teacher.identity.embed_dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+    views = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    feats = {m: MaskCLIPSegmenter(teacher, text, 50.0, BackgroundRule("cosine", -2.0), short_side=40, method=m).dense_features(views) for m in DENSE_CLIP}
+    for m, f in feats.items():
+        assert f.shape == (2, 4, 4, teacher.identity.embed_dim), m  # 32 px / patch 8
+    torch.testing.assert_close(feats["maskclip"].reshape(2, 16, -1), _values_only_reference(teacher, views), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(feats["sclip"], feats["maskclip"]) and not torch.allclose(feats["naclip"], feats["maskclip"])
+
+    # the attentions, from their definitions
+    q, k = torch.randn(1, 2, 5, 8, generator=torch.Generator().manual_seed(3)), torch.randn(1, 2, 5, 8, generator=torch.Generator().manual_seed(4))  # [n, heads, L, d]
+    csa = last_block_attention(q, k, "csa")
+    torch.testing.assert_close(csa, (q @ q.transpose(-1, -2) * 8**-0.5).softmax(-1) + (k @ k.transpose(-1, -2) * 8**-0.5).softmax(-1))
+    torch.testing.assert_close(csa.sum(dim=-1), torch.full((1, 2, 5), 2.0))  # two softmaxes: rows sum to 2
+    ident = last_block_attention(q, k, "identity")
+    assert torch.equal(ident[0, 0], torch.eye(5))
+    bias = neighbourhood_bias((2, 2), std=5.0)  # cls + 4 patches
+    assert bias.shape == (5, 5) and bias[0].abs().sum() == 0 and bias[:, 0].abs().sum() == 0
+    assert bias[1, 1] == 1.0 and bias[1, 2] == pytest.approx(math.exp(-1 / 50)) and bias[1, 4] == pytest.approx(math.exp(-2 / 50))
+    na = last_block_attention(q, k, "neighbourhood", (2, 2))
+    torch.testing.assert_close(na, (k @ k.transpose(-1, -2) * 8**-0.5 + bias).softmax(dim=-1))
+    with pytest.raises(Exception, match="unknown dense-CLIP method"):
+        MaskCLIPSegmenter(teacher, text, 50.0, BackgroundRule("cosine", -2.0), method="clipsurgery")
