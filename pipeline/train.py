@@ -15,6 +15,7 @@ the run before the optimizer step, leaving the last good checkpoint as it was.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import os
@@ -185,20 +186,31 @@ class StudentObjective(torch.nn.Module):
         return total, terms
 
 
-def compatibility(params: Params, cache_attrs: dict, world: int = 1) -> dict:
+def model_signature(model: torch.nn.Module) -> str:
+    """sha256 (16 hex) of the model's module tree as printed: every layer with its settings
+    (sizes, LayerNorm eps, ...), so weights of another model definition are never continued."""
+    return hashlib.sha256(repr(model).encode()).hexdigest()[:16]
+
+
+def compatibility(params: Params, cache_attrs: dict, world: int = 1, model: torch.nn.Module | None = None) -> dict:
     """What must be equal for a checkpoint to be resumed (run mechanics excluded).
 
     `train.num_workers` and the number of processes stay in: each (process, worker) pair reads
     its own share of the chunks, so they fix the data order and the steps per epoch, and with
     them the learning-rate schedule. A resume with other values would silently follow another
-    schedule and skip the wrong rows.
+    schedule and skip the wrong rows. `model` adds the model's signature: after a change of the
+    code that defines the model (a layer, a norm's eps), `--auto-resume` (the DVC stage) starts
+    afresh instead of continuing weights trained for the old definition.
     """
     train = section_dict(params.train)
     train["num_workers"] = max(1, train["num_workers"])  # 0 (in process) reads as one worker does
     for key in ("max_steps", "log_every", "checkpoint_every", "compile", "device", "images"):
         train.pop(key)
-    return {"student": section_dict(params.student), "loss": section_dict(params.loss), "train": train, "processes": world,
-            "cache_fingerprint": cache_attrs["fingerprint"]}
+    out = {"student": section_dict(params.student), "loss": section_dict(params.loss), "train": train, "processes": world,
+           "cache_fingerprint": cache_attrs["fingerprint"]}
+    if model is not None:
+        out["model"] = model_signature(model)
+    return out
 
 
 def data_root(images: str) -> Path:
@@ -310,7 +322,7 @@ def _train(params: Params, cache: str | None, out_dir: str | Path, *, resume: st
 
     out_dir = Path(out_dir)
     ckpt_path = out_dir / CHECKPOINT_NAME
-    compat = compatibility(params, attrs, world)
+    compat = compatibility(params, attrs, world, model)
     step, summary = 0, TrainSummary(checkpoint=str(ckpt_path), total_steps=sched.total_steps)
     if resume == "never" and ckpt_path.exists():
         log.warning("%s exists and is started afresh: it is replaced at the first checkpoint (--resume continues it)", ckpt_path)
@@ -321,6 +333,9 @@ def _train(params: Params, cache: str | None, out_dir: str | Path, *, resume: st
             log.warning("%s predates the check of train.num_workers and the process count: resuming assumes they are as before", ckpt_path)
             ckpt["compat"] = {**ckpt["compat"], "processes": compat["processes"],
                               "train": {**ckpt["compat"].get("train", {}), "num_workers": compat["train"]["num_workers"]}}
+        if "model" not in ckpt.get("compat", {}):
+            log.warning("%s predates the check of the model's definition: resuming assumes it is as before", ckpt_path)
+            ckpt["compat"] = {**ckpt.get("compat", {}), "model": compat["model"]}
         if ckpt.get("compat") != compat:
             differs = [d.split(":")[0] for d in cs.differences(ckpt.get("compat", {}), compat)]  # train.base_lr, cache_fingerprint
             if resume == "must":

@@ -222,3 +222,35 @@ def test_every_store_array_names_its_dimensions_and_status_its_codes(built_cache
         assert group[cs.progress_array(g)].metadata.dimension_names == ("shard",)
         assert group[cs.views_array(g)].metadata.dimension_names == ("image", "view", "feature")
     assert group["status"].attrs["codes"] == {"0": "pending", "1": "ok", "2": "failed"}
+
+
+def test_a_checkpoint_of_another_model_definition_is_not_continued(built_cache, tmp_path, caplog):
+    """After a change of the code that defines the model (say a norm's eps), the DVC stage's
+    --auto-resume must train afresh, not continue weights made for the old definition."""
+    from pipeline.checkpoint import load_checkpoint, save_checkpoint
+    from pipeline.student import ZeroSegStudent, student_arch
+    from pipeline.train import model_signature
+
+    store, params = built_cache
+    p = load_params(params, [*TINY_TRAIN, "train.epochs=2"])
+    run_training(p, str(store), tmp_path / "run", progress=False)
+    ckpt_path = tmp_path / "run" / "checkpoint.pt"
+    ckpt = load_checkpoint(ckpt_path)
+    micro = ZeroSegStudent(arch=student_arch("zeroseg_micro"), out_dim=32)
+    assert ckpt["compat"]["model"] == model_signature(micro)
+    micro.seg_head.norm.eps = 1e-6  # the same weights' shapes, another definition
+    assert model_signature(micro) != ckpt["compat"]["model"]
+
+    ckpt["compat"]["model"] = model_signature(micro)  # as if written by that other code
+    save_checkpoint(ckpt_path, ckpt)
+    with pytest.raises(InputError, match="made with other model; cannot resume"):
+        run_training(p, str(store), tmp_path / "run", resume="must", progress=False)
+    summary = run_training(p, str(store), tmp_path / "run", resume="auto", progress=False)
+    assert summary.resumed_from is None and summary.step == 2 and "was made with other model: starting afresh" in caplog.text
+
+    # a checkpoint written before the signature existed is taken as it is, with a warning
+    ckpt = load_checkpoint(ckpt_path)
+    del ckpt["compat"]["model"]
+    save_checkpoint(ckpt_path, ckpt)
+    summary = run_training(p, str(store), tmp_path / "run", resume="auto", progress=False)
+    assert summary.resumed_from == 2 and "predates the check of the model's definition" in caplog.text
