@@ -1,4 +1,4 @@
-"""Benchmarks: runnable commands that print their figures as JSON (see README, "Benchmarks")."""
+"""Benchmarks: runnable commands that print their figures as JSON (see docs/benchmarks.md)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ true class) beside a fixed 3x3 grid's, segments per window (1: collapsed), and t
 label-free health figures (pipeline/student/health.py). The teacher alone (the training-free
 grid baseline) is evaluated once per rule and calibration: it does not depend on the recipe.
 
-Recipes are chosen on a validation split of our own, never on the held-out scenes the README
+Recipes are chosen on a validation split of our own, never on the held-out scenes docs/demo.md
 reports: `--datasets` points the evaluation elsewhere (the default is the demo's validation
 split, written by the `demo_val` stage with another seed). A finished (recipe, seed) is reused
 (resume "auto"), so an interrupted sweep picks up where it stopped.

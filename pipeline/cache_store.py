@@ -47,7 +47,7 @@ def image_codecs(cfg: CacheConfig) -> dict:
     """Lossless codecs of `images/S`: deltas of consecutive bytes (the flattened chunk, so mostly
     neighbouring pixels of a row), then zstd.
 
-    Measured on 224 px squares (see README, "Stored student images"): 1.6x smaller than raw on
+    Measured on 224 px squares (see docs/teacher-cache.md, "Stored student images"): 1.6x smaller than raw on
     noisy photo-like JPEGs and 2.0x on the demo scenes, where zstd alone gives 1.04x and 1.34x.
     """
     if cfg.codec == "none":

@@ -13,7 +13,7 @@ without labels, on the batch that was just trained on:
   teacher view in the batch is one of their own image's, falls to chance (1 / batch size),
   and the same-image minus cross-image cosine gap (`segment_image_gap`) falls to 0.
 
-How these curves read for a collapsed and for a healthy run: README, "Training health".
+How these curves read for a collapsed and for a healthy run: docs/training.md, "Training health".
 """
 
 from __future__ import annotations
