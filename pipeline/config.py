@@ -168,7 +168,7 @@ class EvalConfig:
     # (GroupViT's evaluation exactly: mmseg slide inference averaging window logits, group
     # scores through the image's top-5 classes, background capped by the window's best score,
     # windows clipped to the image, position table interpolated bicubically).
-    protocol: Literal["zeroseg", "groupvit"] = "zeroseg"
+    protocol: Literal["zeroseg", "groupvit"] = "groupvit"
     pictures: int = 8  # overlays of the first N images of each dataset
     device: str = "auto"
 
