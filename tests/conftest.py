@@ -63,3 +63,51 @@ def run_cli(*args: str, cwd: Path | None = None, check: bool = True) -> subproce
     if check and proc.returncode != 0:
         raise AssertionError(f"zeroseg {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+# The slow tier: tests that took 5 s or more each (`pytest --durations=80` on the 2-core CI-like
+# machine under load). `pytest -m "not slow"` runs the rest, a fast tier of about a minute; the
+# README's command runs everything. Tests marked in their own files count too.
+SLOW_TESTS = {
+    "tests/test_cache_schema.py::test_cli_validate_exit_codes",
+    "tests/test_cli.py::test_ctrl_c_says_what_is_kept_and_exits_130",
+    "tests/test_cli.py::test_usage_errors_show_usage_and_exit_2_without_a_traceback[args6---resume",
+    "tests/test_dask_executor.py::test_a_worker_killed_mid_run_loses_only_its_unfinished_shard",
+    "tests/test_dask_executor.py::test_own_local_cluster_builds_the_local_executors_bytes",
+    "tests/test_dask_executor.py::test_resume_on_a_scheduler_computes_only_unmarked_shards",
+    "tests/test_dvc.py::test_repro_builds_everything_and_params_edits_make_exactly_their_stages_stale",
+    "tests/test_first_hour.py::test_a_checkpoint_of_another_model_definition_is_not_continued",
+    "tests/test_first_hour.py::test_a_trained_model_is_used_from_anywhere_with_its_checkpoint_alone",
+    "tests/test_gpu_check.py::test_a_step_past_its_limit_is_listed_as_failed_with_its_log_and_the_check_exits_1",
+    "tests/test_gpu_check.py::test_gpu_check_dry_run_produces_every_figure_and_the_report",
+    "tests/test_gpu_check.py::test_steps_left_without_budget_are_listed_as_skipped_and_the_check_exits_2",
+    "tests/test_inference.py::test_evaluation_writes_the_science_metrics",
+    "tests/test_inference.py::test_segment_command_writes_masks_and_overlays_of_the_input_size",
+    "tests/test_inference.py::test_segment_keeps_every_output_and_skips_what_it_cannot_read",
+    "tests/test_inference.py::test_segment_leaves_its_own_outputs_out_of_the_inputs",
+    "tests/test_remote_store.py::test_a_dask_worker_writes_to_s3_from_its_own_environment",
+    "tests/test_remote_store.py::test_stage_one_writes_to_s3_and_stage_two_trains_from_it",
+    "tests/test_sharing.py::test_a_read_only_shared_cache_is_validated_then_used_without_writes",
+    "tests/test_sharing.py::test_one_checkpoint_at_two_paths_is_one_teacher_and_old_path_keyed_stores_are_re_keyed",
+    "tests/test_sharing.py::test_team_b_pulls_team_as_cache_and_recomputes_nothing",
+    "tests/test_student_model.py::test_tiny_student_overfits_a_fixed_batch",
+    "tests/test_target_space.py::test_a_standardised_student_trains_logs_its_health_and_segments_in_the_teachers_space",
+    "tests/test_teacher.py::test_compiled_teacher_encodes_what_the_eager_one_does",
+    "tests/test_teacher_cache.py::test_every_bad_input_kind_in_one_run",
+    "tests/test_teacher_cache.py::test_killed_run_resumes_without_recomputing_finished_shards",
+    "tests/test_train.py::test_a_workers_input_error_reaches_the_user_as_its_own_one_line",
+    "tests/test_train.py::test_dvclive_rows_sit_at_their_steps_and_a_resume_logs_no_step_twice",
+    "tests/test_train.py::test_resume_continues_exactly",
+    "tests/test_train.py::test_sigterm_stops_training_with_its_worker_processes_and_keeps_the_checkpoint",
+    "tests/test_train.py::test_skipping_batches_with_workers_reproduces_the_rest_of_the_epoch",
+    "tests/test_train.py::test_the_stabilizers_train_and_region_matching_falls",
+    "tests/test_train.py::test_tiny_student_overfits_the_cache_and_every_term_falls",
+    "tests/test_train.py::test_torchrun_two_ranks_on_cpu",
+    "tests/test_train.py::test_training_on_a_damaged_store_stops_with_one_line",
+    "tests/test_train.py::test_workers_get_the_environment_their_loader_was_made_in",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.split("[")[0] in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
