@@ -142,20 +142,21 @@ def demo_teacher(
     lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 2e-3,
     threads: Annotated[int, typer.Option(help="CPU threads")] = 2,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the files of a non-empty --out (the default --out is the shipped teacher)")] = False,
+    model: Annotated[str, typer.Option("--model", help="the open_clip model to train: zeroseg-demo-rn (the demo's) or zeroseg-demo-vit (a ViT of the same size)")] = "zeroseg-demo-rn",
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
-    """Reproduce the demo's CLIP teacher: an open_clip ResNet trained on captioned scene crops."""
-    from pipeline.demo_teacher import MODEL, check_out_dir, train_demo_teacher
+    """Reproduce the demo's CLIP teacher: an open_clip model trained on captioned scene crops."""
+    from pipeline.demo_teacher import check_out_dir, train_demo_teacher
 
     if out is None:
         teacher = load_params(params, set_ or ()).teacher
-        if teacher.model != MODEL or not teacher.pretrained:
-            raise typer.BadParameter(f"{params} names teacher {teacher.model} + {teacher.pretrained!r}, not the demo's {MODEL} in a folder: pass --out", param_hint="--out")
+        if teacher.model != model or not teacher.pretrained:
+            raise typer.BadParameter(f"{params} names teacher {teacher.model} + {teacher.pretrained!r}, not {model} in a folder: pass --out", param_hint="--out")
         out = Path(teacher.pretrained)
     check_out_dir(out, overwrite)
 
-    metrics = train_demo_teacher(out, seed=seed, steps=steps, lr=lr, threads=threads, log=typer.echo)
+    metrics = train_demo_teacher(out, seed=seed, steps=steps, lr=lr, threads=threads, log=typer.echo, model_name=model)
     acc = ", ".join(f"{g} {100 * v:.0f}%" for g, v in metrics["zero_shot_shape_accuracy"].items())
     typer.echo(f"{out}: {metrics['steps']} steps in {metrics['seconds']:.0f} s; zero-shot shape accuracy {acc}; sha256 {metrics['weights_sha256']}")
 

@@ -113,7 +113,8 @@ def zero_shot_accuracy(model: torch.nn.Module, tokenizer, spec: ViewSpec, seed: 
     return out
 
 
-def train_demo_teacher(out_dir: str | Path, *, seed: int = 0, steps: int = 300, batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 0.1, threads: int = 2, log=print) -> dict:
+def train_demo_teacher(out_dir: str | Path, *, seed: int = 0, steps: int = 300, batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 0.1, threads: int = 2, log=print,
+                       model_name: str = MODEL) -> dict:
     """Train the demo teacher for `steps` optimizer steps and write it in open_clip's local-dir format.
 
     A fixed number of steps (not of minutes) keeps it reproducible from the seed on any machine.
@@ -125,18 +126,19 @@ def train_demo_teacher(out_dir: str | Path, *, seed: int = 0, steps: int = 300, 
     torch.set_num_threads(threads)
     rng = np.random.default_rng(seed)
     with _quiet_random_init():
-        model = open_clip.create_model(MODEL)  # a random init is what training starts from, not a failure to load
+        model = open_clip.create_model(model_name)  # a random init is what training starts from, not a failure to load
     model.visual.to(memory_format=torch.channels_last)  # 2-3x faster convolutions on the CPU
-    tokenizer = open_clip.get_tokenizer(MODEL)
+    tokenizer = open_clip.get_tokenizer(model_name)
     pp = open_clip.get_model_preprocess_cfg(model)
-    spec = ViewSpec(size=pp["size"], interpolation=pp["interpolation"], mean=tuple(pp["mean"]), std=tuple(pp["std"]))
+    size = pp["size"] if isinstance(pp["size"], int) else int(pp["size"][0])  # a ViT config gives (H, W)
+    spec = ViewSpec(size=size, interpolation=pp["interpolation"], mean=tuple(pp["mean"]), std=tuple(pp["std"]))
     # Every caption there can be: (class, template) -> row of `captions` (35 of them).
     keys = [(label, t) for label in range(len(CLASSES)) for t in range(len(TRAIN_TEMPLATES))]
     captions = tokenizer([TRAIN_TEMPLATES[t].format(CLASSES[label] if label else "background") for label, t in keys])  # [35, ctx]
     row = {key: i for i, key in enumerate(keys)}
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     start, step = time.perf_counter(), 0
-    log(f"training the demo teacher ({MODEL}): {steps} steps of {batch_size} crops, seed {seed}, {threads} threads")
+    log(f"training the demo teacher ({model_name}): {steps} steps of {batch_size} crops, seed {seed}, {threads} threads")
     model.train()
     while step < steps:
         crops = sample_crops(rng, batch_size)
@@ -164,11 +166,11 @@ def train_demo_teacher(out_dir: str | Path, *, seed: int = 0, steps: int = 300, 
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(weights, 0o666 & ~umask)  # safetensors writes 0600: a teacher to share reads like any other file
-    config = {"model_cfg": open_clip.get_model_config(MODEL), "preprocess_cfg": {k: (list(v) if isinstance(v, tuple) else v) for k, v in pp.items()}}
+    config = {"model_cfg": open_clip.get_model_config(model_name), "preprocess_cfg": {k: (list(v) if isinstance(v, tuple) else v) for k, v in pp.items()}}
     (out_dir / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()
     metrics = {
-        "model": MODEL, "seed": seed, "steps": step, "seconds": round(time.perf_counter() - start, 1), "batch_size": batch_size,
+        "model": model_name, "seed": seed, "steps": step, "seconds": round(time.perf_counter() - start, 1), "batch_size": batch_size,
         "lr": lr, "weight_decay": weight_decay, "threads": threads, "zero_shot_shape_accuracy": accuracy,
         "weights_sha256": sha, "weights_mb": round(weights.stat().st_size / 2**20, 2), "chance": 1 / len(SHAPES),
     }
