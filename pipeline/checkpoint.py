@@ -7,8 +7,11 @@ crash mid-write leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import signal
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,29 @@ import numpy as np
 import torch
 
 from pipeline.errors import InputError
+
+
+@contextlib.contextmanager
+def deferred_signals(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)):
+    """Hold Ctrl-C and SIGTERM until the block ends, then deliver them to the handlers in force.
+
+    A stop that lands inside `torch.save` interrupts its zip writer, whose clean-up then raises
+    its own error in place of the stop: the run ended with exit code 1 and a traceback instead
+    of 130/143 with its message. Outside the main thread (where handlers cannot be set) this
+    does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum)) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(held):
+            signal.raise_signal(sig)
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:

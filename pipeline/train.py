@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 import cache_schema as cs
 from pipeline import __version__
-from pipeline.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pipeline.checkpoint import deferred_signals, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from pipeline.config import Params, TrainConfig, section_dict
 from pipeline.errors import ConfigError, InputError, ZerosegError
 from pipeline.student import ZeroSegStudent, param_groups_for_weight_decay, student_arch
@@ -368,7 +368,7 @@ def _train(params: Params, cache: str | None, out_dir: str | Path, *, resume: st
         else:
             states = [rng_state()]
         if rank == 0:
-            save_checkpoint(ckpt_path, {
+            payload = {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "schedule": asdict(sched), "step": step, "epoch": epoch, "rng": states, "compat": compat,
                 "config": {name: section_dict(getattr(params, name)) for name in ("data", "teacher", "cache", "student", "loss", "train", "eval")},
@@ -377,8 +377,10 @@ def _train(params: Params, cache: str | None, out_dir: str | Path, *, resume: st
                 "cache": {"url": str(cache), "fingerprint": attrs["fingerprint"], "grids": list(grids), "embed_dim": out_dim, "teacher": attrs["teacher"]},
                 "teacher_stats": {"mean": stat_mean.tolist(), "std": stat_std.tolist(), "rows": stat_rows, "grids": list(grids)},
                 "zeroseg_version": __version__,
-            })
-            SAVED.update(step=step, path=str(ckpt_path))
+            }
+            with deferred_signals():  # a stop inside torch.save would surface as the zip writer's error, not as the stop
+                save_checkpoint(ckpt_path, payload)
+                SAVED.update(step=step, path=str(ckpt_path))
 
     limit = min(sched.total_steps, cfg.max_steps) if cfg.max_steps else sched.total_steps
     bar = tqdm(total=limit, initial=step, desc="train", unit="step", disable=not progress or rank != 0)
