@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 
 from pipeline.errors import InputError
-from pipeline.inference import BackgroundRule, Prediction, class_scores, finish, keep_topk, resize_short_side, window_origins
+from pipeline.inference import BackgroundRule, Prediction, WindowAverage, class_scores, finish, keep_topk, resize_short_side, window_origins
 from pipeline.teacher import Teacher
 from pipeline.views import cell_edges
 
@@ -185,11 +185,9 @@ class MaskCLIPSegmenter:
         scores = class_scores(feats.reshape(n * gh * gw, -1), self.text, self.scale, self.rule.mode, self.center)  # [n*gh*gw, K]
         scores = scores.view(n, gh, gw, -1).permute(0, 3, 1, 2)  # [n, K, gh, gw]
         scores = F.interpolate(scores, size=(size, size), mode="bilinear", align_corners=False)  # [n, K, T, T]
-        acc = torch.zeros(scores.shape[1], h, w, device=scores.device)  # [K, h, w]
-        count = torch.zeros(1, h, w, device=scores.device)
+        merged = WindowAverage(scores.shape[1], h, w, scores.device)
         for s, (t, l) in zip(scores, origins):
-            acc[:, t : t + size, l : l + size] += s
-            count[:, t : t + size, l : l + size] += 1
-        scores = _restrict((acc / count).permute(1, 2, 0), self.teacher, x, self.text, self.scale, self.rule, self.topk, self.center)  # [h, w, K]
+            merged.add(t, l, s)
+        scores = _restrict(merged.result().permute(1, 2, 0), self.teacher, x, self.text, self.scale, self.rule, self.topk, self.center)  # [h, w, K]
         score, label = self.rule.decide(scores)  # [h, w]
         return finish(label, score, self.rule, image.shape[:2])

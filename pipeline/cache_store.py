@@ -133,7 +133,7 @@ class CacheStore:
         summary = ""  # how the store at `url` differs from `identity`, when it does
         try:
             if exists:
-                existing, group = _read_attrs(url)
+                existing, group = read_store_attrs(url)
                 same = existing.get("fingerprint") == fp
                 if not same and _keyed_by_paths(existing, identity):
                     same = True
@@ -142,7 +142,7 @@ class CacheStore:
                         zarr.open_group(url, mode="r+").attrs.update(teacher=identity["teacher"], fingerprint=fp)
                         log.warning("%s: re-keyed by its teacher's weights and config instead of their paths (%s); fingerprint %s is now %s",
                                     url, was, existing["fingerprint"][:12], fp[:12])
-                        existing, group = _read_attrs(url)
+                        existing, group = read_store_attrs(url)
                     except PermissionError:
                         log.warning("%s: keyed by its teacher's paths (%s), the same weights and config: used as it is (read-only, so not re-keyed)",
                                     url, was)
@@ -408,7 +408,7 @@ def _keyed_by_paths(existing: Mapping[str, Any], identity: Mapping[str, Any]) ->
                               {k: identity[k] for k in cs.IDENTITY_FIELDS})
 
 
-def _read_attrs(url: str) -> tuple[dict, zarr.Group | None]:
+def read_store_attrs(url: str) -> tuple[dict, zarr.Group | None]:
     """(attributes, group opened read-only) of whatever is at `url`; ({}, None) if it is no zarr group."""
     try:
         group = zarr.open_group(url, mode="r")

@@ -57,10 +57,14 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Open a checkpoint with `weights_only=True`; one-line error when it is not one."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False) -> dict[str, Any]:
+    """Open a checkpoint with `weights_only=True`; one-line error when it is not one.
+
+    `mmap`: map the tensors instead of reading them (for a look at the plain values, such as
+    the recorded params, without reading a large checkpoint's weights).
+    """
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise InputError(f"{path}: checkpoint not found") from None
     except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types

@@ -73,7 +73,7 @@ def params_for_model(params: Path | None, set_: list[str] | None, checkpoint: Pa
     from pipeline.checkpoint import load_checkpoint
     from pipeline.config import SECTIONS
 
-    recorded = load_checkpoint(checkpoint).get("config", {})
+    recorded = load_checkpoint(checkpoint, mmap=True).get("config", {})  # load_model reads the weights
     base = {}
     for name in ("teacher", "data", "eval"):  # what using a model reads; keys of other versions dropped
         known = {f.name for f in dataclasses.fields(SECTIONS[name])}

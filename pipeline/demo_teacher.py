@@ -12,10 +12,8 @@ open_clip's local-dir format (open_clip_config.json + open_clip_model.safetensor
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging
 import os
 import time
 from dataclasses import dataclass
@@ -29,7 +27,7 @@ from safetensors.torch import save_file
 
 from pipeline.demo_data import CLASSES, make_scene
 from pipeline.errors import InputError
-from pipeline.teacher import SHIPPED_CONFIGS  # noqa: F401 - registers the shipped configs
+from pipeline.teacher import SHIPPED_CONFIGS, quiet_root_logger  # noqa: F401 - registers the shipped configs
 from pipeline.views import ViewSpec, cell_edges, make_views
 
 MODEL = "zeroseg-demo-rn"
@@ -125,7 +123,7 @@ def train_demo_teacher(out_dir: str | Path, *, seed: int = 0, steps: int = 300, 
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     rng = np.random.default_rng(seed)
-    with _quiet_random_init():
+    with quiet_root_logger():
         model = open_clip.create_model(model_name)  # a random init is what training starts from, not a failure to load
     model.visual.to(memory_format=torch.channels_last)  # 2-3x faster convolutions on the CPU
     tokenizer = open_clip.get_tokenizer(model_name)
@@ -192,23 +190,6 @@ def check_out_dir(out_dir: str | Path, overwrite: bool) -> None:
     if held and not overwrite:
         raise InputError(f"--out {out_dir} already holds {', '.join(held[:4])}{' ...' if len(held) > 4 else ''}: "
                          "pass another --out, or --overwrite to replace it (the shipped teacher is in git: git checkout restores it)")
-
-
-@contextlib.contextmanager
-def _quiet_random_init():
-    """Drop open_clip's "No pretrained weights loaded" warning for the one call that wants none."""
-
-    class Drop(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return "No pretrained weights loaded" not in record.getMessage()
-
-    root = logging.getLogger()
-    drop = Drop()
-    root.addFilter(drop)
-    try:
-        yield
-    finally:
-        root.removeFilter(drop)
 
 
 def verify(out_dir: str | Path) -> str:

@@ -194,6 +194,12 @@ GROUPVIT_TOPK = 5  # GroupViT's evaluation keeps each window's top-5 classes
 GROUPVIT_MAX_SCALE = 100.0  # and clamps the logit scale at CLIP's cap
 
 
+def require_softmax_rule(rule: BackgroundRule) -> None:
+    """GroupViT's scoring reads softmax probabilities: the `cosine` rule has none."""
+    if rule.mode == "cosine":
+        raise ConfigError("eval.protocol groupvit scores groups by softmax probabilities: use eval.bg_rule probability or class")
+
+
 def groupvit_group_logits(segments: torch.Tensor, image: torch.Tensor, text: torch.Tensor, logit_scale: float, rule: BackgroundRule, *, topk: int = GROUPVIT_TOPK, center: torch.Tensor | None = None) -> torch.Tensor:
     """GroupViT's class logits of each group of one window, background channel first.
 
@@ -209,8 +215,7 @@ def groupvit_group_logits(segments: torch.Tensor, image: torch.Tensor, text: tor
     Returns:
         [S, 1 + K] (K: the vocabulary without background words).
     """
-    if rule.mode == "cosine":
-        raise ConfigError("eval.protocol groupvit scores groups by softmax probabilities: use eval.bg_rule probability or class")
+    require_softmax_rule(rule)
     scale = min(float(logit_scale), GROUPVIT_MAX_SCALE)
     affinity = class_scores(segments, text, 1.0, "cosine", center) * scale  # [S, K']
     prior = affinity.softmax(dim=-1)
@@ -224,6 +229,14 @@ def groupvit_group_logits(segments: torch.Tensor, image: torch.Tensor, text: tor
         return torch.cat([scores[:, :bg].amax(dim=1, keepdim=True), scores[:, bg:]], dim=1)
     cut = min(rule.threshold, float(scores.max()))
     return torch.cat([(scores.amax(dim=1, keepdim=True) < cut).to(scores.dtype), scores], dim=1)
+
+
+def segments_owning(seg: torch.Tensor, num_segments: int, share: float = 0.01) -> torch.Tensor:
+    """[n] segments owning at least `share` of each window's pixels, from seg [n, H, W] ids."""
+    n, h, w = seg.shape
+    offsets = num_segments * torch.arange(n, device=seg.device).view(n, 1, 1)
+    counts = torch.bincount((seg + offsets).flatten(), minlength=n * num_segments).view(n, num_segments)  # pixels per segment
+    return (counts >= share * h * w).sum(dim=1)
 
 
 def finish(labels: torch.Tensor, score: torch.Tensor, rule: BackgroundRule, out_hw: tuple[int, int], segments: torch.Tensor | None = None) -> Prediction:
@@ -262,8 +275,8 @@ class StudentSegmenter:
                 raise ConfigError(f"{key}: {value} px is smaller than the student's patch size ({p} px)")
         if protocol not in ("zeroseg", "groupvit"):
             raise ConfigError(f"eval.protocol: expected zeroseg or groupvit, got {protocol!r}")
-        if protocol == "groupvit" and rule.mode == "cosine":
-            raise ConfigError("eval.protocol groupvit scores groups by softmax probabilities: use eval.bg_rule probability or class")
+        if protocol == "groupvit":
+            require_softmax_rule(rule)
         self.student = student.eval().to(device)
         self.text, self.scale, self.rule = text.to(device), logit_scale, rule
         self.short_side, self.window, self.stride = short_side, window - window % p, stride
@@ -297,9 +310,7 @@ class StudentSegmenter:
         best, cls = self.rule.decide(probs)  # [n, S] score and label of each segment
         masks = F.interpolate(masks, size=(win, win), mode="bilinear", align_corners=False)  # [n, S, win, win]
         seg = masks.argmax(dim=1)  # [n, win, win] segment of each pixel
-        n, S = masks.shape[:2]
-        counts = torch.bincount((seg + S * torch.arange(n, device=seg.device).view(n, 1, 1)).flatten(), minlength=n * S).view(n, S)  # pixels per segment
-        per_window = float((counts >= 0.01 * win * win).sum(dim=1).float().mean())
+        per_window = float(segments_owning(seg, masks.shape[1]).float().mean())
         labels = torch.zeros(h, w, dtype=torch.long, device=self.device)
         segments = torch.zeros(h, w, dtype=torch.long, device=self.device)
         score = torch.full((h, w), -math.inf, device=self.device)
@@ -361,7 +372,7 @@ class StudentSegmenter:
                     better = best > region
                     region[better] = best[better]
                     segments[t : t + rows, l : l + cols][better] = (i * S + seg[j])[better]
-                    owned.append(int((torch.bincount(seg[j].flatten(), minlength=S) >= 0.01 * rows * cols).sum()))
+                owned += segments_owning(seg, S).tolist()
         score, labels = merged.result().max(dim=0)
         pred = finish(labels, score, BackgroundRule("probability", -math.inf), image.shape[:2], segments)
         pred.segments_per_window = sum(owned) / len(owned)

@@ -13,6 +13,7 @@ a different cache.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
@@ -293,11 +294,20 @@ def _create_model(cfg: TeacherConfig) -> tuple[torch.nn.Module, str, bool]:
         _check_local_dir_model(name, Path(pretrained))
         name, pretrained = f"local-dir:{pretrained}", None
     torch.manual_seed(cfg.seed)  # a random init ("" pretrained) is reproducible, so is its weights hash
-    logging.getLogger().disabled = True  # open_clip warns on the root logger about random init
     try:
-        model = open_clip.create_model(name, pretrained=pretrained, cache_dir=cfg.weights_dir or None)
+        with quiet_root_logger():
+            model = open_clip.create_model(name, pretrained=pretrained, cache_dir=cfg.weights_dir or None)
     except (RuntimeError, OSError, ValueError) as exc:
         raise InputError(f"teacher: could not load {cfg.model} with pretrained={cfg.pretrained!r}: {str(exc).splitlines()[0]}") from None
+    return model, name, local
+
+
+@contextlib.contextmanager
+def quiet_root_logger():
+    """Silence the root logger for one open_clip call: it warns there about a random init
+    ("No pretrained weights loaded"), which is what a seeded teacher or a demo teacher wants."""
+    logging.getLogger().disabled = True
+    try:
+        yield
     finally:
         logging.getLogger().disabled = False
-    return model, name, local

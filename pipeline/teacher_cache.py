@@ -27,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import cache_schema as cs
-from pipeline.cache_store import CacheStore, ShardWork
+from pipeline.cache_store import CacheStore, ShardWork, read_store_attrs
 from pipeline.config import Params
 from pipeline.errors import ConfigError, InputError
 from pipeline.manifest import Manifest, build_manifest
@@ -80,8 +80,12 @@ def default_store_url(root: str, identity: dict) -> str:
     `root` is a directory or an fsspec URL (`s3://bucket/caches`, `memory://`).
     """
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(identity["teacher"]["model"]).stem).strip("-") or "teacher"
-    base = root if root.endswith("://") else root.rstrip("/") + "/"
-    return f"{base}{slug}-{cs.fingerprint(identity)[:12]}.zarr"
+    return _under(root, f"{slug}-{cs.fingerprint(identity)[:12]}.zarr")
+
+
+def _under(root: str, name: str) -> str:
+    """`name` inside `root`, a directory or an fsspec URL (`s3://bucket/caches`, `memory://`)."""
+    return (root if root.endswith("://") else root.rstrip("/") + "/") + name
 
 
 class Executor(Protocol):
@@ -156,8 +160,7 @@ def find_store(params: Params, progress: bool = True) -> str:
     want = cs.fingerprint(identity)
     root = params.cache.root
     default = default_store_url(root, identity)
-    base = root if root.endswith("://") else root.rstrip("/") + "/"
-    candidates = [default, base + DVC_STORE_NAME]
+    candidates = [default, _under(root, DVC_STORE_NAME)]
     try:
         fs, path = fsspec.core.url_to_fs(root)
         fs.invalidate_cache()
@@ -172,8 +175,8 @@ def find_store(params: Params, progress: bool = True) -> str:
         if key in seen_keys:
             continue
         seen_keys.add(key)
-        attrs = _store_attrs(url)
-        if attrs is None:
+        attrs, group = read_store_attrs(url)
+        if group is None:
             continue
         looked.append(url)
         if attrs.get("fingerprint") == want:
@@ -208,13 +211,6 @@ def check_manifest(store: str, attrs: dict, images: str, progress: bool = False)
         f"{images}: {len(manifest)} images, manifest {manifest.hash[:12]}): pass the store built from them, "
         "or set data.images to the images the store was built from"
     )
-
-
-def _store_attrs(url: str) -> dict | None:
-    try:
-        return dict(cs.open_store(url).attrs)
-    except cs.CacheSchemaError:
-        return None
 
 
 class LocalExecutor:

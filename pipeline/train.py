@@ -266,18 +266,18 @@ def _train(params: Params, cache: str | None, out_dir: str | Path, *, resume: st
     rank, world, local_rank = _init_distributed()
     device = _device(cfg.device, local_rank, world)
     grids = tuple(sorted(set(params.loss.grids)))
-    if cache is None:
-        from pipeline.teacher_cache import find_store
+    from pipeline.teacher_cache import check_manifest, find_store
 
+    found = cache is None
+    if found:
         cache = find_store(params, progress=progress and rank == 0)
         log.info("teacher cache: %s (built for these params)", cache)
     try:
         attrs = cs.validate(cache, grids=grids)
     except cs.CacheSchemaError as exc:
         raise InputError(f"refusing to train on {cache}: {exc}") from None
-    from pipeline.teacher_cache import check_manifest
-
-    check_manifest(cache, attrs, params.data.images)
+    if not found:  # found by its fingerprint, which holds the manifest of data.images
+        check_manifest(cache, attrs, params.data.images)
     out_dim = int(attrs["teacher"]["embed_dim"])
     # Every global RNG, not only torch's: a checkpoint stores them all (for exact resume), and an
     # unseeded one would make two identical runs write different checkpoint files.
