@@ -11,6 +11,7 @@ import hashlib
 import json
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -122,8 +123,17 @@ def differences(stored: Mapping[str, Any], expected: Mapping[str, Any], prefix: 
     return out
 
 
+def is_cache(store: str | zarr.Group) -> bool:
+    """Whether `store` opens as a zarr group carrying this schema's name and version."""
+    try:
+        attrs = open_store(store).attrs
+    except CacheSchemaError:
+        return False
+    return attrs.get("schema") == SCHEMA_NAME and attrs.get("schema_version") == SCHEMA_VERSION
+
+
 def validate(store: str | zarr.Group, expected: Mapping[str, Any] | None = None, grids: tuple[int, ...] | None = None,
-             *, deep: bool = False, on_rows: Callable[[int], None] | None = None) -> dict:
+             *, deep: bool = False, on_rows: Callable[[int], None] | None = None, damaged_ok: bool = False) -> dict:
     """Check that a store is a complete, self-consistent v1 cache, and the one expected.
 
     Args:
@@ -131,8 +141,10 @@ def validate(store: str | zarr.Group, expected: Mapping[str, Any] | None = None,
         expected: identity sections (`teacher`, `preprocessing`, `manifest`) the caller needs,
             as `pipeline.teacher_cache.expected_identity` builds them from params.
         grids: grids the caller will read; they must be present and complete.
-        deep: also read every row of every views and images array (see `read_every_row`).
+        deep: also read every shard of every array and name each damaged one (`find_damage`).
         on_rows: called with the number of rows read, as the deep check goes (a progress bar).
+        damaged_ok: the caller has reported the damaged shards already (`find_damage`): a
+            `status` chunk that does not decode is not reported again.
     Returns:
         the store's attributes.
     Raises:
@@ -170,49 +182,123 @@ def validate(store: str | zarr.Group, expected: Mapping[str, Any] | None = None,
                 problems.append(f"{views_array(g)}: incomplete (rerun stage one to resume it)")
         if grids is None and not attrs.get("complete", False):
             problems.append("complete: store is not marked complete (rerun stage one to resume it)")
-        if not problems and np.any(group[STATUS][:] == STATUS_PENDING):
-            problems.append(f"status: {int(np.sum(group[STATUS][:] == STATUS_PENDING))} rows still pending")
+        try:
+            status = group[STATUS][:]
+        except Exception as exc:  # noqa: BLE001 - each codec raises its own error type
+            status = None
+            if not damaged_ok:
+                problems.append(f"status: does not decode ({type(exc).__name__}); cache validate --deep names the damaged shards")
+        if not problems and status is not None and np.any(status == STATUS_PENDING):
+            problems.append(f"status: {int(np.sum(status == STATUS_PENDING))} rows still pending")
     if deep and not problems:
-        problems += read_every_row(group, wanted, sizes, on_rows)
+        problems += [str(d) for d in find_damage(group, wanted, sizes, on_rows)]
     if problems:
         raise CacheSchemaError(f"{store}: " + "; ".join(problems))
     return attrs
 
 
-def read_every_row(group: zarr.Group, grids: tuple[int, ...], sizes: tuple[int, ...], on_rows: Callable[[int], None] | None = None) -> list[str]:
-    """Decode every shard of the views and images arrays and check the views against `status`.
+@dataclass(frozen=True)
+class Damage:
+    """One shard of one array whose bytes are not what its writer wrote.
 
-    Metadata can be right while data is not (a shard file truncated or overwritten on a shared
-    disk). Every block must decode, ok rows must hold finite views, failed rows all-NaN views.
-    The codecs carry no checksum of the data, so a flipped bit that still decodes goes unseen.
+    `shard` counts the writer's units (`layout.shard_rows` rows; the whole store when it is
+    smaller), the unit a repair recomputes; `first` and `last` are its rows (inclusive).
+    """
+
+    array: str
+    shard: int
+    first: int
+    last: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.array} shard {self.shard} (rows {self.first}-{self.last}): {self.reason}"
+
+
+def chunk_checksums(array: zarr.Array) -> bool:
+    """Whether every chunk of `array` carries a crc32c of its encoded bytes (inside a shard, each
+    inner chunk does; the shard index always has one)."""
+    codecs = list(array.metadata.codecs)
+    inner = getattr(codecs[0], "codecs", None) if codecs else None  # the sharding codec's chunk pipeline
+    return any(type(c).__name__ == "Crc32cCodec" for c in (inner if inner is not None else codecs))
+
+
+def find_damage(store: str | zarr.Group, grids: tuple[int, ...] | None = None, sizes: tuple[int, ...] | None = None,
+                on_rows: Callable[[int], None] | None = None) -> list[Damage]:
+    """Read every written shard of the per-row, views and images arrays; list every damaged one.
+
+    Metadata can be right while data is not (a shard file truncated, overwritten, deleted or
+    flipped on a shared disk or object store). Per shard whose progress marker says written:
+    every array must decode (stores written with chunk checksums, `chunk_checksums`, also
+    refuse a flipped bit that still decodes); ok rows hold finite views, failed rows all-NaN
+    ones; no row of a written shard is pending; a failed row has a reason; and an images shard
+    with ok rows is not all zeros (what a deleted shard reads as). Shards not yet written are
+    not damage: a resumed run computes them.
+
+    Args:
+        grids, sizes: the views grids and image sides to read (default: all the store has).
+        on_rows: called with the number of views or images rows read (a progress bar).
 
     Returns:
-        one line per damaged array: the first damaged rows and how many blocks are damaged.
+        every damaged (array, shard), per-row arrays first, then in array and shard order.
     """
-    status = group[STATUS][:]  # [N]
-    problems = []
-    for name in [views_array(g) for g in grids] + [images_array(s) for s in sizes]:
-        array = group[name]
-        step = (array.shards or array.chunks)[0]
-        damaged = []
-        for start in range(0, array.shape[0], step):
-            rows = slice(start, min(start + step, array.shape[0]))
-            try:
-                block = array[rows]
-            except Exception as exc:  # noqa: BLE001 - each codec raises its own error type
-                damaged.append(f"rows {rows.start}-{rows.stop - 1} do not decode ({type(exc).__name__}: {exc})")
-                block = None
-            if block is not None and name.startswith("views/"):
-                flat = block.reshape(block.shape[0], -1)  # [rows, V*D]
-                ok, failed = status[rows] == STATUS_OK, status[rows] == STATUS_FAILED
-                bad = np.flatnonzero((ok & ~np.isfinite(flat).all(axis=1)) | (failed & ~np.isnan(flat).all(axis=1)))
-                if bad.size:
-                    damaged.append(f"row {start + int(bad[0])} disagrees with its status ({bad.size} such rows in rows {rows.start}-{rows.stop - 1})")
+    group = open_store(store)
+    grids = store_grids(group) if grids is None else tuple(grids)
+    sizes = store_image_sizes(group) if sizes is None else tuple(sizes)
+    n = int(group.attrs["manifest"]["n"])
+    step = min(int(group.attrs["layout"]["shard_rows"]), max(1, n))
+    arrays = [views_array(g) for g in grids] + [images_array(s) for s in sizes]
+    markers = [progress_array(g) for g in grids] + [images_progress_array(s) for s in sizes]
+    written = {a: group[m][:] == 1 for a, m in zip(arrays, markers)}  # array -> [n_shards] bool
+    any_written = np.any(list(written.values()), axis=0) if written else np.zeros(-(-n // step), bool)
+    damage: list[Damage] = []
+
+    def read(name: str, shard: int, rows: slice) -> np.ndarray | None:
+        try:
+            return group[name][rows]
+        except Exception as exc:  # noqa: BLE001 - each codec raises its own error type
+            text = str(exc).splitlines()[0] if str(exc) else ""
+            why = "checksum mismatch (its bytes changed after writing)" if "checksum" in text.lower() else f"does not decode ({type(exc).__name__}: {text})"
+            damage.append(Damage(name, shard, rows.start, rows.stop - 1, why))
+            return None
+
+    status = np.full(n, STATUS_PENDING, np.uint8)  # [N]; rows of an undecodable chunk stay pending
+    for shard in np.flatnonzero(any_written):
+        rows = slice(int(shard) * step, min(n, (int(shard) + 1) * step))
+        values = read(STATUS, int(shard), rows)
+        if values is None:
+            continue
+        status[rows] = values
+        pending = int(np.sum(values == STATUS_PENDING))
+        if pending:
+            damage.append(Damage(STATUS, int(shard), rows.start, rows.stop - 1, f"{pending} rows pending in a written shard (chunk missing or overwritten)"))
+        reasons = read(FAILURES, int(shard), rows)
+        if reasons is not None:
+            blank = int(np.sum((values == STATUS_FAILED) & np.array([not str(r) for r in reasons], dtype=bool)))
+            if blank:
+                damage.append(Damage(FAILURES, int(shard), rows.start, rows.stop - 1, f"{blank} failed rows without a reason (chunk missing or overwritten)"))
+    try:
+        group[PATHS][:]
+    except Exception as exc:  # noqa: BLE001
+        damage.append(Damage(PATHS, 0, 0, n - 1, f"does not decode ({type(exc).__name__})"))
+    for name in arrays:
+        for shard in np.flatnonzero(written[name]):
+            rows = slice(int(shard) * step, min(n, (int(shard) + 1) * step))
+            block = read(name, int(shard), rows)
             if on_rows:
                 on_rows(rows.stop - rows.start)
-        if damaged:
-            problems.append(f"{name}: {damaged[0]}" + (f" (and {len(damaged) - 1} more damaged blocks)" if len(damaged) > 1 else ""))
-    return problems
+            if block is None:
+                continue
+            ok, failed = status[rows] == STATUS_OK, status[rows] == STATUS_FAILED
+            flat = block.reshape(block.shape[0], -1)  # [rows, V*D] or [rows, 3*S*S]
+            if name.startswith("views/"):
+                bad = np.flatnonzero((ok & ~np.isfinite(flat).all(axis=1)) | (failed & ~np.isnan(flat).all(axis=1)))
+                if bad.size:
+                    damage.append(Damage(name, int(shard), rows.start, rows.stop - 1,
+                                         f"row {rows.start + int(bad[0])} disagrees with its status ({bad.size} such rows)"))
+            elif ok.any() and not flat[ok].any():
+                damage.append(Damage(name, int(shard), rows.start, rows.stop - 1, "every ok row is all zeros (shard missing)"))
+    return damage
 
 
 def _normalize(value: Any) -> Any:

@@ -44,6 +44,12 @@ def describe(store: str) -> dict:
             for arr in [group[cs.images_array(s)]]
         },
         "rows": {name: int(np.sum(status == code)) for code, name in cs.STATUS_NAMES.items()},
+        # array -> whether each chunk carries a crc32c (stores written before chunk checksums: none)
+        "chunk_checksums": {
+            name: cs.chunk_checksums(group[name])
+            for name in [cs.STATUS, cs.FAILURES, cs.PATHS, *map(cs.views_array, grids), *map(cs.images_array, cs.store_image_sizes(group))]
+            if name in group
+        },
         "complete": bool(attrs.get("complete", False)),
         "layout": attrs.get("layout", {}),
         "provenance": attrs.get("provenance", {}),

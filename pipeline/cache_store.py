@@ -34,13 +34,24 @@ from pipeline.views import grid_boxes
 log = logging.getLogger(__name__)
 
 
+def checksum() -> zarr.codecs.Crc32cCodec:
+    """The last codec of every array a new store gets: a crc32c of each chunk's encoded bytes.
+
+    A store lives for months on shared disks and object stores; without it a flipped bit that
+    still decodes would be read as a teacher embedding (`cache validate --deep` finds the rest).
+    Zarr v3's own codec, so any v3 reader checks it too; 4 bytes per chunk.
+    """
+    return zarr.codecs.Crc32cCodec()
+
+
 def compressors(cfg: CacheConfig) -> list:
+    """Codecs of `views/GxG` (inside each shard, per chunk), the chunk checksum last."""
     if cfg.codec == "none":
-        return []
+        return [checksum()]
     if cfg.codec == "zstd":
-        return [zarr.codecs.ZstdCodec(level=cfg.codec_level)]
+        return [zarr.codecs.ZstdCodec(level=cfg.codec_level), checksum()]
     # blosc with byte shuffle groups the high bytes of the float16 values, which repeat more.
-    return [zarr.codecs.BloscCodec(cname="zstd", clevel=cfg.codec_level, shuffle="shuffle", typesize=2)]
+    return [zarr.codecs.BloscCodec(cname="zstd", clevel=cfg.codec_level, shuffle="shuffle", typesize=2), checksum()]
 
 
 def image_codecs(cfg: CacheConfig) -> dict:
@@ -51,8 +62,8 @@ def image_codecs(cfg: CacheConfig) -> dict:
     noisy photo-like JPEGs and 2.0x on the demo scenes, where zstd alone gives 1.04x and 1.34x.
     """
     if cfg.codec == "none":
-        return {"compressors": []}
-    return {"filters": [Delta(dtype="u1")], "compressors": [zarr.codecs.ZstdCodec(level=cfg.codec_level)]}
+        return {"compressors": [checksum()]}
+    return {"filters": [Delta(dtype="u1")], "compressors": [zarr.codecs.ZstdCodec(level=cfg.codec_level), checksum()]}
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,14 @@ class ShardWork:
     grids: tuple[int, ...] = ()
     image_size: int = 0
     settled: bool = False
+    # Grids computed beside `grids` but not written: a repair recomputes a shard in the batches a
+    # whole build makes (every grid of each image in one forward), so its bytes are the build's.
+    batch_grids: tuple[int, ...] = ()
+
+    @property
+    def computed(self) -> tuple[int, ...]:
+        """The grids the teacher runs on, in canonical order (`grids` and `batch_grids`)."""
+        return tuple(sorted({*self.grids, *self.batch_grids})) if self.grids else ()
 
     def __bool__(self) -> bool:
         return bool(self.grids or self.image_size)
@@ -82,6 +101,8 @@ class ShardResult:
         status: [rows] uint8.
         failures: [rows] reasons ("" when ok).
         images: [rows, 3, S, S] uint8 student images (zeros on failed rows), or None.
+        write: the grids of `views` to write (None: all); the others were computed only for
+            the batches' sake (`ShardWork.batch_grids`).
     """
 
     shard: int
@@ -89,6 +110,11 @@ class ShardResult:
     status: np.ndarray
     failures: list[str]
     images: np.ndarray | None = None
+    write: tuple[int, ...] | None = None
+
+    @property
+    def written_grids(self) -> list[int]:
+        return [g for g in self.views if self.write is None or g in self.write]
 
 
 class CacheStore:
@@ -159,6 +185,7 @@ class CacheStore:
                     sizes = (cfg.student_image_size,) if cfg.student_image_size else ()
                     if not (set(grids) <= set(cs.store_grids(group)) and set(sizes) <= set(cs.store_image_sizes(group)) and existing.get("complete")):
                         group = zarr.open_group(url, mode="r+")
+                        cls(group, url)._ensure_row_arrays(paths)  # a writer that created it may still be adding them
                     store = cls(group, url)
                     store._ensure_arrays(grids, cfg)
                     return store
@@ -178,16 +205,13 @@ class CacheStore:
 
     @classmethod
     def _create(cls, url: str, identity: Mapping[str, Any], fp: str, paths: Sequence[str], cfg: CacheConfig) -> CacheStore:
-        """A new store: per-row arrays, identity and provenance (`_ensure_arrays` adds the rest)."""
-        group = zarr.open_group(url, mode="w")
-        n = len(paths)
-        rows = max(1, min(cfg.shard_rows, n))
-        # One chunk per shard for the small per-row arrays: each writer owns whole chunks.
-        status = group.create_array(cs.STATUS, shape=(n,), dtype="uint8", chunks=(rows,), fill_value=cs.STATUS_PENDING, dimension_names=("image",))
-        status.attrs["codes"] = {str(code): name for code, name in cs.STATUS_NAMES.items()}  # the reason of a failed row: failures
-        group.create_array(cs.FAILURES, shape=(n,), dtype=str, chunks=(rows,), dimension_names=("image",))
-        paths_arr = group.create_array(cs.PATHS, shape=(n,), dtype=str, chunks=(max(1, min(n, 65536)),), dimension_names=("image",))
-        paths_arr[:] = np.asarray(paths, dtype=object).astype(str)
+        """A new store: the group with its identity and provenance in one write, then the per-row
+        arrays (`_ensure_arrays` adds the rest).
+
+        Another writer may create the same store at the same moment (two machines launched
+        together): the group is created only if absent, and a store created meanwhile by the
+        other is joined when it has this identity, refused otherwise.
+        """
         attrs = {k: identity[k] for k in cs.IDENTITY_FIELDS}
         attrs.update(
             schema=cs.SCHEMA_NAME,
@@ -200,8 +224,31 @@ class CacheStore:
             provenance=_provenance(),
             complete=False,
         )
-        group.attrs.update(attrs)
-        return cls(group, url)
+        try:
+            group = zarr.open_group(url, mode="w-", attributes=attrs)
+        except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError, FileExistsError):
+            group = zarr.open_group(url, mode="r+")
+            if group.attrs.get("fingerprint") != fp:
+                raise InputError(f"{url}: another run created a store for other params there meanwhile (fingerprint "
+                                 f"{str(group.attrs.get('fingerprint', '?'))[:12]}, expected {fp[:12]})") from None
+        store = cls(group, url)
+        store._ensure_row_arrays(paths)
+        return store
+
+    def _ensure_row_arrays(self, paths: Sequence[str]) -> None:
+        """Create `status`, `failures` and `paths` if the store lacks them (one chunk per shard:
+        each writer owns whole chunks). Two writers creating them at once write the same."""
+        n = self.n
+        rows = max(1, min(self.shard_rows, n))
+        per_row = dict(compressors=[zarr.codecs.ZstdCodec(level=0), checksum()], dimension_names=("image",))  # zarr's default, checksummed
+        if cs.STATUS not in self.group:
+            status = _create_array(self.group, cs.STATUS, shape=(n,), dtype="uint8", chunks=(rows,), fill_value=cs.STATUS_PENDING, **per_row)
+            status.attrs["codes"] = {str(code): name for code, name in cs.STATUS_NAMES.items()}  # the reason of a failed row: failures
+        if cs.FAILURES not in self.group:
+            _create_array(self.group, cs.FAILURES, shape=(n,), dtype=str, chunks=(rows,), **per_row)
+        if cs.PATHS not in self.group:
+            paths_arr = _create_array(self.group, cs.PATHS, shape=(n,), dtype=str, chunks=(max(1, min(n, 65536)),), **per_row)
+            paths_arr[:] = np.asarray(paths, dtype=object).astype(str)
 
     @classmethod
     def open(cls, url: str, fingerprint: str) -> CacheStore:
@@ -231,7 +278,8 @@ class CacheStore:
         size = cfg.student_image_size
         if size and size not in cs.store_image_sizes(self.group):
             chunk, shard = self._row_blocks()
-            arr = self.group.create_array(
+            arr = _create_array(
+                self.group,
                 cs.images_array(size),
                 shape=(self.n, 3, size, size),
                 dtype="uint8",
@@ -242,7 +290,7 @@ class CacheStore:
                 **image_codecs(cfg),
             )
             arr.attrs.update(size=size, content="RGB center square resized with PIL bicubic (antialiased), channels first", complete=False)
-            self.group.create_array(cs.images_progress_array(size), shape=(self.n_shards,), dtype="uint8", chunks=(1,), fill_value=0, dimension_names=("shard",))
+            _create_array(self.group, cs.images_progress_array(size), shape=(self.n_shards,), dtype="uint8", chunks=(1,), fill_value=0, dimension_names=("shard",))
             self.group.attrs.update(image_sizes=sorted({*cs.store_image_sizes(self.group), size}), complete=False)
 
     def _ensure_grids(self, grids: Sequence[int], cfg: CacheConfig) -> None:
@@ -253,7 +301,8 @@ class CacheStore:
             return
         chunk, shard = self._row_blocks()
         for g in new:
-            arr = self.group.create_array(
+            arr = _create_array(
+                self.group,
                 cs.views_array(g),
                 shape=(self.n, g * g, self.dim),
                 dtype="float16",
@@ -264,7 +313,7 @@ class CacheStore:
                 dimension_names=("image", "view", "feature"),
             )
             arr.attrs.update(grid=g, boxes=[list(b) for b in grid_boxes(g)], box_format="top,left,bottom,right as fractions of the center square", complete=False)
-            self.group.create_array(cs.progress_array(g), shape=(self.n_shards,), dtype="uint8", chunks=(1,), fill_value=0, dimension_names=("shard",))
+            _create_array(self.group, cs.progress_array(g), shape=(self.n_shards,), dtype="uint8", chunks=(1,), fill_value=0, dimension_names=("shard",))
         self.group.attrs.update(grids=sorted(have | set(new)), complete=False)
 
     def _markers(self, shards: slice | int = slice(None)) -> dict[str, np.ndarray]:
@@ -296,6 +345,7 @@ class CacheStore:
             tuple(g for g in work.grids if not done[cs.progress_array(g)]),
             size if size and not done[cs.images_progress_array(size)] else 0,
             any(bool(v) for v in done.values()),
+            work.batch_grids,
         )
 
     def settled_rows(self, shard: int) -> tuple[np.ndarray, list[str]]:
@@ -308,16 +358,52 @@ class CacheStore:
         """Write one whole shard of every array, then its progress markers (the commit point)."""
         rows = self.shard_rows_range(result.shard)
         sl = slice(rows.start, rows.stop)
-        for g, values in result.views.items():
-            self.group[cs.views_array(g)][sl] = values
+        for g in result.written_grids:
+            self.group[cs.views_array(g)][sl] = result.views[g]
         if result.images is not None:
             self.group[cs.images_array(result.images.shape[-1])][sl] = result.images
         self.group[cs.STATUS][sl] = result.status
         self.group[cs.FAILURES][sl] = np.asarray(result.failures, dtype=object).astype(str)
-        for g in result.views:
+        for g in result.written_grids:
             self.group[cs.progress_array(g)][result.shard] = 1
         if result.images is not None:
             self.group[cs.images_progress_array(result.images.shape[-1])][result.shard] = 1
+
+    def forget(self, damage: Sequence[cs.Damage], paths: Sequence[str]) -> None:
+        """Unmark the damaged shards, so that a run recomputes them and nothing else.
+
+        A damaged views or images shard clears its own array's marker; a damaged `status` or
+        `failures` chunk clears every marker of its shard (which rows are ok is decided afresh);
+        a damaged `paths` array is rewritten from the manifest. The arrays and the store are
+        marked incomplete first, so a repair stopped halfway is resumed by a plain run.
+
+        Raises:
+            PermissionError: the store cannot be written (nothing was changed then).
+        """
+        if not damage:
+            return
+        names = {cs.views_array(g): cs.progress_array(g) for g in cs.store_grids(self.group)}
+        names.update({cs.images_array(s): cs.images_progress_array(s) for s in cs.store_image_sizes(self.group)})
+        self.group.attrs["complete"] = False  # the first write: a read-only store fails here, untouched
+        fs, root = fsspec.core.url_to_fs(self.url)
+        for d in damage:
+            if d.array == cs.PATHS:
+                self._drop(fs, root, cs.PATHS, 0)
+                self.group[cs.PATHS][:] = np.asarray(paths, dtype=object).astype(str)
+                continue
+            for name in [d.array] if d.array in names else list(names):
+                self.group[name].attrs["complete"] = False
+                self.group[names[name]][d.shard] = 0
+            for name in [d.array] if d.array in names else [cs.STATUS, cs.FAILURES]:
+                self._drop(fs, root, name, d.shard)
+
+    def _drop(self, fs: fsspec.AbstractFileSystem, root: str, name: str, shard: int) -> None:
+        """Delete the stored object of `shard` of array `name`: zarr merges a shard write into the
+        shard already there, which a damaged one cannot be read for."""
+        array = self.group[name]
+        key = f"{root.rstrip('/')}/{name}/{array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))}"
+        if fs.exists(key):
+            fs.rm(key)
 
     def finalize(self) -> bool:
         """Mark each fully written array complete, then the store (written last). True when complete."""
@@ -364,6 +450,15 @@ def load_targets(store: str | zarr.Group | Sequence[zarr.Array], grids: Sequence
     sel = slice(None) if rows is None else rows
     parts = [arr[sel] if isinstance(sel, slice) else arr.get_orthogonal_selection((sel, slice(None), slice(None))) for arr in arrays]
     return np.concatenate(parts, axis=1)  # [N, V, D]
+
+
+def _create_array(group: zarr.Group, name: str, **kwargs: Any) -> zarr.Array:
+    """`group.create_array`, or the array another writer created under `name` meanwhile (the
+    same metadata: both derive it from the same identity and params)."""
+    try:
+        return group.create_array(name, **kwargs)
+    except zarr.errors.ContainsArrayError:
+        return group[name]
 
 
 def _probe(url: str) -> tuple[fsspec.AbstractFileSystem, str, bool]:

@@ -90,16 +90,19 @@ def teacher_cache(
     stats_json: Annotated[Optional[Path], typer.Option(help="write the run's counts and time split here")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="exit 1 when the store holds images that could not be read (they are recorded either way)")] = False,
+    repair: Annotated[bool, typer.Option("--repair", help="read every shard first and recompute exactly the damaged ones (what cache validate --deep reports)")] = False,
 ) -> None:
     """Stage one: embed every image's multi-scale views with the teacher, into a Zarr store."""
     from pipeline.teacher_cache import run_teacher_cache
 
     if stats_json and not stats_json.parent.is_dir():  # found out now, not after hours of work
         raise typer.BadParameter(f"{stats_json.parent} is not a folder", param_hint="--stats-json")
-    stats = run_teacher_cache(load_params(params, set_ or ()), out, replace=replace, progress=not quiet)
+    stats = run_teacher_cache(load_params(params, set_ or ()), out, replace=replace, repair=repair, progress=not quiet)
     if stats_json:
         stats_json.write_text(json.dumps(stats.as_dict(), indent=2))
     rate = stats.rows_computed / stats.wall_s if stats.wall_s else 0.0
+    for line in stats.repaired:
+        typer.echo(f"repaired: {line}")
     typer.echo(
         f"{stats.store}: {stats.rows_computed} images processed ({stats.views_computed} views, {rate:.1f} img/s overall), "
         f"{stats.shards_written} shards written, {stats.shards_skipped} already done"
@@ -242,6 +245,7 @@ def cache_info(
           for size, im in info["student_images"].items()],
         f"manifest     {m['n']} images, {m['hash_mode']} hash {m['hash']}",
         f"rows         " + ", ".join(f"{k} {v}" for k, v in info["rows"].items()),
+        f"checksums    {checksum_text(info['chunk_checksums'])}",
         f"complete     {info['complete']}",
         f"built by     {p.get('tool', '?')} {p.get('tool_version', '?')} on {p.get('host', '?')} ({p.get('user', '')}) at {p.get('created', '?')}",
     ]
@@ -254,12 +258,21 @@ def cache_info(
     typer.echo("\n".join(lines))
 
 
+def checksum_text(checksums: dict[str, bool]) -> str:
+    """`cache info`'s line on chunk checksums: all, none (an older store) or which arrays lack them."""
+    if all(checksums.values()):
+        return "crc32c on every chunk"
+    if not any(checksums.values()):
+        return "none (written before chunk checksums: cache validate --deep finds chunks that do not decode, not flipped bits that still do)"
+    return "crc32c, except " + ", ".join(name for name, has in checksums.items() if not has) + " (written before chunk checksums)"
+
+
 @cache_app.command("validate")
 def cache_validate(
     path: Annotated[str, typer.Argument(help="store path or URL")],
     params: Annotated[Optional[Path], typer.Option("--params", help="also check the store matches these params (with --set alone: params.yaml)")] = None,
     set_: SetOpt = None,
-    deep: Annotated[bool, typer.Option("--deep", help="also read every row: every shard decodes, views agree with each row's status")] = False,
+    deep: Annotated[bool, typer.Option("--deep", help="also read every shard: each decodes (and matches its checksum), views agree with each row's status; lists every damaged one")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
     """Exit 0 when the store is complete and consistent (and built for --params, when given)."""
@@ -275,8 +288,20 @@ def cache_validate(
 
         loaded = load_params(params, set_ or ())
         expected, grids = identity_from_params(loaded), tuple(sorted(set(loaded.cache.grids)))
-    with tqdm(desc="read", unit="row", disable=quiet or not deep) as bar:
-        attrs = cs.validate(path, expected, grids, deep=deep, on_rows=bar.update)
+    damage = []
+    if deep and cs.is_cache(path):  # the data first: a damaged status chunk would stop the metadata check
+        with tqdm(desc="read", unit="row", disable=quiet) as bar:
+            damage = cs.find_damage(path, grids, on_rows=bar.update)
+        for d in damage:  # the whole report, one shard per line, then the one-line error
+            typer.echo(f"damaged: {d}")
+    try:
+        attrs = cs.validate(path, expected, grids, damaged_ok=bool(damage))
+    except cs.CacheSchemaError as exc:
+        if not damage:
+            raise
+        raise cs.CacheSchemaError(f"{path}: {len(damage)} damaged shards (listed above); also {str(exc).removeprefix(f'{path}: ')}") from None
+    if damage:
+        raise cs.CacheSchemaError(f"{path}: {len(damage)} damaged shards (listed above); zeroseg teacher-cache --repair recomputes exactly these")
     typer.echo(f"{path}: valid ({attrs['manifest']['n']} images, grids {', '.join(map(cs.grid_name, cs.store_grids(cs.open_store(path))))}, fingerprint {attrs['fingerprint'][:12]})")
 
 

@@ -56,6 +56,8 @@ class RunStats:
     # counts above, so views_computed + views_recovered is the views the run's shards lacked.
     shards_recovered: int = 0
     views_recovered: int = 0
+    # `--repair`: the damaged shards found and unmarked before the run (each as `cache_schema.Damage` text).
+    repaired: list[str] = field(default_factory=list)
     failed: int = 0
     complete: bool = False
     wall_s: float = 0.0
@@ -121,7 +123,7 @@ def compute_shards(
         views = image = None
         if decoded.square is not None:
             if views_on_decode_thread and work.grids:
-                views = make_views([torch.from_numpy(decoded.square)], work.grids, teacher.spec)[0]
+                views = make_views([torch.from_numpy(decoded.square)], work.computed, teacher.spec)[0]
             if work.image_size:
                 image = student_input(decoded.square, work.image_size)
         return _Item(row, decoded, views, image, time.perf_counter() - t0)
@@ -130,7 +132,13 @@ def compute_shards(
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
             for shard, work, items in _decoded_shards(pool, decode, store, todo, lookahead=2 * batch_size):
-                rows, grids, size = store.shard_rows_range(shard), work.grids, work.image_size
+                if not store.lacking(shard, work):  # another writer of this store finished it meanwhile
+                    for _ in items:  # its decodes were queued: let them go
+                        pass
+                    stats.shards_skipped += 1
+                    advance(len(store.shard_rows_range(shard)))
+                    continue
+                rows, grids, size = store.shard_rows_range(shard), work.computed, work.image_size
                 stored = store.settled_rows(shard) if work.settled else None
                 result = ShardResult(
                     shard=shard,
@@ -138,6 +146,7 @@ def compute_shards(
                     status=np.full(len(rows), cs.STATUS_FAILED, dtype=np.uint8),
                     failures=[""] * len(rows),
                     images=np.zeros((len(rows), 3, size, size), dtype=np.uint8) if size else None,
+                    write=work.grids if work.batch_grids else None,
                 )
                 embedder.start_shard(result)
                 batch: list[_Item] = []

@@ -121,6 +121,7 @@ class CachePairs(IterableDataset):
         self.rank, self.world, self.seed = rank, world, seed
         self.shuffle_buffer, self.max_pixels = max(1, shuffle_buffer), max_pixels
         self.chunk_rows = int(group.attrs["layout"]["chunk_rows"])
+        self.shard_rows = int(group.attrs["layout"]["shard_rows"])
         self.status = group[cs.STATUS][:]  # [N] uint8
         self.paths = group[cs.PATHS][:].astype(object)  # [N] str
         n = len(self.status)
@@ -206,9 +207,11 @@ class CachePairs(IterableDataset):
         buffer: list[tuple[int, np.ndarray, np.ndarray | None]] = []
         for index in rng.permutation(len(stream.chunks)):
             a, b = stream.chunks[index]
-            with _decoding(self.store, a, b):
+            arrays = [*self._views, *([self._images] if self._images is not None else [])]
+            with _decoding(self.store, arrays, a, b, self.shard_rows):
                 targets = load_targets(self._views, rows=slice(a, b))  # [b-a, V, D] one read per grid
                 images = self._images[a:b] if self._images is not None else None  # [b-a, 3, S, S]
+            _require_views(self.store, targets, self.status[a:b] == cs.STATUS_OK, a, self.shard_rows)
             buffer.extend(
                 (a + i, targets[i].copy(), None if images is None else images[i].copy()) for i in np.flatnonzero(self.status[a:b] == cs.STATUS_OK)
             )
@@ -221,13 +224,36 @@ class CachePairs(IterableDataset):
 
 
 @contextlib.contextmanager
-def _decoding(store: str, a: int, b: int):
-    """Rows a..b-1 of `store` are read inside: a chunk that does not decode is one line naming them."""
+def _decoding(store: str, arrays: list, a: int, b: int, shard_rows: int):
+    """Rows a..b-1 of `arrays` are read inside: a chunk that does not decode (a checksum
+    mismatch, a truncated shard) is one line naming the array, the rows and the shard."""
     try:
         yield
     except Exception as exc:  # noqa: BLE001 - each codec raises its own error type
-        raise InputError(f"{store}: rows {a}-{b - 1} do not decode ({type(exc).__name__}: {exc}); "
-                         f"zeroseg cache validate --deep lists the damage") from None
+        name = "the cache"
+        for array in arrays:  # which array: read each alone (the error path only)
+            try:
+                array[a:b]
+            except Exception:  # noqa: BLE001
+                name = array.path
+                break
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        why = "checksum mismatch" if "checksum" in text.lower() else f"{type(exc).__name__}: {text}"
+        raise InputError(f"{store}: {name} rows {a}-{b - 1} (shard {a // shard_rows}) do not decode ({why}); "
+                         f"zeroseg cache validate --deep lists the damage, zeroseg teacher-cache --repair recomputes it") from None
+
+
+def _require_views(store: str, targets: np.ndarray, ok: np.ndarray, a: int, shard_rows: int) -> None:
+    """Ok rows hold views: an all-NaN view there is a shard deleted after it was written (read as
+    the fill value). Other non-finite values are the teacher's own; the loss guard stops on them.
+
+    Args:
+        targets: [rows, V, D] as read; ok: [rows] bool.
+    """
+    bad = np.flatnonzero(ok & np.isnan(targets).all(axis=-1).any(axis=-1))
+    if bad.size:
+        raise InputError(f"{store}: row {a + int(bad[0])} (shard {(a + int(bad[0])) // shard_rows}) is ok but its teacher views are missing "
+                         f"({bad.size} such rows); zeroseg cache validate --deep lists the damage, zeroseg teacher-cache --repair recomputes it")
 
 
 def teacher_statistics(store: str, grids: tuple[int, ...], max_rows: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -252,7 +278,7 @@ def teacher_statistics(store: str, grids: tuple[int, ...], max_rows: int) -> tup
         rows = slice(a, min(len(status), a + chunk))
         ok = status[rows] == cs.STATUS_OK
         if ok.any():
-            with _decoding(store, rows.start, rows.stop):
+            with _decoding(store, arrays, rows.start, rows.stop, int(group.attrs["layout"]["shard_rows"])):
                 parts.append(load_targets(arrays, rows=rows)[ok])  # [n_ok, V, D]
     if not parts:
         raise InputError(f"{store}: no ok rows to take the teacher's statistics from")

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import random
 import re
 import sys
 import time
@@ -24,6 +26,7 @@ from typing import Protocol
 
 import fsspec
 import numpy as np
+import zarr
 from tqdm.auto import tqdm
 
 import cache_schema as cs
@@ -98,13 +101,17 @@ class Executor(Protocol):
         """Compute and write every shard of `todo` (shard -> what it lacks), adding to `stats`."""
 
 
-def run_teacher_cache(params: Params, out: str | None = None, *, replace: bool = False, progress: bool = True) -> RunStats:
+def run_teacher_cache(params: Params, out: str | None = None, *, replace: bool = False, repair: bool = False, progress: bool = True) -> RunStats:
     """Build or resume the teacher cache described by `params`.
 
     Args:
         params: the `data`, `teacher` and `cache` sections are read.
         out: the store's path or fsspec URL; None for `default_store_url` under `cache.root`.
         replace: rebuild a store at `out` that was built for other params (otherwise refused).
+        repair: first read every written shard (`cache_schema.find_damage`) and recompute the
+            damaged ones, in the batches a whole build makes, so the repaired store is
+            byte-identical to an undamaged build; undamaged shards are neither recomputed nor
+            written. A store that cannot be written is reported, never changed.
         progress: show progress bars.
     """
     start = time.perf_counter()
@@ -116,8 +123,18 @@ def run_teacher_cache(params: Params, out: str | None = None, *, replace: bool =
         identity = identity_sections(teacher_identity, spec, manifest, params.data.min_side, params.teacher.jpeg_draft_side)
         url = out or default_store_url(params.cache.root, identity)
         store = CacheStore.open_or_create(url, identity, manifest.paths, grids, params.cache, replace=replace)
+        damage = _unmark_damage(store, manifest, progress) if repair else []
+        if damage:
+            grids = canonical_grids([*grids, *cs.store_grids(store.group)])
         todo = store.missing(grids, params.cache.student_image_size)
-        stats = RunStats(store=url, images=len(manifest), shards_skipped=store.n_shards - len(todo))
+        for shard in {d.shard for d in damage} & set(todo):  # a build computes every grid of an image in one forward: so does a repair
+            todo[shard] = dataclasses.replace(todo[shard], batch_grids=grids)
+        # Shards in an order of this run's own: two writers of one store (a job relaunched while
+        # the first still runs, two machines launched together) then rarely reach the same shard
+        # at once, and each skips the shards the other has finished (`compute_shards`).
+        order = random.Random(os.urandom(8)).sample(sorted(todo), len(todo))
+        todo = {shard: todo[shard] for shard in order}
+        stats = RunStats(store=url, images=len(manifest), shards_skipped=store.n_shards - len(todo), repaired=[str(d) for d in damage])
         if todo and stats.shards_skipped and progress:  # said before the work, not only in the summary
             rows_done = sum(len(store.shard_rows_range(s)) for s in range(store.n_shards) if s not in todo)
             tqdm.write(f"{url}: resuming: {stats.shards_skipped} of {store.n_shards} shards already done ({rows_done} of {len(manifest)} images), "
@@ -129,6 +146,32 @@ def run_teacher_cache(params: Params, out: str | None = None, *, replace: bool =
     stats.failed = int(np.sum(status == cs.STATUS_FAILED))
     stats.wall_s = time.perf_counter() - start
     return stats
+
+
+def _unmark_damage(store: CacheStore, manifest: Manifest, progress: bool) -> list[cs.Damage]:
+    """Find every damaged shard of the store and unmark it for recomputation (`CacheStore.forget`).
+
+    Returns:
+        the damage found.
+    Raises:
+        InputError: the store cannot be written; the message lists every damaged shard.
+    """
+    sizes = cs.store_image_sizes(store.group)
+    total = store.n * (len(cs.store_grids(store.group)) + len(sizes))
+    with tqdm(total=total, desc="check shards", unit="row", disable=not progress) as bar:
+        damage = cs.find_damage(store.group, on_rows=bar.update)
+    if not damage:
+        return []
+    lines = [str(d) for d in damage]
+    try:
+        writable = CacheStore(zarr.open_group(store.url, mode="r+"), store.url)
+        writable.forget(damage, manifest.paths)
+    except PermissionError as exc:
+        raise InputError(f"{store.url}: {len(damage)} damaged shards ({'; '.join(lines)}); cannot write there "
+                         f"({exc.strerror or exc}): a read-only store is reported, never repaired") from None
+    store.group = writable.group
+    log.warning("%s: recomputing %d damaged shards: %s", store.url, len(damage), "; ".join(lines))
+    return damage
 
 
 def identity_from_params(params: Params, progress: bool = True) -> dict:

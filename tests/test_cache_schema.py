@@ -99,11 +99,12 @@ def test_deep_validation_reads_every_row_and_finds_damaged_data(store_copy):
     values[5, 2, 7] = float("nan")  # an ok row with a hole: metadata still says valid
     views[:] = values
     cs.validate(store_copy)
-    with pytest.raises(cs.CacheSchemaError, match=r"views/2x2: row 5 disagrees with its status \(1 such rows in rows 4-7\)"):
+    with pytest.raises(cs.CacheSchemaError, match=r"views/2x2 shard 1 \(rows 4-7\): row 5 disagrees with its status \(1 such rows\)"):
         cs.validate(store_copy, deep=True)
     shard = next(p for p in (store_copy / "views" / "3x3" / "c").rglob("*") if p.is_file())
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a truncated shard file
     cs.validate(store_copy, grids=(3,))
     damaged = run_cli("cache", "validate", str(store_copy), "--deep", "-q", check=False)
-    assert damaged.returncode == 2 and "views/3x3: rows " in damaged.stderr and "do not decode" in damaged.stderr
+    assert damaged.returncode == 2 and "damaged: views/3x3 shard " in damaged.stdout and "damaged: views/2x2 shard 1" in damaged.stdout
+    assert damaged.stderr.strip().endswith("2 damaged shards (listed above); zeroseg teacher-cache --repair recomputes exactly these")
     assert "Traceback" not in damaged.stderr

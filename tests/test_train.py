@@ -401,7 +401,7 @@ def test_training_on_a_damaged_store_stops_with_one_line(built_cache, tmp_path):
     shutil.copytree(store, damaged)
     shard = next(p for p in (damaged / "views" / "1x1" / "c").rglob("*") if p.is_file())
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    with pytest.raises(InputError, match=r"damaged.zarr: rows \d+-\d+ do not decode .*zeroseg cache validate --deep") as info:
+    with pytest.raises(InputError, match=r"damaged.zarr: views/1x1 rows \d+-\d+ \(shard \d+\) do not decode .*zeroseg cache validate --deep") as info:
         run_training(params_for(built_cache, "train.epochs=1", "train.num_workers=1"), str(damaged), tmp_path / "run", progress=False)
     assert "\n" not in str(info.value)
 
