@@ -26,7 +26,7 @@ from pipeline.errors import ConfigError
 class DataConfig:
     """Where the training images are and how their manifest is hashed."""
 
-    images: str = "data/demo/images"  # a folder (searched recursively) or a text file of paths
+    images: str = "data/demo/images"  # a folder (searched recursively), a text file of paths, or tar shards (pipeline/tars.py)
     # content: sha256 of every file's bytes (portable across machines, memoized locally);
     # stat: path + size + mtime (instant, but differs on every copy of the dataset).
     manifest_hash: Literal["content", "stat"] = "content"

@@ -9,6 +9,7 @@ convert would clip to white and which is scaled to 8 bits instead. EXIF orientat
 
 from __future__ import annotations
 
+import io
 import math
 import warnings
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from pipeline import tars
 from pipeline.errors import InputError
 
 # Truncated files must fail, not decode into grey padding.
@@ -92,17 +94,26 @@ def load_rgb(path: str | Path, *, max_pixels: int = 178_956_970, exif: bool = Tr
 
 
 def _open_rgb(path: Path, max_pixels: int, exif: bool = True, draft_side: int = 0) -> tuple[Image.Image | None, str, tuple[int, int]]:
-    """The decoded RGB image, or None and the reason; and the source's (width, height) after EXIF rotation."""
+    """The decoded RGB image, or None and the reason; and the source's (width, height) after EXIF rotation.
+
+    `path` is a file, or a member of a webdataset tar shard (`SHARD::MEMBER`, pipeline/tars.py).
+    """
+    source: Path | io.BytesIO = path
     try:
-        if path.stat().st_size == 0:
+        if tars.is_member(path):
+            data = tars.read_member(path)
+            if not data:
+                return None, "empty tar member (0 bytes)", (0, 0)
+            source = io.BytesIO(data)
+        elif path.stat().st_size == 0:
             return None, "empty file (0 bytes)", (0, 0)
     except OSError as exc:
-        return None, f"cannot read file ({exc.strerror or exc})", (0, 0)
+        return None, f"cannot read {'tar member' if tars.is_member(path) else 'file'} ({exc.strerror or exc})", (0, 0)
     size = (0, 0)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 width, height = img.size
                 if width * height > max_pixels:
                     return None, f"decompression bomb: {width}x{height} pixels exceeds data.max_pixels={max_pixels}", (width, height)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from pipeline import tars
 from pipeline.errors import InputError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
@@ -151,28 +152,46 @@ def build_manifest(source: str | Path, hash_mode: str = "content", workers: int 
         hash_mode: "content" or "stat" (see the module docstring).
         workers: hashing threads; 0 picks one per core (sha256 releases the GIL).
     """
-    root, paths = list_images(source)
     if hash_mode not in ("content", "stat"):
         raise InputError(f"unknown manifest hash mode {hash_mode!r} (content or stat)")
-    digest_fn = _content_digest if hash_mode == "content" else _stat_digest
-    memo = _HashMemo.open_default() if hash_mode == "content" else None
-    workers = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers) as pool:
-        digests = list(
-            tqdm(
-                pool.map(lambda p: digest_fn(root / p, memo), paths),
-                total=len(paths),
-                desc=f"hashing {source}",
-                unit="file",
-                disable=not progress or len(paths) < 1000,
-            )
-        )
-    if memo is not None:
-        memo.close()
+    if tars.is_tar_source(source):
+        return _tar_manifest(source, hash_mode, workers, progress)
+    root, paths = list_images(source)
+    digests = _digests(root, paths, hash_mode, workers, progress, f"hashing {source}")
     h = hashlib.sha256(f"zeroseg-manifest-v1 {hash_mode}\n".encode())
     for path, digest in zip(paths, digests):
         h.update(f"{path}\t{digest}\n".encode())
     return Manifest(root=root, paths=tuple(paths), hash=h.hexdigest(), hash_mode=hash_mode, source=str(source))
+
+
+def _tar_manifest(source: str | Path, hash_mode: str, workers: int, progress: bool) -> Manifest:
+    """The manifest of webdataset tar shards: rows are image members (`SHARD::MEMBER`), and the
+    hash covers every shard's bytes (or size and mtime) and every row's path."""
+    root, shards = tars.list_shards(source)
+    paths = [row for shard in tqdm(shards, desc=f"listing {source}", unit="shard", disable=not progress or len(shards) < 100)
+             for row in tars.list_members(root, shard)]
+    if not paths:
+        raise InputError(f"{source}: no image members in its {len(shards)} tar shards (jpg, jpeg, png, webp, bmp)")
+    digests = _digests(root, shards, hash_mode, workers, progress, f"hashing {source}")
+    h = hashlib.sha256(f"zeroseg-manifest-v1 tar {hash_mode}\n".encode())
+    for shard, digest in zip(shards, digests):
+        h.update(f"{shard}\t{digest}\n".encode())
+    for path in paths:
+        h.update(f"{path}\n".encode())
+    return Manifest(root=root, paths=tuple(paths), hash=h.hexdigest(), hash_mode=hash_mode, source=str(source))
+
+
+def _digests(root: Path, paths: list[str], hash_mode: str, workers: int, progress: bool, desc: str) -> list[str]:
+    """Each file's digest (`content`: sha256, memoized; `stat`: size and mtime), in order."""
+    digest_fn = _content_digest if hash_mode == "content" else _stat_digest
+    memo = _HashMemo.open_default() if hash_mode == "content" else None
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        digests = list(tqdm(pool.map(lambda p: digest_fn(root / p, memo), paths), total=len(paths), desc=desc, unit="file",
+                            disable=not progress or len(paths) < 1000))
+    if memo is not None:
+        memo.close()
+    return digests
 
 
 def _stat_digest(path: Path, memo: None = None) -> str:

@@ -30,6 +30,7 @@ import zarr
 from tqdm.auto import tqdm
 
 import cache_schema as cs
+from pipeline import tars
 from pipeline.cache_store import CacheStore, ShardWork, read_store_attrs
 from pipeline.config import Params
 from pipeline.errors import ConfigError, InputError
@@ -118,6 +119,9 @@ def run_teacher_cache(params: Params, out: str | None = None, *, replace: bool =
     grids = _grids(params)
     with _executor(params, out) as executor:  # a dask cluster starts loading teachers meanwhile
         manifest = build_manifest(params.data.images, params.data.manifest_hash, progress=progress)
+        if tars.is_member(manifest.paths[0]) and not params.cache.student_image_size:
+            raise ConfigError(f"{params.source}: data.images {params.data.images} names tar shards, so stage two reads the student's images "
+                              f"from the store: set cache.student_image_size (the student's input side, e.g. 224)")
         teacher_identity, spec = executor.teacher()
         _check_draft(params, grids, spec)
         identity = identity_sections(teacher_identity, spec, manifest, params.data.min_side, params.teacher.jpeg_draft_side)
