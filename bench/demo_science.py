@@ -43,6 +43,9 @@ RECIPES = {
     "unit+contrastive0.1": [*_V1, "loss.target_norm=none", "loss.contrastive=0.1"],
     "unit-reconstruction0.25": [*_V1, "loss.target_norm=none", "loss.contrastive=0", "loss.reconstruction=0.25"],
     "unit-reconstruction0": [*_V1, "loss.target_norm=none", "loss.contrastive=0", "loss.reconstruction=0"],
+    "unit+crop4": [*_V1, "loss.target_norm=none", "loss.contrastive=0", "loss.segment_crop=4.0"],
+    "unit+crop8": [*_V1, "loss.target_norm=none", "loss.contrastive=0", "loss.segment_crop=8.0"],
+    "crop4-region1": ["loss.region_match=1.0", "loss.infomax=1.0", "loss.bidirectional_matching=true", "loss.target_norm=none", "loss.contrastive=0", "loss.segment_crop=4.0"],
     "standardize-region1": ["loss.region_match=1.0", "loss.infomax=1.0", "loss.bidirectional_matching=true", "loss.target_norm=standardize", "loss.contrastive=0"],
 }
 HEALTH = ("segments_per_image", "segment_resultant", "teacher_resultant", "segment_retrieval", "segment_rank", "teacher_rank")

@@ -202,7 +202,8 @@ class Damage:
     """One shard of one array whose bytes are not what its writer wrote.
 
     `shard` counts the writer's units (`layout.shard_rows` rows; the whole store when it is
-    smaller), the unit a repair recomputes; `first` and `last` are its rows (inclusive).
+    smaller), the unit a repair recomputes (for `paths`, its chunks of 65,536 rows, rewritten
+    from the manifest); `first` and `last` are its rows (inclusive).
     """
 
     array: str
@@ -277,10 +278,13 @@ def find_damage(store: str | zarr.Group, grids: tuple[int, ...] | None = None, s
             blank = int(np.sum((values == STATUS_FAILED) & np.array([not str(r) for r in reasons], dtype=bool)))
             if blank:
                 damage.append(Damage(FAILURES, int(shard), rows.start, rows.stop - 1, f"{blank} failed rows without a reason (chunk missing or overwritten)"))
-    try:
-        group[PATHS][:]
-    except Exception as exc:  # noqa: BLE001
-        damage.append(Damage(PATHS, 0, 0, n - 1, f"does not decode ({type(exc).__name__})"))
+    paths = group[PATHS]
+    for chunk, start in enumerate(range(0, n, paths.chunks[0])):  # a chunk at a time (ImageNet's paths are ~300 MB as strings)
+        rows = slice(start, min(n, start + paths.chunks[0]))
+        try:
+            paths[rows]
+        except Exception as exc:  # noqa: BLE001 - each codec raises its own error type
+            damage.append(Damage(PATHS, chunk, rows.start, rows.stop - 1, f"does not decode ({type(exc).__name__})"))
     for name in arrays:
         for shard in np.flatnonzero(written[name]):
             rows = slice(int(shard) * step, min(n, (int(shard) + 1) * step))

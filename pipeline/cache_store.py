@@ -247,8 +247,10 @@ class CacheStore:
         if cs.FAILURES not in self.group:
             _create_array(self.group, cs.FAILURES, shape=(n,), dtype=str, chunks=(rows,), **per_row)
         if cs.PATHS not in self.group:
-            paths_arr = _create_array(self.group, cs.PATHS, shape=(n,), dtype=str, chunks=(max(1, min(n, 65536)),), **per_row)
-            paths_arr[:] = np.asarray(paths, dtype=object).astype(str)
+            block = max(1, min(n, 65536))
+            paths_arr = _create_array(self.group, cs.PATHS, shape=(n,), dtype=str, chunks=(block,), **per_row)
+            for start in range(0, n, block):  # a chunk at a time: all of ImageNet's as one array is ~260 MB
+                paths_arr[start : start + block] = np.asarray(paths[start : start + block], dtype=object).astype(str)
 
     @classmethod
     def open(cls, url: str, fingerprint: str) -> CacheStore:
@@ -388,8 +390,9 @@ class CacheStore:
         fs, root = fsspec.core.url_to_fs(self.url)
         for d in damage:
             if d.array == cs.PATHS:
-                self._drop(fs, root, cs.PATHS, 0)
-                self.group[cs.PATHS][:] = np.asarray(paths, dtype=object).astype(str)
+                self._drop(fs, root, cs.PATHS, d.shard)
+                rows = slice(d.first, d.last + 1)
+                self.group[cs.PATHS][rows] = np.asarray(paths[rows], dtype=object).astype(str)
                 continue
             for name in [d.array] if d.array in names else list(names):
                 self.group[name].attrs["complete"] = False

@@ -112,6 +112,9 @@ class LossConfig:
     target_stats_rows: int = 4096  # cache rows (whole chunks, spread over the cache) the statistics come from
     contrastive: float = 0.0  # each segment's region target against the other images' in the batch (InfoNCE)
     contrastive_tau: float = 0.1
+    # Each segment to the teacher's embedding of its own masked crop, the teacher run in stage
+    # two (pipeline/student/segment_crops.py): a target that follows the segment, not the grid.
+    segment_crop: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -207,7 +210,7 @@ RANGES: dict[str, Range] = {
     "loss.grids": Range(1, 64), "loss.region_grids": Range(1, 64),
     "loss.distill": Range(0.0), "loss.segment_match": Range(0.0), "loss.view_match": Range(0.0), "loss.region_match": Range(0.0),
     "loss.reconstruction": Range(0.0), "loss.infomax": Range(0.0), "loss.target_stats_rows": Range(1),
-    "loss.contrastive": Range(0.0), "loss.contrastive_tau": Range(1e-3),
+    "loss.contrastive": Range(0.0), "loss.contrastive_tau": Range(1e-3), "loss.segment_crop": Range(0.0),
     "train.epochs": Range(1), "train.warmup_epochs": Range(0.0), "train.batch_size": Range(1), "train.micro_batch": Range(1),
     "train.base_lr": Range(0.0), "train.min_lr": Range(0.0), "train.weight_decay": Range(0.0),
     "train.beta1": Range(0.0, 1.0, open_high=True), "train.beta2": Range(0.0, 1.0, open_high=True), "train.grad_clip": Range(0.0),

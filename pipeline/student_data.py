@@ -123,7 +123,9 @@ class CachePairs(IterableDataset):
         self.chunk_rows = int(group.attrs["layout"]["chunk_rows"])
         self.shard_rows = int(group.attrs["layout"]["shard_rows"])
         self.status = group[cs.STATUS][:]  # [N] uint8
-        self.paths = group[cs.PATHS][:].astype(object)  # [N] str
+        # [N] str, only when images are decoded: ImageNet's 1.28M paths are ~300 MB of Python
+        # strings, pickled to every DataLoader worker (bench/scale_bench.py, reader_start).
+        self.paths = group[cs.PATHS][:].astype(object) if self.image_source == "decode" else None
         n = len(self.status)
         all_chunks = [(a, min(n, a + self.chunk_rows)) for a in range(0, n, self.chunk_rows)]
         self.chunks = [c for c in all_chunks if np.any(self.status[c[0] : c[1]] == cs.STATUS_OK)][rank::world]

@@ -15,6 +15,7 @@ the run before the optimizer step, leaving the last good checkpoint as it was.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
@@ -47,6 +48,7 @@ from pipeline.student.losses import (
     DistillationLoss,
     ReconstructionLoss,
     RegionMatchingLoss,
+    SegmentCropLoss,
     SegmentMatchingLoss,
     cell_layout,
     local_view_mask,
@@ -138,6 +140,7 @@ class StudentObjective(torch.nn.Module):
         self.infomax = AssignmentInfoMaxLoss(usage=self.cfg.infomax_usage)
         self.region = RegionMatchingLoss(normalize=unit)
         self.contrastive = ContrastiveRegionLoss(tau=self.cfg.contrastive_tau)
+        self.segment_crop = SegmentCropLoss()
         self.grids = grids
         # Local views as indices, not a mask, and their presence as a Python bool: indexing with
         # a boolean CUDA mask and `bool(tensor)` each make the host wait for the GPU.
@@ -150,12 +153,15 @@ class StudentObjective(torch.nn.Module):
         self.register_buffer("region_views", torch.tensor([float(g in region) for g, _, _ in view_layout(grids)]), persistent=False)
         self.register_buffer("layout", cell_layout(grids), persistent=False)  # [3, V]
 
-    def forward(self, out, targets: torch.Tensor, patches: torch.Tensor, space: TargetSpace) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, out, targets: torch.Tensor, patches: torch.Tensor, space: TargetSpace,
+                crops: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Args:
             out: the student's `StudentOutput`.
             targets: [B, V, D] teacher views as cached.
             patches: [B, L, p*p*3] the images' patches (reconstruction targets).
             space: the student's target space (`model.target_space`).
+            crops: with `loss.segment_crop`, the teacher's embeddings of the segments' crops and
+                which segments have one (`SegmentCropTargets`).
         """
         c = self.cfg
         z, segments = out.z, out.segments
@@ -176,6 +182,9 @@ class StudentObjective(torch.nn.Module):
             if c.contrastive:
                 terms.update(self.contrastive(segments, targets, assignment, cells))
                 weights["contrastive"] = c.contrastive
+        if c.segment_crop and crops is not None:
+            terms.update(self.segment_crop(out.segments, *crops, compose_assignments(out.hard_assignments)))
+            weights["segment_crop"] = c.segment_crop
         if c.reconstruction and out.pred is not None:
             terms.update(self.reconstruction(out.pred, patches, out.mask))
             weights["reconstruction"] = c.reconstruction
@@ -184,6 +193,18 @@ class StudentObjective(torch.nn.Module):
             weights.update(usage_neg_entropy=c.infomax, token_entropy=c.infomax)
         total = sum(weights[k] * v for k, v in terms.items())
         return total, terms
+
+
+def _crop_targets(params: Params, attrs: dict, device: torch.device):
+    """The cache's own teacher, loaded for `loss.segment_crop` (refused if it is another)."""
+    from pipeline.student.segment_crops import SegmentCropTargets
+    from pipeline.teacher import Teacher
+
+    teacher = Teacher.load(dataclasses.replace(params.teacher, device=str(device)))
+    if teacher.identity.weights_sha256 != attrs["teacher"]["weights_sha256"]:
+        raise ConfigError(f"{params.source}: loss.segment_crop runs the teacher of params.teacher, which is not the teacher the cache was built "
+                          f"with (weights sha256 {teacher.identity.weights_sha256[:12]}, the cache's {attrs['teacher']['weights_sha256'][:12]})")
+    return SegmentCropTargets(teacher)
 
 
 def model_signature(model: torch.nn.Module) -> str:
@@ -295,6 +316,7 @@ def _train(params: Params, cache: str | None, out_dir: str | Path, *, resume: st
         log.info("student.init_from %s: %s", s.init_from, report.summary())
     model.to(device)
     objective = StudentObjective(params, grids).to(device)
+    crop_targets = _crop_targets(params, attrs, device) if params.loss.segment_crop else None
 
     dataset = CachePairs(cache, data_root(params.data.images), grids, arch.img_size, rank=rank, world=world, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, max_pixels=params.data.max_pixels, images=cfg.images)
     log.info("student images: %s", f"read from {cs.images_array(arch.img_size)} in the cache" if dataset.image_source == "cache" else "decoded from the source files")
@@ -404,12 +426,14 @@ def _train(params: Params, cache: str | None, out_dir: str | Path, *, resume: st
                     t0 = time.perf_counter()
                     images, targets, _ = next(batches_iter)
                     wait += time.perf_counter() - t0
-                    images = normalize_images(images.to(device, non_blocking=True))  # [B, 3, H, W]
+                    pixels = images.to(device, non_blocking=True)  # [B, 3, H, W] uint8
+                    images = normalize_images(pixels)  # [B, 3, H, W]
                     targets = targets.to(device, non_blocking=True).float()  # [B, V, D]
                     sync = train_model.no_sync() if world > 1 and micro < sched.accum - 1 else contextlib.nullcontext()
                     with sync, torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                         out = train_model(images, params.student.mask_ratio, decode=bool(params.loss.reconstruction))
-                        total, terms = objective(out, targets, model.patchify(images), model.target_space)
+                        crops = crop_targets(pixels, compose_assignments(out.hard_assignments).detach(), out.ids_keep, out.grid) if crop_targets else None
+                        total, terms = objective(out, targets, model.patchify(images), model.target_space, crops)
                     scaler.scale(total / sched.accum).backward()
                     for k, v in {**terms, "total": total}.items():
                         on_device[k] = on_device.get(k, 0.0) + v.detach().float() / sched.accum

@@ -103,6 +103,12 @@ def test_deep_validation_names_every_damaged_shard_and_repair_restores_exactly_t
     cs.validate(str(copy), deep=True)
     again = run_cli("teacher-cache", "--params", str(params), "--out", str(copy), "--repair", "-q")
     assert "0 images processed" in again.stdout and "repaired:" not in again.stdout
+    # The paths are the manifest's: a damaged chunk of them is rewritten from it, no teacher runs.
+    paths = copy / "paths/c/0"
+    paths.write_bytes(flip(paths.read_bytes(), at=8))
+    assert [str(d) for d in cs.find_damage(str(copy))] == ["paths shard 0 (rows 0-7): does not decode (ValueError)"]
+    stats = run_teacher_cache(load_params(params), str(copy), repair=True, progress=False)
+    assert stats.views_computed == 0 and files(copy) == built
 
 
 def test_a_read_only_store_is_reported_and_never_written(imaged, tmp_path, monkeypatch):

@@ -203,6 +203,23 @@ class RegionMatchingLoss(nn.Module):
         return {"region_match": (share * l1_distance(g, target)).sum(dim=1).mean()}
 
 
+class SegmentCropLoss(nn.Module):
+    """Each segment to the teacher's embedding of its own masked crop (`segment_crops.py`; not in
+    the paper), weighted by its share of the image's tokens, as in region matching."""
+
+    def forward(self, segments: Tensor, crops: Tensor, valid: Tensor, assignment: Tensor) -> dict[str, Tensor]:
+        """Args:
+            segments: [B, S, D] segment embeddings.
+            crops: [B, S, D] unit teacher embeddings of the segments' crops; valid: [B, S] bool.
+            assignment: [B, S, N] token-to-segment weights, summing to 1 over S.
+
+        Returns:
+            {"segment_crop": mean over B of sum over S of share_i * L1(g_i, crop_i)}.
+        """
+        share = assignment.float().sum(dim=2) / assignment.shape[2] * valid  # [B, S]
+        return {"segment_crop": (share * l1_distance(F.normalize(segments.float(), dim=-1), crops)).sum(dim=1).mean()}
+
+
 class ContrastiveRegionLoss(nn.Module):
     """Each segment must pick its own region target out of the batch's (InfoNCE; not in the paper).
 
