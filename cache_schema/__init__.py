@@ -211,6 +211,9 @@ class Damage:
     first: int
     last: int
     reason: str
+    # The damage may lie in `status` as well as in `array` (views that disagree with their rows'
+    # status, in a store without chunk checksums): a repair recomputes the whole shard.
+    shard_wide: bool = False
 
     def __str__(self) -> str:
         return f"{self.array} shard {self.shard} (rows {self.first}-{self.last}): {self.reason}"
@@ -244,8 +247,8 @@ def find_damage(store: str | zarr.Group, grids: tuple[int, ...] | None = None, s
         every damaged (array, shard), per-row arrays first, then in array and shard order.
     """
     group = open_store(store)
-    grids = store_grids(group) if grids is None else tuple(grids)
-    sizes = store_image_sizes(group) if sizes is None else tuple(sizes)
+    grids = store_grids(group) if grids is None else tuple(g for g in grids if g in store_grids(group))  # missing ones: validate says so
+    sizes = store_image_sizes(group) if sizes is None else tuple(s for s in sizes if s in store_image_sizes(group))
     n = int(group.attrs["manifest"]["n"])
     step = min(int(group.attrs["layout"]["shard_rows"]), max(1, n))
     arrays = [views_array(g) for g in grids] + [images_array(s) for s in sizes]
@@ -282,9 +285,12 @@ def find_damage(store: str | zarr.Group, grids: tuple[int, ...] | None = None, s
     for chunk, start in enumerate(range(0, n, paths.chunks[0])):  # a chunk at a time (ImageNet's paths are ~300 MB as strings)
         rows = slice(start, min(n, start + paths.chunks[0]))
         try:
-            paths[rows]
+            blank = int(np.sum(paths[rows] == ""))
         except Exception as exc:  # noqa: BLE001 - each codec raises its own error type
             damage.append(Damage(PATHS, chunk, rows.start, rows.stop - 1, f"does not decode ({type(exc).__name__})"))
+            continue
+        if blank:  # a manifest has no empty path: a chunk never written (its writer stopped while creating the store)
+            damage.append(Damage(PATHS, chunk, rows.start, rows.stop - 1, f"{blank} empty paths (chunk missing)"))
     for name in arrays:
         for shard in np.flatnonzero(written[name]):
             rows = slice(int(shard) * step, min(n, (int(shard) + 1) * step))
@@ -299,7 +305,8 @@ def find_damage(store: str | zarr.Group, grids: tuple[int, ...] | None = None, s
                 bad = np.flatnonzero((ok & ~np.isfinite(flat).all(axis=1)) | (failed & ~np.isnan(flat).all(axis=1)))
                 if bad.size:
                     damage.append(Damage(name, int(shard), rows.start, rows.stop - 1,
-                                         f"row {rows.start + int(bad[0])} disagrees with its status ({bad.size} such rows)"))
+                                         f"row {rows.start + int(bad[0])} disagrees with its status ({bad.size} such rows)",
+                                         shard_wide=not chunk_checksums(group[STATUS])))
             elif ok.any() and not flat[ok].any():
                 damage.append(Damage(name, int(shard), rows.start, rows.stop - 1, "every ok row is all zeros (shard missing)"))
     return damage

@@ -375,8 +375,9 @@ class CacheStore:
         """Unmark the damaged shards, so that a run recomputes them and nothing else.
 
         A damaged views or images shard clears its own array's marker; a damaged `status` or
-        `failures` chunk clears every marker of its shard (which rows are ok is decided afresh);
-        a damaged `paths` array is rewritten from the manifest. The arrays and the store are
+        `failures` chunk, or damage that may lie in `status` (`Damage.shard_wide`), clears every
+        marker of its shard (which rows are ok is decided afresh); a damaged `paths` chunk is
+        rewritten from the manifest. The arrays and the store are
         marked incomplete first, so a repair stopped halfway is resumed by a plain run.
 
         Raises:
@@ -394,7 +395,7 @@ class CacheStore:
                 rows = slice(d.first, d.last + 1)
                 self.group[cs.PATHS][rows] = np.asarray(paths[rows], dtype=object).astype(str)
                 continue
-            for name in [d.array] if d.array in names else list(names):
+            for name in [d.array] if d.array in names and not d.shard_wide else list(names):
                 self.group[name].attrs["complete"] = False
                 self.group[names[name]][d.shard] = 0
             for name in [d.array] if d.array in names else [cs.STATUS, cs.FAILURES]:

@@ -7,8 +7,8 @@ member order of its shard; sidecar members (`.json`, `.txt`, `.cls`, ...) are no
 path is `SHARD::MEMBER` (`shard-00003.tar::000123.jpg`): the shard relative to the data root,
 then the member name, whose stem is the webdataset key.
 
-Members are read by offset (`os.pread` on the shard, its member index built once per process
-from the tar headers), so the decode threads and dask workers that decode loose files decode
+Members are read by offset (`os.pread` on the shard, its member index built from the tar
+headers and kept for the 64 shards used last in each process), so the decode threads and dask workers that decode loose files decode
 tar members the same way, each row on its own, in any order: resume and repair work per shard
 of the store, which need not line up with the tar shards. The standard `tarfile` module reads
 the headers; webdataset's own reader streams a shard from its start, which serves a training
@@ -17,10 +17,10 @@ loop but not row-addressed, resumable writes, and it would be one more dependenc
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tarfile
-import threading
 from pathlib import Path
 
 from pipeline.errors import InputError
@@ -87,8 +87,8 @@ def list_shards(source: str | Path) -> tuple[Path, list[str]]:
         if not shards:
             raise InputError(f"{folder}: no .tar shards found")
         return folder, shards
-    root = Path(text.split("{", 1)[0]).parent if "{" in text else folder.parent
     names = expand_braces(text)
+    root = Path(os.path.commonpath([str(Path(n).parent) for n in names])) if "{" in text else folder.parent
     missing = [Path(name).name for name in names if not Path(name).is_file()]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -102,11 +102,13 @@ def list_members(root: Path, shard: str) -> list[str]:
     Raises:
         InputError: the shard is not a readable tar (named, with tarfile's reason).
     """
-    return [f"{shard}{SEP}{name}" for name in _index(root / shard)]
+    return [f"{shard}{SEP}{name}" for name in _index(str(root / shard))]
 
 
 def is_member(path: str | Path) -> bool:
-    return SEP in str(path)
+    """Whether `path` names a member of a tar shard (`SHARD.tar::MEMBER`), not a loose file."""
+    shard, sep, _ = str(path).partition(SEP)
+    return bool(sep) and shard.endswith(".tar")
 
 
 def read_member(path: str | Path) -> bytes:
@@ -117,43 +119,32 @@ def read_member(path: str | Path) -> bytes:
             row's failure reason).
     """
     shard, _, name = str(path).partition(SEP)
-    index = _index(Path(shard))
+    try:
+        index = _index(shard)
+    except InputError as exc:  # the shard changed since it was listed: this row fails, the run goes on
+        raise OSError(str(exc)) from None
     if name not in index:
         raise FileNotFoundError(f"no member {name!r} in {shard}")
     offset, size = index[name]
-    fd = _fd(shard)
-    data = os.pread(fd, size, offset)
+    fd = os.open(shard, os.O_RDONLY)  # per member: a shard's handle kept open would run a
+    try:                               # 10k-shard dataset out of file descriptors
+        data = os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
     if len(data) != size:
         raise OSError(f"{shard} ends inside member {name!r} ({len(data)} of {size} bytes)")
     return data
 
 
-_LOCK = threading.Lock()
-_INDEXES: dict[str, dict[str, tuple[int, int]]] = {}  # shard -> image member -> (data offset, size)
-_FDS: dict[str, int] = {}
-
-
-def _index(path: Path) -> dict[str, tuple[int, int]]:
-    key = str(path)
-    with _LOCK:
-        if key in _INDEXES:
-            return _INDEXES[key]
+@functools.lru_cache(maxsize=64)  # the shards decoding is at; a 10k-shard listing keeps no 10k indexes
+def _index(path: str) -> dict[str, tuple[int, int]]:
+    """image member -> (data offset, size) of a shard, read from its tar headers."""
     try:
         with tarfile.open(path, mode="r:") as tar:  # headers only: members are read by offset
-            index = {
+            return {
                 m.name: (m.offset_data, m.size)
                 for m in tar
                 if m.isfile() and Path(m.name).suffix.lower() in IMAGE_EXTENSIONS and not Path(m.name).name.startswith(".")
             }
     except (tarfile.TarError, OSError) as exc:
         raise InputError(f"{path}: not a readable tar shard ({type(exc).__name__}: {exc})") from None
-    with _LOCK:
-        _INDEXES[key] = index
-    return index
-
-
-def _fd(shard: str) -> int:
-    with _LOCK:
-        if shard not in _FDS:
-            _FDS[shard] = os.open(shard, os.O_RDONLY)
-        return _FDS[shard]

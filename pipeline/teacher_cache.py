@@ -111,8 +111,8 @@ def run_teacher_cache(params: Params, out: str | None = None, *, replace: bool =
         replace: rebuild a store at `out` that was built for other params (otherwise refused).
         repair: first read every written shard (`cache_schema.find_damage`) and recompute the
             damaged ones, in the batches a whole build makes, so the repaired store is
-            byte-identical to an undamaged build; undamaged shards are neither recomputed nor
-            written. A store that cannot be written is reported, never changed.
+            byte-identical to an undamaged build of its grids in one run; undamaged shards are
+            neither recomputed nor written. A store that cannot be written is reported, never changed.
         progress: show progress bars.
     """
     start = time.perf_counter()
@@ -127,11 +127,11 @@ def run_teacher_cache(params: Params, out: str | None = None, *, replace: bool =
         identity = identity_sections(teacher_identity, spec, manifest, params.data.min_side, params.teacher.jpeg_draft_side)
         url = out or default_store_url(params.cache.root, identity)
         store = CacheStore.open_or_create(url, identity, manifest.paths, grids, params.cache, replace=replace)
-        damage = _unmark_damage(store, manifest, progress) if repair else []
+        damage = _unmark_damage(store, manifest, params.cache.student_image_size, progress) if repair else []
         if damage:
             grids = canonical_grids([*grids, *cs.store_grids(store.group)])
         todo = store.missing(grids, params.cache.student_image_size)
-        for shard in {d.shard for d in damage} & set(todo):  # a build computes every grid of an image in one forward: so does a repair
+        for shard in {d.shard for d in damage if d.array != cs.PATHS} & set(todo):  # a build computes every grid of an image in one forward: so does a repair
             todo[shard] = dataclasses.replace(todo[shard], batch_grids=grids)
         # Shards in an order of this run's own: two writers of one store (a job relaunched while
         # the first still runs, two machines launched together) then rarely reach the same shard
@@ -152,7 +152,7 @@ def run_teacher_cache(params: Params, out: str | None = None, *, replace: bool =
     return stats
 
 
-def _unmark_damage(store: CacheStore, manifest: Manifest, progress: bool) -> list[cs.Damage]:
+def _unmark_damage(store: CacheStore, manifest: Manifest, params_size: int, progress: bool) -> list[cs.Damage]:
     """Find every damaged shard of the store and unmark it for recomputation (`CacheStore.forget`).
 
     Returns:
@@ -167,6 +167,13 @@ def _unmark_damage(store: CacheStore, manifest: Manifest, progress: bool) -> lis
     if not damage:
         return []
     lines = [str(d) for d in damage]
+    unmarked = {int(d.array.split("/")[1]) for d in damage if d.array.startswith("images/")}
+    if any(d.array in (cs.STATUS, cs.FAILURES) or d.shard_wide for d in damage):
+        unmarked |= set(sizes)
+    other = sorted(unmarked - {params_size})
+    if other:  # nothing would recompute them: refused before anything is written
+        raise ConfigError(f"{store.url}: the damage ({'; '.join(lines)}) includes student images at {other[0]} px, but cache.student_image_size "
+                          f"is {params_size}: rerun with --set cache.student_image_size={other[0]} to repair them")
     try:
         writable = CacheStore(zarr.open_group(store.url, mode="r+"), store.url)
         writable.forget(damage, manifest.paths)

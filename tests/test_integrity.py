@@ -19,7 +19,7 @@ import pipeline.cache_store as cache_store
 from conftest import REPO, run_cli, write_params
 from pipeline.cache_info import describe
 from pipeline.config import load_params
-from pipeline.errors import InputError
+from pipeline.errors import ConfigError, InputError
 from pipeline.teacher_cache import run_teacher_cache
 from pipeline.train import run_training
 from test_remote_store import s3  # noqa: F401 - the moto S3 fixture
@@ -79,6 +79,17 @@ def test_new_stores_checksum_every_chunk_and_older_ones_are_said_to_lack_them(im
     assert not any(describe(str(old))["chunk_checksums"].values())
     assert cs.find_damage(str(old)) == []
     assert "checksums    none (written before chunk checksums" in run_cli("cache", "info", str(old)).stdout
+    # Without checksums, views that disagree with their status may be a flipped status byte as well:
+    # the repair recomputes the whole shard, and the store is again what it was.
+    built = files(old)
+    views = zarr.open_group(old, mode="r+")["views/2x2"]
+    values = views[:]
+    values[5] = np.nan
+    views[:] = values
+    (damage,) = cs.find_damage(str(old))
+    assert str(damage) == "views/2x2 shard 1 (rows 4-7): row 5 disagrees with its status (1 such rows)" and damage.shard_wide
+    stats = run_teacher_cache(load_params(params), str(old), repair=True, progress=False)
+    assert stats.views_computed == 4 * 30 and files(old) == built
 
 
 def test_deep_validation_names_every_damaged_shard_and_repair_restores_exactly_those(imaged, tmp_path):
@@ -109,6 +120,17 @@ def test_deep_validation_names_every_damaged_shard_and_repair_restores_exactly_t
     assert [str(d) for d in cs.find_damage(str(copy))] == ["paths shard 0 (rows 0-7): does not decode (ValueError)"]
     stats = run_teacher_cache(load_params(params), str(copy), repair=True, progress=False)
     assert stats.views_computed == 0 and files(copy) == built
+    paths.unlink()  # a chunk its writer never wrote (stopped while creating the store): every path reads as ""
+    assert [str(d) for d in cs.find_damage(str(copy))] == ["paths shard 0 (rows 0-7): 8 empty paths (chunk missing)"]
+    run_teacher_cache(load_params(params), str(copy), repair=True, progress=False)
+    assert files(copy) == built
+    # Damaged images of a size the params do not ask for: nothing would recompute them, so refused before any write.
+    images = copy / "images/32/c/0/0/0/0"
+    images.write_bytes(flip(images.read_bytes()))
+    before = files(copy)
+    with pytest.raises(ConfigError, match=r"student images at 32 px, but cache.student_image_size is 0: rerun with --set cache.student_image_size=32"):
+        run_teacher_cache(load_params(params, ["cache.student_image_size=0"]), str(copy), repair=True, progress=False)
+    assert files(copy) == before
 
 
 def test_a_read_only_store_is_reported_and_never_written(imaged, tmp_path, monkeypatch):

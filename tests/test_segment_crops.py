@@ -23,14 +23,16 @@ def test_a_removed_patch_takes_the_segment_of_its_nearest_kept_patch():
 
 
 def test_boxes_are_the_bounding_squares_of_the_masks_and_empty_masks_are_flagged():
-    masks = torch.zeros(3, 8, 8, dtype=torch.bool)
-    masks[0, 2:4, 1:7] = True  # 2 rows x 6 cols: a square of side 6 centred on rows 2-3, clamped to the top
+    masks = torch.zeros(4, 8, 8, dtype=torch.bool)
+    masks[0, 2:4, 1:7] = True  # 2 rows x 6 cols: a square of side 6 centred on rows 2-3, shifted down to the top edge
     masks[1, 5:8, 5:8] = True  # a 3x3 corner square
+    masks[3, 6:8, 1:7] = True  # the same strip at the bottom: shifted up, not cut to a rectangle
     boxes, valid = segment_boxes(masks)
-    assert valid.tolist() == [True, True, False]
+    assert valid.tolist() == [True, True, False, True]
     assert boxes[0].tolist() == [1.0, 0.0, 7.0, 6.0]
     assert boxes[1].tolist() == [5.0, 5.0, 8.0, 8.0]
     assert boxes[2].tolist() == [0.0, 0.0, 8.0, 8.0]
+    assert boxes[3].tolist() == [1.0, 2.0, 7.0, 8.0]
 
 
 def test_crop_targets_are_the_teachers_embeddings_of_the_masked_crops():

@@ -58,6 +58,17 @@ def shards(tmp_path_factory, demo_dir) -> tuple[Path, list[str]]:
     return folder, write_shards(folder, images)
 
 
+def test_a_loose_file_with_the_separator_in_its_name_is_no_member(tmp_path):
+    from pipeline.tars import is_member, list_shards
+
+    assert is_member("web/shard-00001.tar::000123.jpg") and not is_member("photos/a::b.jpg")
+    for name in ("a.tar", "b.tar"):
+        (tmp_path / "web" / name).parent.mkdir(exist_ok=True)
+        with tarfile.open(tmp_path / "web" / name, "w"):
+            pass
+    assert list_shards(f"{tmp_path}/web/{{a,b}}.tar") == (tmp_path / "web", ["a.tar", "b.tar"])  # the root is the shards' folder
+
+
 def test_brace_patterns_expand_as_webdataset_writes_them():
     assert expand_braces("s-{000..002}.tar") == ["s-000.tar", "s-001.tar", "s-002.tar"]
     assert expand_braces("{a,b}/{8..10}.tar") == ["a/8.tar", "a/9.tar", "a/10.tar", "b/8.tar", "b/9.tar", "b/10.tar"]

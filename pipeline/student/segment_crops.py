@@ -57,8 +57,8 @@ def segment_boxes(masks: Tensor) -> tuple[Tensor, Tensor]:
     x1 = torch.where(cols, ar_w, -1.0).amax(dim=1) + 1
     side = torch.maximum(x1 - x0, y1 - y0).clamp(min=1)  # square, like the teacher's cells
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    x0 = (cx - side / 2).clamp(min=0)
-    y0 = (cy - side / 2).clamp(min=0)
+    x0 = torch.minimum((cx - side / 2).clamp(min=0), (W - side).clamp(min=0))  # shifted inside the image, not cut
+    y0 = torch.minimum((cy - side / 2).clamp(min=0), (H - side).clamp(min=0))
     x1 = (x0 + side).clamp(max=W)
     y1 = (y0 + side).clamp(max=H)
     boxes = torch.stack([x0, y0, x1, y1], dim=1)
