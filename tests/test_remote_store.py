@@ -43,7 +43,9 @@ def s3():
     env.setenv("AWS_CONFIG_FILE", "/nonexistent")
     env.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
     s3fs.S3FileSystem.clear_instance_cache()  # instances made before carry no endpoint
-    s3fs.S3FileSystem().mkdir(BUCKET)
+    fs = s3fs.S3FileSystem()
+    if not fs.exists(BUCKET):  # moto keeps its buckets per process: another module's server may have made it
+        fs.mkdir(BUCKET)
     yield f"s3://{BUCKET}"
     s3fs.S3FileSystem.clear_instance_cache()
     env.undo()
