@@ -64,7 +64,7 @@ def make_files(work: Path, n: int) -> Path:
     return listing
 
 
-def _cache_config(dim: int):
+def _cache_config():
     from pipeline.config import CacheConfig
 
     return CacheConfig(root="", grids=GRIDS, chunk_rows=64, shard_rows=256, student_image_size=IMAGE_SIDE)
@@ -104,7 +104,7 @@ def step(name: str, work: str, n: int, dim: int) -> dict:
         build_manifest(listing, "content", progress=False)
     else:
         manifest = build_manifest(listing, "stat", progress=False)
-        identity, cfg = _identity(manifest, dim), _cache_config(dim)
+        identity, cfg = _identity(manifest, dim), _cache_config()
         del manifest  # the step's memory is its own, not the manifest's
         paths = list(_paths(listing))
         base_rss = _reset_peak()

@@ -219,6 +219,15 @@ class Damage:
         return f"{self.array} shard {self.shard} (rows {self.first}-{self.last}): {self.reason}"
 
 
+CHECKSUM_MISMATCH = "checksum mismatch"
+
+
+def read_error(exc: BaseException) -> str:
+    """Why a chunk could not be read, in a few words: `CHECKSUM_MISMATCH`, or the codec's error."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return CHECKSUM_MISMATCH if "checksum" in text.lower() else f"{type(exc).__name__}: {text}"
+
+
 def chunk_checksums(array: zarr.Array) -> bool:
     """Whether every chunk of `array` carries a crc32c of its encoded bytes (inside a shard, each
     inner chunk does; the shard index always has one)."""
@@ -261,9 +270,9 @@ def find_damage(store: str | zarr.Group, grids: tuple[int, ...] | None = None, s
         try:
             return group[name][rows]
         except Exception as exc:  # noqa: BLE001 - each codec raises its own error type
-            text = str(exc).splitlines()[0] if str(exc) else ""
-            why = "checksum mismatch (its bytes changed after writing)" if "checksum" in text.lower() else f"does not decode ({type(exc).__name__}: {text})"
-            damage.append(Damage(name, shard, rows.start, rows.stop - 1, why))
+            why = read_error(exc)
+            damage.append(Damage(name, shard, rows.start, rows.stop - 1,
+                                 f"{why} (its bytes changed after writing)" if why == CHECKSUM_MISMATCH else f"does not decode ({why})"))
             return None
 
     status = np.full(n, STATUS_PENDING, np.uint8)  # [N]; rows of an undecodable chunk stay pending

@@ -203,32 +203,28 @@ def _digests(root: Path, paths: list[str], hash_mode: str, workers: int, progres
     return digests
 
 
-def _stat_digests(paths: list[Path], memo: None = None) -> list[str]:
-    """size:mtime of each file (MISSING for one that cannot be stat'ed)."""
-    out = []
+def _stats(paths: list[Path]) -> list[os.stat_result | None]:
+    """Each file's stat, None for one that cannot be stat'ed."""
+    out: list[os.stat_result | None] = []
     for path in paths:
         try:
-            st = path.stat()
+            out.append(path.stat())
         except OSError:
-            out.append(MISSING)
-            continue
-        out.append(f"{st.st_size}:{st.st_mtime_ns}")
+            out.append(None)
     return out
+
+
+def _stat_digests(paths: list[Path], memo: None = None) -> list[str]:
+    """size:mtime of each file (MISSING for one that cannot be stat'ed)."""
+    return [MISSING if st is None else f"{st.st_size}:{st.st_mtime_ns}" for st in _stats(paths)]
 
 
 def _content_digests(paths: list[Path], memo: _HashMemo | None = None) -> list[str]:
     """sha256 of each file's bytes (MISSING for one that cannot be read); the memo is asked for
     the whole batch in one query, so a memoized pass costs about a stat per file."""
-    keys: list[tuple | None] = []
-    for path in paths:
-        try:
-            st = path.stat()
-        except OSError:
-            keys.append(None)
-            continue
-        # abspath, not realpath: resolving links cost 36 of a memoized pass's 41 us a file
-        # (bench/scale_bench.py); (size, mtime, inode) already pin the file's bytes.
-        keys.append((os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino))
+    # abspath, not realpath: resolving links cost 36 of a memoized pass's 41 us a file
+    # (bench/scale_bench.py); (size, mtime, inode) already pin the file's bytes.
+    keys = [None if st is None else (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino) for path, st in zip(paths, _stats(paths))]
     known = memo.get_many([k for k in keys if k is not None]) if memo is not None else {}
     out = []
     for path, key in zip(paths, keys):

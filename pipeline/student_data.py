@@ -239,9 +239,7 @@ def _decoding(store: str, arrays: list, a: int, b: int, shard_rows: int):
             except Exception:  # noqa: BLE001
                 name = array.path
                 break
-        text = str(exc).splitlines()[0] if str(exc) else ""
-        why = "checksum mismatch" if "checksum" in text.lower() else f"{type(exc).__name__}: {text}"
-        raise InputError(f"{store}: {name} rows {a}-{b - 1} (shard {a // shard_rows}) do not decode ({why}); "
+        raise InputError(f"{store}: {name} rows {a}-{b - 1} (shard {a // shard_rows}) do not decode ({cs.read_error(exc)}); "
                          f"zeroseg cache validate --deep lists the damage, zeroseg teacher-cache --repair recomputes it") from None
 
 
