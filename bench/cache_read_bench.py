@@ -1,7 +1,7 @@
 """Reading training targets from a teacher cache: whole chunks (stage two's way) vs row by row.
 
 Stage two's dataset reads `chunk_rows` rows of every grid at once and shuffles across chunks
-in a buffer (pipeline/student_data.py). The naive alternative, a map-style dataset, reads one
+in a buffer (pipeline/training/data.py). The naive alternative, a map-style dataset, reads one
 random row per sample. Both read the same number of rows of all grids from the same store in
 one run; prints rows/s of each and the ratio.
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import cache_schema as cs
-from pipeline.cache_store import load_targets
+from pipeline.cache.reader import load_targets
 
 
 def main() -> None:

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.decode import decode_center_square
-from pipeline.views import ViewSpec, make_views
+from pipeline.core.decode import decode_center_square
+from pipeline.core.views import ViewSpec, make_views
 
 GRIDS = (1, 2, 3, 4)
 

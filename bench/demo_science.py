@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 from pipeline.config import load_params
-from pipeline.evaluate import run_evaluation
-from pipeline.train import run_training
+from pipeline.evaluation.run import run_evaluation
+from pipeline.training.run import run_training
 
 _PAPER = ["loss.infomax=0", "loss.bidirectional_matching=false", "loss.region_match=0", "loss.infomax_usage=image", "loss.target_norm=none"]
 _V1 = ["loss.region_match=4.0", "loss.infomax=1.0", "loss.bidirectional_matching=true"]  # the stabilizers, unit vectors

@@ -23,8 +23,8 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from bench.train_bench import training_step
+from pipeline.clip.model import Teacher
 from pipeline.config import TeacherConfig
-from pipeline.teacher import Teacher
 
 
 def profiled(fn, device: torch.device, iters: int, warmup: int) -> tuple[str, dict]:

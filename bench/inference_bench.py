@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.inference import BackgroundRule, StudentSegmenter
+from pipeline.evaluation.inference import BackgroundRule, StudentSegmenter
 from pipeline.student import ZeroSegStudent, student_arch
 
 

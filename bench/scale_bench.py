@@ -84,10 +84,11 @@ def step(name: str, work: str, n: int, dim: int) -> dict:
     import numpy as np
 
     import cache_schema as cs
-    from pipeline.cache_info import describe
-    from pipeline.cache_store import CacheStore, ShardResult
-    from pipeline.manifest import build_manifest
-    from pipeline.student_data import CachePairs
+    from pipeline.cache.info import describe
+    from pipeline.cache.manifest import build_manifest
+    from pipeline.cache.policy import open_or_create
+    from pipeline.cache.store import ShardResult
+    from pipeline.training.data import CachePairs
 
     work = Path(work)
     listing, url = work / "list.txt", str(work / "store.zarr")
@@ -112,9 +113,9 @@ def step(name: str, work: str, n: int, dim: int) -> dict:
         if name == "create_store":
             shutil.rmtree(url, ignore_errors=True)
             t0 = time.perf_counter()
-            CacheStore.open_or_create(url, identity, paths, GRIDS, cfg)
+            open_or_create(url, identity, paths, GRIDS, cfg)
         elif name == "write":
-            store = CacheStore.open_or_create(url, identity, paths, GRIDS, cfg)
+            store = open_or_create(url, identity, paths, GRIDS, cfg)
             rng = np.random.default_rng(0)
             for shard in range(store.n_shards):
                 rows = len(store.shard_rows_range(shard))
@@ -127,9 +128,9 @@ def step(name: str, work: str, n: int, dim: int) -> dict:
                 ))
             store.finalize()
         elif name == "open_store":
-            CacheStore.open_or_create(url, identity, paths, GRIDS, cfg)
+            open_or_create(url, identity, paths, GRIDS, cfg)
         elif name == "resume_scan":
-            store = CacheStore.open_or_create(url, identity, paths, GRIDS, cfg)
+            store = open_or_create(url, identity, paths, GRIDS, cfg)
             t0 = time.perf_counter()
             extra["shards_left"] = len(store.missing(GRIDS, IMAGE_SIDE))
         elif name == "cache_info":

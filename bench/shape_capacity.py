@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.demo_data import CLASSES, make_scene
+from pipeline.demo.data import CLASSES, make_scene
 from pipeline.student import ZeroSegStudent, student_arch
-from pipeline.student_data import normalize_images
+from pipeline.student.normalize import normalize_images
 
 
 def scenes(n: int, seed: int, side: int, patch: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,8 +31,8 @@ import cache_schema as cs
 from bench import emit
 from bench.teacher_cache_bench import make_images
 from pipeline.config import load_params
-from pipeline.student_data import CachePairs
-from pipeline.teacher_cache import run_teacher_cache
+from pipeline.teacher.run import run_teacher_cache
+from pipeline.training.data import CachePairs
 
 
 def read_rate(store: str, folder: Path, size: int, source: str, repeats: int) -> tuple[float, int]:

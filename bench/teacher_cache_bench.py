@@ -53,7 +53,7 @@ def make_images(folder: Path, n: int, width: int, height: int) -> None:
 
 def run_pipelined(args) -> dict:
     from pipeline.config import load_params
-    from pipeline.teacher_cache import run_teacher_cache
+    from pipeline.teacher.run import run_teacher_cache
 
     t0 = time.perf_counter()
     overrides = [
@@ -86,10 +86,10 @@ def run_naive(args) -> dict:
     import open_clip
     import torch
 
-    from pipeline.decode import center_square_box
-    from pipeline.teacher import Teacher
+    from pipeline.clip.model import Teacher
     from pipeline.config import TeacherConfig
-    from pipeline.views import cell_edges, view_layout
+    from pipeline.core.decode import center_square_box
+    from pipeline.core.views import cell_edges, view_layout
 
     t0 = time.perf_counter()
     teacher = Teacher.load(TeacherConfig(model=args.model, pretrained="", precision=args.precision, device=args.device))
@@ -116,8 +116,8 @@ def teacher_flops_per_view(args) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from pipeline.clip.model import Teacher
     from pipeline.config import TeacherConfig
-    from pipeline.teacher import Teacher
 
     teacher = Teacher.load(TeacherConfig(model=args.model, pretrained="", precision="fp32", device="cpu"))
     # An input that requires grad keeps nn.MultiheadAttention off its inference fast path,

@@ -26,8 +26,7 @@ from bench import emit
 from bench.teacher_cache_bench import dense_bf16_peak
 from pipeline.config import load_params
 from pipeline.student import ZeroSegStudent, param_groups_for_weight_decay, student_arch
-from pipeline.train import StudentObjective
-
+from pipeline.student.objective import StudentObjective
 
 
 def training_step(args, device: torch.device):
@@ -82,8 +81,8 @@ def compute_bench(args, device: torch.device) -> dict:
 
 def end_to_end_bench(args, device: torch.device) -> dict:
     from bench.teacher_cache_bench import make_images
-    from pipeline.teacher_cache import run_teacher_cache
-    from pipeline.train import run_training
+    from pipeline.teacher.run import run_teacher_cache
+    from pipeline.training.run import run_training
 
     with tempfile.TemporaryDirectory() as tmp:
         make_images(Path(tmp) / "images", args.e2e_images, 500, 375)

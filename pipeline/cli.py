@@ -17,7 +17,7 @@ import typer
 
 import cache_schema as cs
 from pipeline.config import Params, load_params
-from pipeline.errors import ZerosegError
+from pipeline.core.errors import ZerosegError
 
 EXAMPLES = """Examples:
 
@@ -70,8 +70,8 @@ def params_for_model(params: Path | None, set_: list[str] | None, checkpoint: Pa
     """
     if params is not None or Path("params.yaml").is_file():
         return load_params(params or Path("params.yaml"), set_ or ())
-    from pipeline.checkpoint import load_checkpoint
     from pipeline.config import SECTIONS
+    from pipeline.core.checkpoint import load_checkpoint
 
     recorded = load_checkpoint(checkpoint, mmap=True).get("config", {})  # load_model reads the weights
     base = {}
@@ -93,7 +93,7 @@ def teacher_cache(
     repair: Annotated[bool, typer.Option("--repair", help="read every shard first and recompute exactly the damaged ones (what cache validate --deep reports)")] = False,
 ) -> None:
     """Stage one: embed every image's multi-scale views with the teacher, into a Zarr store."""
-    from pipeline.teacher_cache import run_teacher_cache
+    from pipeline.teacher.run import run_teacher_cache
 
     if stats_json and not stats_json.parent.is_dir():  # found out now, not after hours of work
         raise typer.BadParameter(f"{stats_json.parent} is not a folder", param_hint="--stats-json")
@@ -127,7 +127,7 @@ def train(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
     """Stage two: train the student from the teacher cache (torchrun for several GPUs)."""
-    from pipeline.train import run_training
+    from pipeline.training.run import run_training
 
     if resume and auto_resume:
         raise typer.BadParameter("--resume and --auto-resume exclude each other: --resume fails when the checkpoint differs, --auto-resume starts afresh", param_hint="--resume")
@@ -150,7 +150,7 @@ def demo_teacher(
     set_: SetOpt = None,
 ) -> None:
     """Reproduce the demo's CLIP teacher: an open_clip model trained on captioned scene crops."""
-    from pipeline.demo_teacher import check_out_dir, train_demo_teacher
+    from pipeline.demo.teacher import check_out_dir, train_demo_teacher
 
     if out is None:
         teacher = load_params(params, set_ or ()).teacher
@@ -176,7 +176,7 @@ def evaluate(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     """Zero-shot mIoU of the student, the baselines and the grouping oracles on eval.datasets."""
-    from pipeline.evaluate import run_evaluation
+    from pipeline.evaluation.run import run_evaluation
 
     results = run_evaluation(params_for_model(params, set_, checkpoint), checkpoint, metrics, pictures, base_checkpoint=base_checkpoint, progress=not quiet, echo=typer.echo, details_dir=details)
     typer.echo(f"\nmetrics written to {', '.join(str(metrics / f'{n}.json') for n in results)}, per-class detail to {details}" + (f", pictures to {pictures}" if pictures else ""))
@@ -197,7 +197,7 @@ def segment(
     strict: Annotated[bool, typer.Option("--strict", help="exit 1 when some images could not be read (the others are segmented either way)")] = False,
 ) -> None:
     """Zero-shot segmentation of any images with any vocabulary: a mask PNG and an overlay PNG each."""
-    from pipeline.segment import parse_classes, run_segment
+    from pipeline.evaluation.segment import parse_classes, run_segment
 
     def report(r: dict) -> None:  # as each image is done; skip reasons go to stderr with the summary
         if "error" in r:
@@ -223,10 +223,10 @@ def cache_info(
     set_: SetOpt = None,
 ) -> None:
     """Teacher identity, views, dims, rows by status, fingerprint, provenance, failures."""
-    from pipeline.cache_info import describe
+    from pipeline.cache.info import describe
 
     if path is None:
-        from pipeline.teacher_cache import find_store
+        from pipeline.cache.identity import find_store
 
         path = find_store(load_params(params, set_ or ()), progress=False)
     info = describe(path)
@@ -284,7 +284,7 @@ def cache_validate(
             raise typer.BadParameter("--set overrides params, and there is no params.yaml here: pass --params FILE too", param_hint="--set")
         params = Path("params.yaml")
     if params is not None:
-        from pipeline.teacher_cache import identity_from_params
+        from pipeline.cache.identity import identity_from_params
 
         loaded = load_params(params, set_ or ())
         expected, grids = identity_from_params(loaded), tuple(sorted(set(loaded.cache.grids)))
@@ -312,7 +312,7 @@ def demo_data(
     out: Annotated[Path, typer.Option("--out", help="folder to write images/ and eval/ into")] = Path("data/demo"),
 ) -> None:
     """Generate the built-in synthetic scenes (data.demo_*): shapes on textures, with masks."""
-    from pipeline.demo_data import write_demo_dataset
+    from pipeline.demo.data import write_demo_dataset
 
     d = load_params(params, set_ or ()).data
     counts = write_demo_dataset(out, n_train=d.demo_train, n_eval=d.demo_eval, size=d.demo_size, seed=d.demo_seed)
@@ -332,7 +332,7 @@ def interrupted(args: list[str]) -> str:
     """What Ctrl-C leaves behind, for the command in `args` (asked when it happens)."""
     command = next((a for a in args if not a.startswith("-")), "")
     if command == "train":
-        from pipeline.train import SAVED
+        from pipeline.training.state import SAVED
 
         if SAVED.get("step") is not None:
             return f"zeroseg: interrupted; the checkpoint of step {SAVED['step']} is kept ({SAVED['path']}): rerun with --resume to continue"
@@ -342,7 +342,7 @@ def interrupted(args: list[str]) -> str:
 
 def _run_app(args: list[str] | None):
     """typer's app; a command that fails or is interrupted takes back the empty output folders it made."""
-    from pipeline.manifest import remove_empty_created
+    from pipeline.core.files import remove_empty_created
 
     try:
         result = app(args=args, standalone_mode=False)

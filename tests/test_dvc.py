@@ -1,48 +1,14 @@
 """The DVC contract, on the project's real dvc.yaml in a temporary git repository."""
 
 import json
-import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
-
-from conftest import REPO, TINY_TEACHER
+from conftest import dvc
 
 pytestmark = pytest.mark.slow
-
-
-def dvc(cwd, *args):
-    # Stage commands say `python`: make it this interpreter, as an activated venv would.
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 0, f"dvc {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
-
-
-@pytest.fixture
-def project(tmp_path):
-    """A copy of the project's code and pipeline, with params shrunk to the tiny teacher."""
-    for name in ("pipeline", "stages", "cache_schema", "assets"):
-        shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore"):
-        (tmp_path / name).parent.mkdir(exist_ok=True)
-        shutil.copy(REPO / name, tmp_path / name)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"].update(demo_train=6, demo_eval=2, demo_size=48)
-    params["teacher"].update(TINY_TEACHER)
-    params["cache"].update(shard_rows=4, chunk_rows=2)
-    params["student"].update(variant="zeroseg_micro")
-    params["train"].update(epochs=1, warmup_epochs=0, batch_size=2, micro_batch=2, num_workers=0, log_every=1)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t.invalid"]
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=tmp_path, check=True)
-    subprocess.run([*git, "commit", "-qm", "project"], cwd=tmp_path, check=True)
-    return tmp_path
 
 
 def set_param(project, section, key, value):

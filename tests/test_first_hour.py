@@ -7,11 +7,11 @@ import shutil
 import pytest
 
 import cache_schema as cs
-
+from pipeline.cache.identity import find_store
 from pipeline.config import load_params
-from pipeline.errors import InputError
-from pipeline.teacher_cache import find_store, run_teacher_cache
-from pipeline.train import run_training
+from pipeline.core.errors import InputError
+from pipeline.teacher.run import run_teacher_cache
+from pipeline.training.run import run_training
 from tests.conftest import write_params
 
 TINY_TRAIN = [
@@ -48,7 +48,7 @@ def test_train_refuses_a_store_built_from_other_images(built_cache, demo_dir, tm
 
 
 def test_segment_leaves_annotation_folders_out_and_takes_globs(demo_dir, caplog):
-    from pipeline.segment import expand_images
+    from pipeline.evaluation.segment import expand_images
 
     names = lambda found: sorted(name.as_posix() for _, name in found)  # noqa: E731
     images = names(expand_images([demo_dir / "eval"]))  # a VOC-style split: JPEGImages/ + SegmentationClass/
@@ -124,7 +124,7 @@ def test_dvc_rewriting_params_yaml_leaves_it_as_it_is(tmp_path):
 
 def test_an_interrupted_train_says_whether_it_kept_a_checkpoint(built_cache, tmp_path):
     from pipeline.cli import interrupted
-    from pipeline.train import SAVED
+    from pipeline.training.state import SAVED
 
     store, params = built_cache
     SAVED.clear()  # a process that has written no checkpoint yet
@@ -184,8 +184,8 @@ def test_demo_teacher_refuses_to_write_over_a_teacher_before_training(tmp_path, 
 
 
 def test_teacher_names_get_a_suggestion_and_offline_hub_weights_fail_at_once(tmp_path, monkeypatch):
+    from pipeline.clip.model import Teacher
     from pipeline.config import TeacherConfig
-    from pipeline.teacher import Teacher
 
     with pytest.raises(InputError, match="'ViT-B-3' is not an open_clip model name.*did you mean ViT-B-32"):
         Teacher.load(TeacherConfig(model="ViT-B-3", pretrained="", device="cpu"))
@@ -227,9 +227,9 @@ def test_every_store_array_names_its_dimensions_and_status_its_codes(built_cache
 def test_a_checkpoint_of_another_model_definition_is_not_continued(built_cache, tmp_path, caplog):
     """After a change of the code that defines the model (say a norm's eps), the DVC stage's
     --auto-resume must train afresh, not continue weights made for the old definition."""
-    from pipeline.checkpoint import load_checkpoint, save_checkpoint
+    from pipeline.core.checkpoint import load_checkpoint, save_checkpoint
     from pipeline.student import ZeroSegStudent, student_arch
-    from pipeline.train import model_signature
+    from pipeline.training.state import model_signature
 
     store, params = built_cache
     p = load_params(params, [*TINY_TRAIN, "train.epochs=2"])

@@ -3,16 +3,16 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_params
-from pipeline.cache_store import load_targets
-from pipeline.checkpoint import load_checkpoint
+
+from pipeline.cache.reader import load_targets
+from pipeline.clip.model import Teacher
 from pipeline.config import TeacherConfig, load_params
-from pipeline.decode import decode_center_square
-from pipeline.teacher import Teacher
-from pipeline.teacher_cache import run_teacher_cache
-from pipeline.train import run_training
-from pipeline.views import make_views
+from pipeline.core.checkpoint import load_checkpoint
+from pipeline.core.decode import decode_center_square
+from pipeline.core.views import make_views
+from pipeline.teacher.run import run_teacher_cache
+from pipeline.training.run import run_training
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -70,15 +70,15 @@ def test_stage_one_never_waits_for_the_gpu_between_batches(tmp_path, demo_dir):
     # Each batch's results come back through pinned memory and an event, never a stream-wide sync:
     # a sync would drain the queue (the next batch's forward included) and idle the GPU while the
     # following batch is cut.
-    from pipeline.cache_store import CacheStore
-    from pipeline.manifest import build_manifest
-    from pipeline.shard_compute import RunStats, compute_shards
-    from pipeline.teacher_cache import expected_identity
+    from pipeline.cache.identity import expected_identity
+    from pipeline.cache.manifest import build_manifest
+    from pipeline.cache.policy import open_or_create
+    from pipeline.teacher.shards import RunStats, compute_shards
 
     params = load_params(write_params(tmp_path / "params.yaml", demo_dir / "images", tmp_path / "caches", teacher={"device": "cuda", "batch_size": 2}))
     teacher = Teacher.load(params.teacher)
     manifest = build_manifest(params.data.images, "stat", progress=False)
-    store = CacheStore.open_or_create(str(tmp_path / "s.zarr"), expected_identity(teacher, manifest, params.data.min_side), manifest.paths, (1, 2, 3, 4), params.cache)
+    store = open_or_create(str(tmp_path / "s.zarr"), expected_identity(teacher, manifest, params.data.min_side), manifest.paths, (1, 2, 3, 4), params.cache)
     teacher.encode(make_views([torch.from_numpy(decode_center_square(manifest.root / manifest.paths[0]).square)], [1, 2, 3, 4], teacher.spec, "cuda")[0])
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -95,8 +95,8 @@ def test_a_training_step_queues_without_waiting_for_the_gpu(built_cache):
     # queued without the host waiting; run_training then reads the terms back once per
     # optimizer step.
     from pipeline.student import ZeroSegStudent, student_arch
-    from pipeline.student_data import normalize_images
-    from pipeline.train import StudentObjective
+    from pipeline.student.normalize import normalize_images
+    from pipeline.student.objective import StudentObjective
 
     _, params_file = built_cache
     params = load_params(params_file, ["loss.region_match=1.0", "loss.infomax=0.5", "loss.bidirectional_matching=true"])

@@ -16,7 +16,11 @@ from pipeline.evaluation.datasets import (
     open_voc_layout,
     read_class_names,
 )
-from pipeline.evaluation.metrics import ConfusionMatrix, SegmentationScores, format_table
+from pipeline.evaluation.metrics import (
+    ConfusionMatrix,
+    SegmentationScores,
+    format_table,
+)
 
 __all__ = [
     "COCO_OBJECT",

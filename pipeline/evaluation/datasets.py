@@ -32,8 +32,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from pipeline.errors import InputError
-from pipeline.manifest import read_text_file
+from pipeline.core.errors import InputError
+from pipeline.core.files import read_text_file
 
 IGNORE_INDEX = 255
 

@@ -1,7 +1,7 @@
 """The ZeroSeg student (stage two): masked ViT encoder, MAE decoder, grouping head, losses."""
 
 from pipeline.student.config import VARIANTS, StudentArch, student_arch
-from pipeline.student.grouping import GroupingBlock, Grouped, compose_assignments
+from pipeline.student.grouping import Grouped, GroupingBlock, compose_assignments
 from pipeline.student.head import HeadOutput, SegmentationHead
 from pipeline.student.losses import (
     AssignmentInfoMaxLoss,
@@ -11,7 +11,12 @@ from pipeline.student.losses import (
     local_view_mask,
 )
 from pipeline.student.masking import Masked, random_masking
-from pipeline.student.model import EncoderOutput, SegmentPrediction, StudentOutput, ZeroSegStudent
+from pipeline.student.model import (
+    EncoderOutput,
+    SegmentPrediction,
+    StudentOutput,
+    ZeroSegStudent,
+)
 from pipeline.student.patches import patchify, unpatchify
 from pipeline.student.pos_embed import resize_sincos_pos_embed, sincos_2d
 from pipeline.student.pretrained import LoadReport, load_encoder_state_dict

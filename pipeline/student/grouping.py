@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import Tensor, nn
 
-
 # Every norm of the grouping head is GroupViT's nn.LayerNorm (eps 1e-5), named here so that no
 # library default decides it; the encoder and decoder use MAE's (eps 1e-6, model.MAE_NORM).
 GROUPVIT_NORM = functools.partial(nn.LayerNorm, eps=1e-5)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.views import view_layout
+from pipeline.core.views import view_layout
 
 
 def l1_distance(a: Tensor, b: Tensor) -> Tensor:

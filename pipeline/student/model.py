@@ -10,7 +10,6 @@ head lives under `seg_head.*` (not `head.*`, which is timm's classifier).
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -27,7 +26,6 @@ from pipeline.student.patches import patchify, unpatchify
 from pipeline.student.pos_embed import resize_sincos_pos_embed, sincos_2d
 from pipeline.student.pretrained import LoadReport, load_encoder_state_dict
 from pipeline.student.target_space import TargetSpace
-
 
 # MAE's norms (eps 1e-6) for the encoder, the decoder and the global branch, named here so that
 # no library default decides them (timm's Block happens to default to the same today).

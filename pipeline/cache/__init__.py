@@ -1,0 +1,1 @@
+"""The teacher cache: the store's layout and shards, its codecs, its identity, its reader and its summary."""

@@ -1,0 +1,1 @@
+"""The CLIP model every stage uses: stage one's teacher, stage two's segment-crop targets, evaluation's text encoder."""

@@ -1,0 +1,202 @@
+"""Training-free baselines: the teacher alone, no student, through the same protocol.
+
+- `training_free` (any teacher): classify every cell of 2x2, 3x3 and 4x4 grids over the
+  resized image (the cache's own kind of views) and average the cells' class scores per pixel.
+- `maskclip`, `sclip`, `naclip` (open_clip ViT teachers): dense CLIP as MaskCLIP, SCLIP and
+  NACLIP do it, each rewriting the teacher's last block only (`DENSE_CLIP`): one embedding per
+  patch, through the final LayerNorm and the image projection; teacher-sized windows slide over
+  the image with half-window stride and overlapping scores are averaged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import VisionTransformer
+
+from pipeline.clip.model import Teacher
+from pipeline.core.errors import InputError
+from pipeline.core.views import cell_edges
+from pipeline.evaluation.inference import (
+    BackgroundRule,
+    Prediction,
+    WindowAverage,
+    class_scores,
+    finish,
+    keep_topk,
+    resize_short_side,
+    window_origins,
+)
+
+
+def _normalize(teacher: Teacher, pixels: torch.Tensor) -> torch.Tensor:
+    """[n, 3, T, T] in 0..255 -> the teacher's normalized input."""
+    mean = torch.tensor(teacher.spec.mean, device=pixels.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(teacher.spec.std, device=pixels.device).view(1, 3, 1, 1) * 255
+    return (pixels - mean) / std
+
+
+def _to_view(teacher: Teacher, pixels: torch.Tensor) -> torch.Tensor:
+    """[3, h, w] in 0..255 -> [3, T, T] at the teacher's input size (8-bit levels, as the cache's views)."""
+    size = teacher.spec.size
+    return F.interpolate(pixels[None], size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0].clamp_(0, 255).round_()
+
+
+def _restrict(scores: torch.Tensor, teacher: Teacher, x: torch.Tensor, text: torch.Tensor, scale: float, rule: BackgroundRule, topk: int, center: torch.Tensor | None) -> torch.Tensor:
+    """`keep_topk` with the image's classes picked by the teacher's whole-image (1x1) view."""
+    if not topk:
+        return scores
+    image = class_scores(teacher.encode(_normalize(teacher, _to_view(teacher, x.to(teacher.device))[None])), text, scale, rule.mode, center)[0]  # [K']
+    return keep_topk(scores, image, topk, rule.background_rows)
+
+
+class GridTeacherSegmenter:
+    """The training-free baseline: the teacher classifies grid cells, pixels average their cells.
+
+    Args:
+        teacher: the loaded CLIP teacher.
+        text: [K', D] unit class embeddings (background words first under the `class` rule).
+        logit_scale, rule, short_side: as for the student.
+        grids: grid sizes whose cells are classified (the cache's local views by default).
+        topk_classes: keep only the image's k best classes by its whole-image view (0: all).
+        center: [D] eval.calibration's mean, as for the student (`class_scores`).
+    """
+
+    def __init__(self, teacher: Teacher, text: torch.Tensor, logit_scale: float, rule: BackgroundRule, *, short_side: int = 448, grids: Sequence[int] = (2, 3, 4), topk_classes: int = 0, center: torch.Tensor | None = None):
+        self.teacher, self.text, self.scale, self.rule = teacher, text.to(teacher.device), logit_scale, rule
+        self.short_side, self.grids, self.topk, self.center = short_side, tuple(grids), topk_classes, center
+
+    @torch.inference_mode()
+    def predict(self, image: np.ndarray) -> Prediction:
+        x = resize_short_side(image, self.short_side).round_()  # [3, h, w] 8-bit levels
+        h, w = x.shape[-2:]
+        cells, boxes = [], []
+        for g in self.grids:
+            ys, xs = cell_edges(h, g), cell_edges(w, g)
+            for r in range(g):
+                for c in range(g):
+                    cells.append(_to_view(self.teacher, x[:, ys[r] : ys[r + 1], xs[c] : xs[c + 1]]))
+                    boxes.append((ys[r], ys[r + 1], xs[c], xs[c + 1]))
+        views = torch.stack(cells)  # [n, 3, T, T]
+        probs = class_scores(self.teacher.encode(_normalize(self.teacher, views)), self.text, self.scale, self.rule.mode, self.center)  # [n, K]
+        acc = torch.zeros(self.text.shape[0], h, w, device=probs.device)  # [K, h, w]
+        for p, (y0, y1, x0, x1) in zip(probs, boxes):
+            acc[:, y0:y1, x0:x1] += p[:, None, None]
+        acc /= len(self.grids)  # every pixel lies in exactly one cell per grid
+        acc = _restrict(acc.permute(1, 2, 0), self.teacher, x, self.text, self.scale, self.rule, self.topk, self.center)  # [h, w, K]
+        score, label = self.rule.decide(acc)  # [h, w]
+        return finish(label, score, self.rule, image.shape[:2])
+
+
+NACLIP_STD = 5.0  # NACLIP's Gaussian neighbourhood, in patches (its published setting)
+
+
+def neighbourhood_bias(grid: tuple[int, int], std: float = NACLIP_STD, prefix: int = 1) -> torch.Tensor:
+    """NACLIP's attention addition [prefix + h*w, prefix + h*w]: between patches at (r, c) and
+    (r', c'), exp(-((r - r')^2 + (c - c')^2) / (2 std^2)); 0 in the class token's row and column."""
+    h, w = grid
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    pos = torch.stack([rows.flatten(), cols.flatten()], dim=1)  # [N, 2]
+    bias = torch.exp(-torch.cdist(pos, pos).square() / (2 * std**2))  # [N, N]
+    return F.pad(bias, (prefix, 0, prefix, 0)).float()
+
+
+def last_block_attention(q: torch.Tensor, k: torch.Tensor, kind: str, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """Attention weights [n, heads, L, L] of the dense-CLIP variants from per-head q, k [n, heads, L, d].
+
+    `identity`: each token attends to itself only (MaskCLIP's value embeddings); `csa`: SCLIP's
+    correlative self-attention, softmax(q q^T) + softmax(k k^T); `neighbourhood`: NACLIP's,
+    softmax(k k^T + the Gaussian neighbourhood bias over the patch grid). Scaled by d^-1/2.
+    """
+    n, heads, L, d = q.shape
+    scale = d**-0.5
+    if kind == "identity":
+        return torch.eye(L, dtype=q.dtype, device=q.device).expand(n, heads, L, L)
+    if kind == "csa":
+        return (q @ q.transpose(-1, -2) * scale).softmax(dim=-1) + (k @ k.transpose(-1, -2) * scale).softmax(dim=-1)
+    if kind == "neighbourhood":
+        bias = neighbourhood_bias(grid, prefix=L - grid[0] * grid[1]).to(device=q.device, dtype=q.dtype)
+        return (k @ k.transpose(-1, -2) * scale + bias).softmax(dim=-1)
+    raise ValueError(f"unknown attention {kind!r}")
+
+
+# What each method changes in the last block of the teacher's ViT (nothing before it):
+# (attention, keep the residual, keep the feed-forward).
+DENSE_CLIP = {
+    "maskclip": ("identity", False, False),  # MaskCLIP: value embeddings, no residual, no FFN
+    "sclip": ("csa", True, True),  # SCLIP: correlative self-attention, residual and FFN kept
+    "naclip": ("neighbourhood", False, False),  # NACLIP: neighbourhood attention, "reduced" block
+}
+
+
+class MaskCLIPSegmenter:
+    """Dense CLIP from an open_clip ViT teacher: one class decision per patch.
+
+    `method` is `maskclip` (MaskCLIP), `sclip` (SCLIP) or `naclip` (NACLIP): each rewrites the
+    last transformer block only (`DENSE_CLIP`), then every token goes through the final
+    LayerNorm and the image projection into the text space. Teacher-sized windows slide with
+    half-window stride (their published 224/112 for a 224-px teacher) and overlapping scores are
+    averaged.
+
+    Args:
+        teacher: an open_clip model whose image tower is a VisionTransformer with a class token.
+        text, logit_scale, rule, short_side, topk_classes, center: as for the grid baseline.
+    """
+
+    def __init__(self, teacher: Teacher, text: torch.Tensor, logit_scale: float, rule: BackgroundRule, *, short_side: int = 448, topk_classes: int = 0, center: torch.Tensor | None = None,
+                 method: str = "maskclip"):
+        if method not in DENSE_CLIP:
+            raise InputError(f"eval.baselines: unknown dense-CLIP method {method!r} (known: {', '.join(DENSE_CLIP)})")
+        visual = teacher.model.visual
+        if not isinstance(visual, VisionTransformer) or getattr(visual, "attn_pool", None) is not None or visual.proj is None:
+            raise InputError(f"eval.baselines: {method} needs an open_clip ViT teacher with a class token, not {teacher.identity.model}")
+        if not isinstance(visual.transformer.resblocks[-1].attn, torch.nn.MultiheadAttention):
+            raise InputError(f"eval.baselines: {method} does not know the attention of {teacher.identity.model}")
+        self.teacher, self.text, self.scale, self.rule = teacher, text.to(teacher.device), logit_scale, rule
+        self.short_side, self.topk, self.center = short_side, topk_classes, center
+        self.method = method
+
+    def dense_features(self, views: torch.Tensor) -> torch.Tensor:
+        """[n, 3, T, T] normalized -> [n, gh, gw, D] per-patch embeddings in the text space."""
+        visual = self.teacher.model.visual
+        x = visual._embeds(views.to(self.teacher.view_dtype))  # [n, 1 + N, C]
+        blocks = visual.transformer.resblocks
+        for block in blocks[:-1]:
+            x = block(x)
+        last = blocks[-1]
+        kind, residual, ffn = DENSE_CLIP[self.method]
+        n, L, c = x.shape
+        heads = last.attn.num_heads
+        side = int(round((L - 1) ** 0.5))
+        q, k, v = F.linear(last.ln_1(x), last.attn.in_proj_weight, last.attn.in_proj_bias).view(n, L, 3, heads, c // heads).permute(2, 0, 3, 1, 4)  # 3 x [n, h, L, d]
+        attn = last_block_attention(q, k, kind, (side, side))  # [n, h, L, L]
+        y = last.attn.out_proj((attn @ v).transpose(1, 2).reshape(n, L, c))  # [n, L, C]
+        ls_1, ls_2 = getattr(last, "ls_1", torch.nn.Identity()), getattr(last, "ls_2", torch.nn.Identity())
+        if residual:
+            y = x + ls_1(y)
+        if ffn:
+            y = y + ls_2(last.mlp(last.ln_2(y)))
+        feats = (visual.ln_post(y[:, 1:]) @ visual.proj).float()  # [n, N, D], class token dropped
+        return feats.view(n, side, side, -1)  # [n, gh, gw, D]
+
+    @torch.inference_mode()
+    def predict(self, image: np.ndarray) -> Prediction:
+        size = self.teacher.spec.size
+        x = resize_short_side(image, max(self.short_side, size)).round_().to(self.teacher.device)  # [3, h, w]
+        h, w = x.shape[-2:]
+        origins = [(t, l) for t in window_origins(h, size, size // 2) for l in window_origins(w, size, size // 2)]
+        crops = torch.stack([x[:, t : t + size, l : l + size] for t, l in origins])  # [n, 3, T, T]
+        feats = self.dense_features(_normalize(self.teacher, crops))  # [n, gh, gw, D]
+        n, gh, gw, _ = feats.shape
+        scores = class_scores(feats.reshape(n * gh * gw, -1), self.text, self.scale, self.rule.mode, self.center)  # [n*gh*gw, K]
+        scores = scores.view(n, gh, gw, -1).permute(0, 3, 1, 2)  # [n, K, gh, gw]
+        scores = F.interpolate(scores, size=(size, size), mode="bilinear", align_corners=False)  # [n, K, T, T]
+        merged = WindowAverage(scores.shape[1], h, w, scores.device)
+        for s, (t, l) in zip(scores, origins):
+            merged.add(t, l, s)
+        scores = _restrict(merged.result().permute(1, 2, 0), self.teacher, x, self.text, self.scale, self.rule, self.topk, self.center)  # [h, w, K]
+        score, label = self.rule.decide(scores)  # [h, w]
+        return finish(label, score, self.rule, image.shape[:2])

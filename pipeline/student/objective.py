@@ -1,0 +1,93 @@
+"""The student's objective: every loss term, weighted in one place."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.config import Params
+from pipeline.core.errors import ConfigError
+from pipeline.core.views import view_layout
+from pipeline.student.grouping import compose_assignments
+from pipeline.student.losses import (
+    AssignmentInfoMaxLoss,
+    ContrastiveRegionLoss,
+    DistillationLoss,
+    ReconstructionLoss,
+    RegionMatchingLoss,
+    SegmentCropLoss,
+    SegmentMatchingLoss,
+    cell_layout,
+    local_view_mask,
+    token_cells,
+)
+from pipeline.student.target_space import TargetSpace
+
+
+class StudentObjective(torch.nn.Module):
+    """All loss terms, weighted in this one place. Returns (total, {term: unweighted value})."""
+
+    def __init__(self, params: Params, grids: tuple[int, ...]):
+        super().__init__()
+        self.cfg = params.loss
+        # Under a centered or standardised target space both sides arrive transformed (forward).
+        self.affine = self.cfg.target_norm != "none"
+        unit = not self.affine
+        self.distill = DistillationLoss(normalize=unit)
+        self.matching = SegmentMatchingLoss(bidirectional=self.cfg.bidirectional_matching, normalize=unit)
+        self.reconstruction = ReconstructionLoss(norm_pix=self.cfg.norm_pix)
+        self.infomax = AssignmentInfoMaxLoss(usage=self.cfg.infomax_usage)
+        self.region = RegionMatchingLoss(normalize=unit)
+        self.contrastive = ContrastiveRegionLoss(tau=self.cfg.contrastive_tau)
+        self.segment_crop = SegmentCropLoss()
+        self.grids = grids
+        # Local views as indices, not a mask, and their presence as a Python bool: indexing with
+        # a boolean CUDA mask and `bool(tensor)` each make the host wait for the GPU.
+        local = local_view_mask(grids)
+        self.has_local = bool(local.any())
+        self.register_buffer("local", local.nonzero().squeeze(1), persistent=False)  # [V_local] view indices
+        region = set(self.cfg.region_grids or grids)
+        if self.cfg.region_grids and (not region <= set(grids) or region == {1}):
+            raise ConfigError(f"loss.region_grids {list(self.cfg.region_grids)}: must be local grids among loss.grids {list(grids)}")
+        self.register_buffer("region_views", torch.tensor([float(g in region) for g, _, _ in view_layout(grids)]), persistent=False)
+        self.register_buffer("layout", cell_layout(grids), persistent=False)  # [3, V]
+
+    def forward(self, out, targets: torch.Tensor, patches: torch.Tensor, space: TargetSpace,
+                crops: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Args:
+            out: the student's `StudentOutput`.
+            targets: [B, V, D] teacher views as cached.
+            patches: [B, L, p*p*3] the images' patches (reconstruction targets).
+            space: the student's target space (`model.target_space`).
+            crops: with `loss.segment_crop`, the teacher's embeddings of the segments' crops and
+                which segments have one (`SegmentCropTargets`).
+        """
+        c = self.cfg
+        z, segments = out.z, out.segments
+        if self.affine:
+            targets = space.targets(targets)  # [B, V, D]
+            z, segments = space.predictions(z, affine=True), space.predictions(segments, affine=True)
+        terms = dict(self.distill(z, targets))
+        weights = {"distill": c.distill}
+        if c.segment_match and self.has_local:
+            terms.update(self.matching(segments, targets, self.local))
+            weights.update(segment_match=c.segment_match, view_match=c.view_match)
+        if (c.region_match or c.contrastive) and self.has_local:
+            cells = token_cells(out.ids_keep, out.grid, self.layout) * self.region_views  # [B, N, V]
+            assignment = compose_assignments(out.hard_assignments)  # [B, S, N]
+            if c.region_match:
+                terms.update(self.region(segments, targets, assignment, cells))
+                weights["region_match"] = c.region_match
+            if c.contrastive:
+                terms.update(self.contrastive(segments, targets, assignment, cells))
+                weights["contrastive"] = c.contrastive
+        if c.segment_crop and crops is not None:
+            terms.update(self.segment_crop(out.segments, *crops, compose_assignments(out.hard_assignments)))
+            weights["segment_crop"] = c.segment_crop
+        if c.reconstruction and out.pred is not None:
+            terms.update(self.reconstruction(out.pred, patches, out.mask))
+            weights["reconstruction"] = c.reconstruction
+        if c.infomax:
+            terms.update(self.infomax(out.soft_assignments))
+            weights.update(usage_neg_entropy=c.infomax, token_entropy=c.infomax)
+        total = sum(weights[k] * v for k, v in terms.items())
+        return total, terms

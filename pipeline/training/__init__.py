@@ -1,0 +1,1 @@
+"""Stage two: the student trained from the cache (data, schedule, engine, run with set-up and resume, live logging)."""

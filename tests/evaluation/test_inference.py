@@ -1,0 +1,397 @@
+"""Zero-shot inference, the segment command, text embeddings and the evaluation harness."""
+
+import json
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import run_cli
+from PIL import Image
+
+from pipeline.config import load_params
+from pipeline.core.decode import load_rgb
+from pipeline.core.errors import InputError
+from pipeline.evaluation.baselines import GridTeacherSegmenter, MaskCLIPSegmenter
+from pipeline.evaluation.inference import (
+    BackgroundRule,
+    StudentSegmenter,
+    vocabulary,
+    window_origins,
+)
+from pipeline.evaluation.models import load_model
+from pipeline.evaluation.run import run_evaluation
+from pipeline.evaluation.text import ClassEmbedder, template_set
+from pipeline.training.run import run_training
+
+EVAL = ["eval.short_side=64", "eval.window=32", "eval.stride=16", "eval.templates=single", "eval.pictures=2"]
+
+
+@pytest.fixture(scope="module")
+def trained(built_cache, tmp_path_factory, demo_dir):
+    """A micro student trained for a few steps on the 8-row cache, and params pointing eval at the demo split."""
+    store, params_path = built_cache
+    out = tmp_path_factory.mktemp("student")
+    overrides = ["student.variant=zeroseg_micro", "train.batch_size=8", "train.micro_batch=8", "train.num_workers=0",
+                 "train.epochs=3", "train.warmup_epochs=0", "train.base_lr=0.01", *EVAL, f"eval.datasets.demo={demo_dir}"]
+    params = load_params(params_path, overrides)
+    run_training(params, str(store), out, progress=False)
+    return params, out / "checkpoint.pt", params_path, overrides
+
+
+@pytest.fixture(scope="module")
+def model(trained):
+    params, ckpt, _, _ = trained
+    return load_model(params, ckpt)
+
+
+def test_window_origins_cover_the_image():
+    assert window_origins(448, 448, 224) == [0]
+    assert window_origins(600, 448, 224) == [0, 152]
+    assert window_origins(1000, 448, 224) == [0, 224, 448, 552]  # as mmseg slides: 4 windows
+    assert window_origins(100, 448, 224) == [0]
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (50, 90), (120, 40), (33, 47)])
+def test_student_predicts_every_pixel_at_any_size(model, shape):
+    text = model.embedder(["circle", "square", "star"], template_set("single"))
+    image = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    for threshold, expect_background in ((-1.0, False), (2.0, True)):
+        seg = StudentSegmenter(model.student, text, model.embedder.logit_scale, BackgroundRule("probability", threshold), short_side=64, window=32, stride=16)
+        pred = seg.predict(image)
+        assert pred.labels.shape == shape and pred.score.shape == shape
+        if expect_background:
+            assert (pred.labels == 0).all()  # nothing reaches a probability of 2
+        else:
+            assert (pred.labels >= 1).all() and pred.labels.max() <= 3  # every pixel gets a class
+            assert (pred.score > 0).all()
+
+
+def test_training_free_baseline_paints_cells(model):
+    text = model.embedder(["circle", "square"], template_set("single"))
+    image = np.random.default_rng(1).integers(0, 256, (40, 70, 3), dtype=np.uint8)
+    pred = GridTeacherSegmenter(model.teacher, text, model.embedder.logit_scale, BackgroundRule("cosine", -2.0), short_side=48).predict(image)
+    assert pred.labels.shape == (40, 70) and set(np.unique(pred.labels)) <= {1, 2}
+    assert (pred.score >= -1).all() and (pred.score <= 1).all()  # cosine scores
+
+
+def test_class_rule_makes_background_words_compete_with_the_classes():
+    rule = BackgroundRule("class", float("-inf"), background_rows=2)
+    scores = torch.tensor([[0.5, 0.1, 0.2, 0.2], [0.1, 0.4, 0.3, 0.2], [0.1, 0.1, 0.7, 0.1], [0.1, 0.1, 0.2, 0.6]])
+    best, label = rule.decide(scores)  # rows 0-1 are background words, rows 2-3 classes 1-2
+    assert label.tolist() == [0, 0, 1, 2] and best.tolist() == pytest.approx([0.5, 0.4, 0.7, 0.6])
+    best, label = BackgroundRule("probability", 0.5).decide(scores[:, 2:])
+    assert label.tolist() == [1, 1, 1, 2]  # without them, the threshold alone decides background
+    with pytest.raises(ValueError):
+        BackgroundRule("probability", 0.5, background_rows=1)
+
+
+def test_class_rule_through_the_segmenters(model):
+    classes = ["circle", "square", "star"]
+    text, rule = vocabulary(model.embedder, classes, template_set("single"), mode="class", threshold=0.9, bg_words=("background", "wall"))
+    plain = model.embedder(classes, template_set("single"))
+    assert text.shape[0] == 5 and torch.allclose(text[2:], plain, atol=1e-5) and rule.threshold == float("-inf")
+    image = np.random.default_rng(3).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    for seg in (StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, short_side=48, window=32, stride=16),
+                GridTeacherSegmenter(model.teacher, text, model.embedder.logit_scale, rule, short_side=48)):
+        pred = seg.predict(image)
+        assert pred.labels.min() >= 0 and pred.labels.max() <= 3
+        assert (pred.score > 0).all() and (pred.score <= 1).all()  # probabilities over all five rows
+    # with the background words' rows equal to a class's row, that class can never win
+    text_dup = torch.cat([plain[:1], plain])
+    pred = GridTeacherSegmenter(model.teacher, text_dup, model.embedder.logit_scale, BackgroundRule("class", float("-inf"), 1), short_side=48).predict(image)
+    assert not (pred.labels == 1).any()
+
+
+def test_class_embeddings_average_normalized_prompts_and_are_cached(model, tmp_path):
+    teacher = model.teacher
+    embedder = ClassEmbedder(teacher, cache_dir=tmp_path)
+    templates = ("a photo of a {}.", "a drawing of a {}.")
+    emb = embedder(["circle", "star"], templates)
+    assert emb.shape == (2, teacher.identity.embed_dim) and embedder.prompts_encoded == 4
+    tok = open_clip.get_tokenizer(teacher.identity.model)
+    with torch.no_grad():
+        per_prompt = F.normalize(teacher.model.encode_text(tok([t.format("star") for t in templates])).float(), dim=-1)  # [T, D]
+    expected = F.normalize(per_prompt.mean(0), dim=-1)
+    assert torch.allclose(emb[1], expected, atol=1e-5)
+    again = ClassEmbedder(teacher, cache_dir=tmp_path)
+    assert torch.equal(again(["circle", "star"], templates), emb) and again.prompts_encoded == 0  # cache hit
+    again(["star", "circle"], templates)
+    assert again.prompts_encoded == 4  # another vocabulary order is another entry
+
+
+def test_segment_command_writes_masks_and_overlays_of_the_input_size(trained, tmp_path, demo_dir):
+    params, ckpt, params_path, overrides = trained
+    images = sorted((demo_dir / "eval" / "JPEGImages").glob("*.jpg"))[:2]
+    big = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (50, 120, 3), dtype=np.uint8)).save(big)
+    args = ["segment", *map(str, images), str(big), "--classes", "circle, square,star", "--checkpoint", str(ckpt),
+            "--out", str(tmp_path / "out"), "--threshold", "0", "--params", str(params_path), "-q"]
+    proc = run_cli(*args, *[a for kv in overrides for a in ("--set", kv)])
+    for path in [*images, big]:
+        size = Image.open(path).size
+        mask = Image.open(tmp_path / "out" / f"{path.stem}_mask.png")
+        over = Image.open(tmp_path / "out" / f"{path.stem}_overlay.png")
+        assert mask.size == size and over.size == size and mask.mode == "P"
+        assert mask.text["classes"] == "0 background\n1 circle\n2 square\n3 star\n"  # the mask says what its values are
+        labels = np.array(mask)
+        names = ["circle", "square", "star"]
+        present = {names[k - 1] for k in np.unique(labels) if k > 0}
+        legend = over.text["legend"].split("\n") if over.text["legend"] else []
+        assert set(legend) == present and len(present) >= 1  # threshold 0: every pixel has a class
+        assert path.name in proc.stdout
+    assert (tmp_path / "out" / "classes.txt").read_text() == "0 background\n1 circle\n2 square\n3 star\n"
+
+
+def test_segment_keeps_every_output_and_skips_what_it_cannot_read(trained, tmp_path, demo_dir):
+    params, ckpt, params_path, overrides = trained
+    scene = Image.open(sorted((demo_dir / "eval" / "JPEGImages").glob("*.jpg"))[0])
+    folder = tmp_path / "in"
+    for rel in ("a/x.jpg", "a/x.png", "b/x.jpg"):
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        scene.save(folder / rel)
+    (folder / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    sets = [a for kv in overrides for a in ("--set", kv)]
+    base = ["segment", str(folder), "--classes", "circle,square", "--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), "--params", str(params_path), "-q", *sets]
+    # the same rule as teacher-cache: unreadable inputs are reported, and fail the command under --strict
+    proc = run_cli(*base, check=False)
+    assert proc.returncode == 0 and "warning: 1 of 4 images could not be read" in proc.stderr and "Traceback" not in proc.stderr
+    assert f"zeroseg: skipped {folder / 'b' / 'broken.jpg'}: " in proc.stderr
+    strict = run_cli(*base, "--strict", check=False)
+    assert strict.returncode == 1 and "error: 1 of 4 images could not be read" in strict.stderr
+    # one name per input: the extension only where two would share a name
+    written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*_mask.png"))
+    assert written == ["a/x.jpg_mask.png", "a/x.png_mask.png", "b/x_mask.png"]
+    # two files of one name given one by one cannot both be written
+    twins = run_cli(*base[:1], str(folder / "a" / "x.jpg"), str(folder / "b" / "x.jpg"), *base[2:], check=False)
+    assert twins.returncode == 2 and "two inputs are both named x.jpg" in twins.stderr
+    # under bg_rule class the threshold means nothing: refused, not ignored
+    cls = run_cli(*base, "--set", "eval.bg_rule=class", "--threshold", "0.3", check=False)
+    assert cls.returncode == 2 and "eval.bg_rule is class" in cls.stderr
+    out_of_range = run_cli(*base, "--threshold", "7", check=False)
+    assert out_of_range.returncode == 2 and "a probability threshold lies in [0, 1]" in out_of_range.stderr
+
+
+def test_evaluation_checks_every_dataset_before_evaluating_any(trained, tmp_path, demo_dir):
+    _, ckpt, params_path, overrides = trained
+    for later, message in (("vco=/data/VOC2012", "vco: unknown dataset"), (f"voc={tmp_path / 'nothing'}", "not a PASCAL VOC 2012 folder")):
+        params = load_params(params_path, [*overrides, f"eval.datasets.{later}"])
+        with pytest.raises(InputError, match=message):
+            run_evaluation(params, ckpt, tmp_path / "metrics", None, progress=False, echo=lambda *_: None)
+        assert not (tmp_path / "metrics").exists()  # the demo dataset, first in line, was not evaluated
+
+
+def test_evaluation_writes_the_science_metrics(trained, tmp_path):
+    params, ckpt, _, _ = trained
+    results = run_evaluation(params, ckpt, tmp_path / "metrics", tmp_path / "pics", base_checkpoint=ckpt, progress=False, echo=lambda *_: None, details_dir=tmp_path / "detail")
+    headline = json.loads((tmp_path / "metrics" / "demo.json").read_text())
+    detail = json.loads((tmp_path / "detail" / "demo.json").read_text())
+    # the registered metrics stay narrow (9 values); the per-class detail sits beside them
+    assert set(headline) == {"miou", "oracle", "segments_per_image", "segments_per_window", "images"}
+    assert set(detail) == {"pixel_accuracy", "per_class_iou", "images"}
+    saved = {**headline, **detail}
+    assert saved == results["demo"] and saved["images"] == 4
+    assert set(saved["miou"]) == {"student", "base", "training_free", "trivial"} and set(saved["oracle"]) == {"student", "grid"}
+    assert saved["miou"]["base"] == saved["miou"]["student"]  # the same checkpoint twice
+    for value in [*saved["miou"].values(), *saved["oracle"].values()]:
+        assert 0 <= value <= 1
+    classes = {"background", "circle", "square", "triangle", "star", "cross", "ring"}
+    assert set(saved["per_class_iou"]["student"]) == classes
+    # everything background scores the background IoU over 7 classes seen in ground truth (at most)
+    assert saved["miou"]["trivial"] == pytest.approx(saved["per_class_iou"]["trivial"]["background"] / sum(v is not None for v in saved["per_class_iou"]["trivial"].values()))
+    assert saved["oracle"]["grid"] > saved["miou"]["trivial"]  # majority labels beat all-background
+    assert saved["segments_per_image"] >= 1
+    assert 1 <= saved["segments_per_window"] <= 4  # the micro student's last stage has 4 segments
+    assert len(list((tmp_path / "pics" / "demo").glob("*.png"))) == 2 * 3
+
+
+def test_majority_labels_and_grid_regions():
+    from pipeline.evaluation.oracle import grid_regions, majority_labels
+
+    regions = np.array([[0, 0, 1, 1], [0, 0, 1, 1]])
+    target = np.array([[2, 2, 1, 255], [3, 2, 0, 0]])
+    assert majority_labels(regions, target, 4).tolist() == [[2, 2, 0, 0], [2, 2, 0, 0]]
+    assert grid_regions(3, 6, g=3).tolist() == [[0, 0, 1, 1, 2, 2], [3, 3, 4, 4, 5, 5], [6, 6, 7, 7, 8, 8]]
+
+
+def test_a_student_is_refused_with_another_teacher(trained):
+    params, ckpt, params_path, overrides = trained
+    from pipeline.core.errors import InputError
+
+    with pytest.raises(InputError, match="trained against teacher zeroseg-test-vit"):
+        load_model(load_params(params_path, [*overrides, "teacher.seed=9"]), ckpt)
+
+
+def test_load_rgb_names_the_bad_file(tmp_path):
+    from pipeline.core.errors import InputError
+
+    (tmp_path / "x.jpg").write_bytes(b"nope")
+    with pytest.raises(InputError, match=r"x.jpg: not an image"):
+        load_rgb(tmp_path / "x.jpg")
+
+
+def test_maskclip_dense_features_pool_to_the_teacher_embedding_shape(model):
+    seg = MaskCLIPSegmenter(model.teacher, model.embedder(["circle", "square"], template_set("single")), model.embedder.logit_scale, BackgroundRule("cosine", -2.0), short_side=40)
+    views = torch.randn(2, 3, 32, 32)
+    feats = seg.dense_features(views)
+    assert feats.shape == (2, 4, 4, model.teacher.identity.embed_dim)  # 32 px / patch 8
+    pred = seg.predict(np.random.default_rng(3).integers(0, 256, (40, 70, 3), dtype=np.uint8))
+    assert pred.labels.shape == (40, 70) and set(np.unique(pred.labels)) <= {1, 2}
+
+
+def test_the_legend_is_drawn_in_a_font_that_scales_with_the_image():
+    from pipeline.evaluation.overlay import legend_font, overlay
+
+    labels = np.zeros((400, 300), dtype=np.int64)
+    labels[:200] = 1
+    small, legend = overlay(np.full((400, 300, 3), 128, np.uint8), labels, ["Ωmega"])
+    assert legend == ["Ωmega"]
+    big, _ = overlay(np.full((1600, 1200, 3), 128, np.uint8), np.kron(labels, np.ones((4, 4), dtype=np.int64)), ["Ωmega"])
+
+    def legend_height(img):  # the white legend box's rows in the first column past its border
+        column = np.asarray(img)[:, 3]
+        return int((column == 255).all(axis=1).sum())
+
+    assert legend_height(big) > 2 * legend_height(small) > 0
+    assert legend_font(12).size == 12 and legend_font(12) is legend_font(12)
+
+
+def test_topk_keeps_the_image_classes_for_every_method_and_drops_the_rest_under_any_rule(model):
+    from pipeline.evaluation.inference import keep_topk
+
+    # cosine scores can be negative: a dropped class must lose to them, not win with a 0
+    scores = torch.tensor([[-0.2, -0.5, 0.0], [-0.9, -0.1, -0.3]])
+    kept = keep_topk(scores, torch.tensor([0.3, 0.1, 0.2]), 1)
+    assert torch.equal(kept[:, 0], scores[:, 0]) and torch.isinf(kept[:, 1:]).all()
+    assert torch.equal(keep_topk(scores, torch.tensor([0.3, 0.1, 0.2]), 0), scores)  # 0: all
+    kept = keep_topk(scores, torch.tensor([9.0, 0.1, 0.2]), 1, background_rows=1)  # background words always stay
+    assert torch.isfinite(kept[:, 0]).all() and torch.isfinite(kept[:, 2]).all() and torch.isinf(kept[:, 1]).all()
+
+    classes = ["circle", "square", "triangle", "star", "cross"]
+    text = model.embedder(classes, template_set("single"))
+    rule = BackgroundRule("cosine", -1.0)  # no pixel is background
+
+    def window_winners(image):  # each window's own top class, which a per-window top-k would keep
+        from pipeline.evaluation.inference import (
+            class_scores,
+            resize_short_side,
+            window_origins,
+        )
+        from pipeline.student.normalize import normalize_images
+
+        x = resize_short_side(image, 32)
+        crops = torch.stack([x[:, :, l : l + 32] for l in window_origins(x.shape[-1], 32, 16)])
+        with torch.inference_mode():
+            z = model.student.infer(normalize_images(crops)).z
+        return set(class_scores(z, text, model.embedder.logit_scale, "cosine").argmax(dim=-1).tolist())
+
+    # a wide image of colour bands whose windows disagree on their top class
+    rng = np.random.default_rng(4)
+    candidates = (np.repeat(rng.integers(0, 256, (1, 6, 3), dtype=np.uint8), 25, axis=1).repeat(40, axis=0) for _ in range(40))
+    image = next((im for im in candidates if len(window_winners(im)) > 1), None)
+    assert image is not None, "no test image whose windows disagree"
+    for seg in (StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, short_side=32, window=32, stride=16, topk_classes=1),
+                GridTeacherSegmenter(model.teacher, text, model.embedder.logit_scale, rule, short_side=32, topk_classes=1)):
+        labels = seg.predict(image).labels
+        assert len(np.unique(labels)) == 1 and labels.min() >= 1  # one class for the whole image, not one per window
+
+
+def test_windows_go_through_the_model_in_batches_with_the_same_result(model):
+    text = model.embedder(["circle", "square"], template_set("single"))
+    image = np.random.default_rng(5).integers(0, 256, (40, 200, 3), dtype=np.uint8)
+    rule = BackgroundRule("probability", 0.5)
+    one = StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, short_side=32, window=32, stride=16).predict(image)
+    few = StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, short_side=32, window=32, stride=16, windows_per_forward=3).predict(image)
+    np.testing.assert_array_equal(one.labels, few.labels)
+    np.testing.assert_allclose(one.score, few.score, atol=1e-5)
+
+
+def test_protocol_values_the_model_cannot_use_are_one_line_errors(model):
+    from pipeline.core.errors import ConfigError
+
+    text = model.embedder(["circle"], template_set("single"))
+    for kwargs, message in (({"window": 4}, "eval.window: 4 px is smaller than the student's patch size"),
+                            ({"short_side": 4}, "eval.short_side: 4 px is smaller than the student's patch size")):
+        with pytest.raises(ConfigError, match=message):
+            StudentSegmenter(model.student, text, model.embedder.logit_scale, BackgroundRule(), **kwargs)
+    with pytest.raises(ConfigError, match="class 'Background' is also a background word"):
+        vocabulary(model.embedder, ["circle", "Background"], template_set("single"), mode="class", threshold=0.5, bg_words=("background",))
+
+
+def test_class_lists_refuse_names_the_text_encoder_cannot_tell_apart(tmp_path):
+    from pipeline.evaluation.segment import parse_classes
+
+    assert parse_classes(" cat, dog ,grass") == ["cat", "dog", "grass"]
+    with pytest.raises(InputError, match="'Circle' is the same to the text encoder as 'circle'"):
+        parse_classes("circle,Circle")
+    with pytest.raises(InputError, match="'traffic  light' is the same to the text encoder as 'traffic light'"):
+        parse_classes("traffic light,traffic  light")
+    latin1 = tmp_path / "classes.txt"
+    latin1.write_bytes("café\n".encode("latin-1"))
+    with pytest.raises(InputError, match=f"{latin1}: not UTF-8 text"):
+        parse_classes(f"@{latin1}")
+
+
+def test_segment_leaves_its_own_outputs_out_of_the_inputs(trained, tmp_path, demo_dir):
+    _, ckpt, params_path, overrides = trained
+    sets = [a for kv in overrides for a in ("--set", kv)]
+    for folder, out in ((tmp_path / "photos", tmp_path / "photos"), (tmp_path / "more", tmp_path / "more" / "seg")):  # the folder itself, or below it
+        folder.mkdir()
+        for src in sorted((demo_dir / "eval" / "JPEGImages").glob("*.jpg"))[:2]:
+            (folder / src.name).write_bytes(src.read_bytes())
+        for _ in range(2):
+            run_cli("segment", str(folder), "--classes", "circle,square", "--checkpoint", str(ckpt), "--out", str(out), "--params", str(params_path), "-q", *sets)
+        names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+        stems = [p.stem for p in sorted(folder.glob("*.jpg"))]
+        assert names == sorted(f"{s}_{kind}.png" for s in stems for kind in ("mask", "overlay"))  # no x_mask_mask.png
+    # the same files given by name (a shell glob over the folder) are left out too, and said so
+    photos = tmp_path / "photos"
+    given = [str(p) for p in sorted(photos.iterdir()) if p.is_file()]  # 2 images, their 2 masks and 2 overlays
+    proc = run_cli("segment", *given, "--classes", "circle,square", "--checkpoint", str(ckpt), "--out", str(photos), "--params", str(params_path), "-q", *sets)
+    assert "left out 4 masks and overlays under" in proc.stderr and not list(photos.glob("*_mask_mask.png"))
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    proc = run_cli("segment", str(folder), "--classes", "circle", "--checkpoint", str(ckpt), "--out", str(a_file), "--params", str(params_path), "-q", *sets, check=False)
+    assert proc.returncode == 2 and f"--out {a_file}: not a folder" in proc.stderr
+
+
+def test_evaluation_checks_its_output_folders_first_and_keeps_split_sub_folders(trained, tmp_path, demo_dir):
+    import shutil
+
+    params, ckpt, params_path, overrides = trained
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    with pytest.raises(InputError, match=f"--metrics-dir {a_file}: not a folder"):
+        run_evaluation(params, ckpt, a_file, None, progress=False, echo=lambda *_: None)
+    # a VOC-style split whose ids hold a sub-folder
+    root = tmp_path / "split"
+    shutil.copytree(demo_dir / "eval", root)
+    shutil.copy(demo_dir / "classes.txt", root / "classes.txt")
+    for kind, ext in (("JPEGImages", "jpg"), ("SegmentationClass", "png")):
+        (root / kind / "sub").mkdir()
+        (root / kind / f"eval_000000.{ext}").rename(root / kind / "sub" / f"eval_000000.{ext}")
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("sub/eval_000000\neval_000001\n")
+    params = load_params(params_path, [*overrides, f"eval.datasets={{voc_layout: {root}}}", "eval.bg_threshold.voc_layout=0.5"])
+    saved = run_evaluation(params, ckpt, tmp_path / "m", tmp_path / "pics", progress=False, echo=lambda *_: None)["voc_layout"]
+    assert saved["images"] == 2 and (tmp_path / "pics" / "voc_layout" / "sub" / "eval_000000_student.png").is_file()
+    assert set(saved["pixel_accuracy"]) == {"student", "training_free", "trivial", "oracle_student", "oracle_grid"}
+
+
+def test_legends_say_what_they_leave_out_and_stay_off_tiny_pictures():
+    from pipeline.evaluation.overlay import colour, legend_lines, overlay
+
+    assert legend_lines(["a", "b", "c", "d"], 3) == ["a", "b", "+2 more"] and legend_lines(["a", "b"], 3) == ["a", "b"]
+    labels = np.repeat(np.arange(1, 5), 1000)[None].repeat(50, axis=0)  # [50, 4000]: four classes side by side
+    wide, legend = overlay(np.full((50, 4000, 3), 128, np.uint8), labels, ["a", "b", "c", "d"])
+    assert legend == ["a", "b", "c", "d"] and (np.asarray(wide)[:, :20] == 255).all(axis=-1).any()  # the box is drawn
+    tiny, _ = overlay(np.full((10, 10, 3), 128, np.uint8), np.ones((10, 10), np.int64), ["a"])
+    assert not (np.asarray(tiny) == 255).all(axis=-1).any()  # no white legend box over a 10x10 picture
+    assert colour(256) != (0, 0, 0) and colour(256) == colour(1) and colour(0) == (0, 0, 0)
+
+
+def test_a_window_shrunk_to_a_small_image_leaves_no_strip_between_windows(model):
+    text = model.embedder(["circle", "square"], template_set("single"))
+    image = np.random.default_rng(6).integers(0, 256, (40, 150, 3), dtype=np.uint8)  # resized to 32 x 120: the window shrinks to 32
+    seg = StudentSegmenter(model.student, text, model.embedder.logit_scale, BackgroundRule("cosine", -1.0), short_side=32, window=64, stride=48)
+    assert (seg.predict(image).labels >= 1).all()  # every pixel was classified: none left to background
