@@ -5,28 +5,25 @@ in a buffer (pipeline/training/data.py). The naive alternative, a map-style data
 random row per sample. Both read the same number of rows of all grids from the same store in
 one run; prints rows/s of each and the ratio.
 
-    python bench/cache_read_bench.py [STORE] [--rows 2048] [--grids 1,2,3,4]
+    python -m bench.cache_read_bench [STORE] [--rows 2048] [--grids 1,2,3,4]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 
 import cache_schema as cs
 from pipeline.cache.reader import load_targets
+from bench.harness import emit, parser
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("store", nargs="?", default="caches/teacher.zarr")
     ap.add_argument("--rows", type=int, default=2048, help="rows read by each method")
     ap.add_argument("--grids", default="1,2,3,4")
-    ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     group = cs.open_store(args.store)
     grids = tuple(int(g) for g in args.grids.split(","))
@@ -56,8 +53,7 @@ def main() -> None:
     print(f"  whole chunks   {result['chunked_rows_per_s']:10.0f} rows/s ({got} rows)")
     print(f"  row by row     {result['per_row_rows_per_s']:10.0f} rows/s ({rows} rows)")
     print(f"  speedup        {result['speedup']:10.1f}x")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -4,19 +4,18 @@ Reads the views of an existing store (default: the demo's caches/teacher.zarr) a
 them with each candidate codec into temporary stores, timing whole-array writes and reads; the
 last candidate is the default with the crc32c chunk checksum every new store carries.
 
-    python bench/codec_bench.py [STORE] [--grid 4]
+    python -m bench.codec_bench [STORE] [--grid 4]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import zarr
+from bench.harness import emit, parser
 
 CANDIDATES = {
     "none": [],
@@ -35,7 +34,7 @@ def du(path: Path) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("store", nargs="?", default="caches/teacher.zarr")
     ap.add_argument("--grid", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3)
@@ -58,7 +57,7 @@ def main() -> None:
             read = (time.perf_counter() - t0) / args.repeat
             assert np.array_equal(back, data, equal_nan=True)
             results[name] = {"ratio": raw / du(path), "write_MBps": raw / write / 1e6, "read_MBps": raw / read / 1e6}
-    print(json.dumps({"store": args.store, "array": src.path, "shape": list(data.shape), "raw_MB": raw / 1e6, "codecs": results}, indent=2))
+    emit({"store": args.store, "array": src.path, "shape": list(data.shape), "raw_MB": raw / 1e6, "codecs": results}, args.json)
 
 
 if __name__ == "__main__":

@@ -7,33 +7,29 @@ workers (each a LocalCluster started by the run). Reported per run: the whole ru
 executor computing and writing the shards, from the first shard submitted to the last written),
 with images/s for both. The three stores are checked to be byte-identical.
 
-    python bench/dask_bench.py --model ViT-S-32 --images 96
-    python bench/dask_bench.py --model zeroseg-test-vit --images 64      # a quick smoke run
+    python -m bench.dask_bench --model ViT-S-32 --images 96
+    python -m bench.dask_bench --model zeroseg-test-vit --images 64      # a quick smoke run
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench import emit  # noqa: E402
-from bench.teacher_cache_bench import make_images  # noqa: E402
+from bench.harness import child_result, emit, parser, run_child
+from bench.teacher_cache_bench import make_images
 
 RUNS = {"local": [], "dask_1": ["teacher.executor=dask", "teacher.dask_workers=1"], "dask_2": ["teacher.executor=dask", "teacher.dask_workers=2"]}
 
 
 def child(args) -> None:
     """One run in this process; prints its figures as JSON on the last line."""
-    from pipeline import dask_executor, teacher_cache
+    from pipeline.teacher import dask_executor
+    from pipeline.teacher import run as teacher_cache
     from pipeline.config import load_params
 
     phase: dict[str, float] = {}
@@ -54,8 +50,8 @@ def child(args) -> None:
     ]
     stats = teacher_cache.run_teacher_cache(load_params(None, overrides), str(Path(args.workdir) / f"{args.mode}.zarr"), progress=False)
     assert stats.complete and stats.rows_computed == args.images, stats
-    print(json.dumps({"wall_s": stats.wall_s, "compute_s": phase["compute_s"], "images": stats.rows_computed, "views": stats.views_computed,
-                      "model_s": stats.model_s, "decode_s": stats.decode_s}))
+    child_result({"wall_s": stats.wall_s, "compute_s": phase["compute_s"], "images": stats.rows_computed, "views": stats.views_computed,
+                  "model_s": stats.model_s, "decode_s": stats.decode_s})
 
 
 def same_bytes(a: Path, b: Path) -> bool:
@@ -69,13 +65,12 @@ def same_bytes(a: Path, b: Path) -> bool:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--model", default="ViT-S-32")
     ap.add_argument("--images", type=int, default=96)
     ap.add_argument("--size", default="500x375", help="WxH of the generated JPEGs")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--shard-rows", type=int, default=16, help="images per shard: one dask task each")
-    ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--mode", choices=list(RUNS), help=argparse.SUPPRESS)
     ap.add_argument("--images-dir", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -87,11 +82,7 @@ def main() -> None:
         make_images(Path(tmp) / "images", args.images, w, h)
         results = {}
         for mode in RUNS:
-            cmd = [sys.executable, __file__, *sys.argv[1:], "--mode", mode, "--images-dir", str(Path(tmp) / "images"), "--workdir", tmp]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-            if proc.returncode:
-                sys.exit(f"{mode} run failed:\n{proc.stderr[-3000:]}")
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            r = run_child("bench.dask_bench", sys.argv[1:], mode, images_dir=Path(tmp) / "images", workdir=tmp)
             r.update(images_per_s=r["images"] / r["wall_s"], compute_images_per_s=r["images"] / r["compute_s"])
             results[mode] = r
         identical = all(same_bytes(Path(tmp) / "local.zarr", Path(tmp) / f"{m}.zarr") for m in ("dask_1", "dask_2"))

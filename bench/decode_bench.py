@@ -6,13 +6,11 @@ teacher's input size). Draft mode (`teacher.jpeg_draft_side`) lets libjpeg decod
 or 1/8 scale while the center square keeps at least largest grid x input size, so no cell is
 upsampled. Prints images/s of both, the ratio, and how far the views moved (8-bit levels).
 
-    python bench/decode_bench.py [--images 12] [--width 4032 --height 3024] [--size 224]
+    python -m bench.decode_bench [--images 12] [--width 4032 --height 3024] [--size 224]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ from PIL import Image
 
 from pipeline.core.decode import decode_center_square
 from pipeline.core.views import ViewSpec, make_views
+from bench.harness import emit, parser
 
 GRIDS = (1, 2, 3, 4)
 
@@ -48,13 +47,12 @@ def run(paths: list[Path], spec: ViewSpec, draft_side: int) -> tuple[float, list
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--images", type=int, default=12)
     ap.add_argument("--width", type=int, default=4032)
     ap.add_argument("--height", type=int, default=3024)
     ap.add_argument("--size", type=int, default=224, help="teacher input size (ViT-L-14: 224)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (a decode worker uses one)")
-    ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     spec = ViewSpec(size=args.size, interpolation="bicubic", mean=(0.0, 0.0, 0.0), std=(1 / 255,) * 3)  # views in levels
@@ -79,8 +77,7 @@ def main() -> None:
     print(f"  full decode   {result['full_img_per_s']:7.2f} img/s  (square {full_side} px)")
     print(f"  draft mode    {result['draft_img_per_s']:7.2f} img/s  (square {draft_side_got} px, at least {draft_side})")
     print(f"  speedup       {result['speedup']:7.2f}x; views differ by {result['view_diff_mean_levels']:.2f} levels on average (p99 {result['view_diff_p99_levels']:.1f})")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

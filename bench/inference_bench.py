@@ -5,16 +5,13 @@ Random weights (speed does not depend on them), generated 500x375 images, a voca
 224 stride: 2 windows on a 448x597 image), grouping, classification, background rule, resize
 back to the input's size.
 
-    python bench/inference_bench.py --variant zeroseg_tiny --images 8            # CPU
-    python bench/inference_bench.py --variant zeroseg_vit_b16 --device cuda --images 64
+    python -m bench.inference_bench --variant zeroseg_tiny --images 8            # CPU
+    python -m bench.inference_bench --variant zeroseg_vit_b16 --device cuda --images 64
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,10 +19,11 @@ import torch.nn.functional as F
 
 from pipeline.evaluation.inference import BackgroundRule, StudentSegmenter
 from pipeline.student import ZeroSegStudent, student_arch
+from bench.harness import emit, parser
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--variant", default="zeroseg_tiny")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--images", type=int, default=8)
@@ -34,7 +32,6 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=224)
     ap.add_argument("--classes", type=int, default=21)
     ap.add_argument("--dim", type=int, default=768)
-    ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
     torch.manual_seed(0)
     student = ZeroSegStudent(arch=student_arch(args.variant), out_dim=args.dim).eval()
@@ -49,12 +46,9 @@ def main() -> None:
     for image in images:
         seg.predict(image)  # returns numpy: synchronizes
     dt = time.perf_counter() - t0
-    figures = json.dumps({"variant": args.variant, "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+    emit({"variant": args.variant, "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                       "short_side": args.short_side, "window": args.window, "stride": args.stride, "classes": args.classes,
-                      "images": args.images, "images_per_s": args.images / dt, "ms_per_image": 1000 * dt / args.images}, indent=2)
-    print(figures)
-    if args.json:
-        Path(args.json).write_text(figures + "\n")
+                      "images": args.images, "images_per_s": args.images / dt, "ms_per_image": 1000 * dt / args.images}, args.json)
 
 
 if __name__ == "__main__":

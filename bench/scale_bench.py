@@ -26,15 +26,12 @@ Prints one JSON report (seconds, microseconds per row, peak MB per step and N) a
 
 from __future__ import annotations
 
-import argparse
-import multiprocessing as mp
 import os
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from bench import emit
+from bench.harness import emit, in_fresh_process, parser, reset_peak_kib, status_kib
 
 STEPS = ("manifest_stat", "manifest_content", "manifest_memoized", "create_store", "write", "open_store", "resume_scan",
          "cache_info", "validate", "validate_deep", "reader_start", "reader")
@@ -93,7 +90,7 @@ def step(name: str, work: str, n: int, dim: int) -> dict:
     work = Path(work)
     listing, url = work / "list.txt", str(work / "store.zarr")
     extra: dict = {}
-    base_rss = _reset_peak()
+    base_rss = reset_peak_kib()
     t0 = time.perf_counter()
     if name == "manifest_stat":
         build_manifest(listing, "stat", progress=False)
@@ -108,7 +105,7 @@ def step(name: str, work: str, n: int, dim: int) -> dict:
         identity, cfg = _identity(manifest, dim), _cache_config()
         del manifest  # the step's memory is its own, not the manifest's
         paths = list(_paths(listing))
-        base_rss = _reset_peak()
+        base_rss = reset_peak_kib()
         t0 = time.perf_counter()
         if name == "create_store":
             shutil.rmtree(url, ignore_errors=True)
@@ -151,24 +148,8 @@ def step(name: str, work: str, n: int, dim: int) -> dict:
                         break
                 extra["rows_per_s"] = limit / (time.perf_counter() - t0)
     seconds = time.perf_counter() - t0
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     return {"s": seconds, "us_per_row": seconds / n * 1e6, "peak_mb": peak / 1024, "step_mb": max(0, peak - base_rss) / 1024, **extra}
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> int:
-    """Reset this process's peak resident memory (Linux: clear_refs 5) and return the current one, KiB."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-    return _status_kib("VmRSS")
 
 
 def _paths(listing: Path):
@@ -177,14 +158,13 @@ def _paths(listing: Path):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--sizes", default="1000,10000,100000,1280000", help="row counts, comma-separated")
     ap.add_argument("--dim", type=int, default=16, help="embedding width of the synthetic views (the costs measured are per row)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/zeroseg-scale"), help="scratch folder (files, stores, hash memo)")
     ap.add_argument("--steps", default=",".join(STEPS))
     ap.add_argument("--keep", action="store_true", help="keep each N's files and store")
     ap.add_argument("--plot", type=Path, help="write microseconds per row against N here (PNG)")
-    ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     steps = args.steps.split(",")
@@ -197,8 +177,7 @@ def main() -> None:
         make_files(work, n)
         figures = {"make_files_s": time.perf_counter() - t0}
         for name in steps:
-            with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:  # a fresh process: its own peak memory
-                figures[name] = pool.submit(step, name, str(work), n, args.dim).result()
+            figures[name] = in_fresh_process(step, name, str(work), n, args.dim)  # a fresh process: its own peak memory
             print(f"N={n} {name}: {figures[name]}", flush=True)
         report["sizes"][str(n)] = figures
         if not args.keep:

@@ -19,7 +19,6 @@ the noise makes them harder to compress than most photos, so their size is a pes
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 import zarr
 
 import cache_schema as cs
-from bench import emit
+from bench.harness import emit, parser
 from bench.teacher_cache_bench import make_images
 from pipeline.config import load_params
 from pipeline.teacher.run import run_teacher_cache
@@ -47,14 +46,13 @@ def read_rate(store: str, folder: Path, size: int, source: str, repeats: int) ->
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--folder", type=Path, help="measure on this image folder instead of generated JPEGs")
     ap.add_argument("--images", type=int, default=512, help="generated images (without --folder)")
     ap.add_argument("--width", type=int, default=500)
     ap.add_argument("--height", type=int, default=375)
     ap.add_argument("--size", type=int, default=224, help="the student's input side")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.folder

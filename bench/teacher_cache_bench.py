@@ -5,9 +5,9 @@ images; both report images/s and views/s at steady state (model loaded) and for 
 process, peak RSS, and the pipelined side its time split. On CUDA it also reports the fraction
 of the GPU's dense bf16 peak, counting the teacher's FLOPs with torch's FlopCounterMode.
 
-    python bench/teacher_cache_bench.py --model ViT-S-32 --images 48 --naive-images 12
-    python bench/teacher_cache_bench.py --model ViT-L-14 --precision bf16 --device cuda --images 2048 --batch-size 64
-    python bench/teacher_cache_bench.py --model ViT-L-14 --precision pure_bf16 --compile --device cuda --images 1024 --naive-images 0
+    python -m bench.teacher_cache_bench --model ViT-S-32 --images 48 --naive-images 12
+    python -m bench.teacher_cache_bench --model ViT-L-14 --precision bf16 --device cuda --images 2048 --batch-size 64
+    python -m bench.teacher_cache_bench --model ViT-L-14 --precision pure_bf16 --compile --device cuda --images 1024 --naive-images 0
 
 With --compile the pipelined side first builds a throw-away store from one shard of the images
 in the same process, so torch.compile's compilation is reported as `compile_warmup_s` and left
@@ -19,9 +19,7 @@ compiled code (measured on the CPU with the test ViT: 2.4 s for the first teache
 from __future__ import annotations
 
 import argparse
-import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from bench.harness import child_result, emit, parser, run_child
 
 REPO = Path(__file__).resolve().parents[1]
 DENSE_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}
@@ -131,11 +130,11 @@ def teacher_flops_per_view(args) -> float:
 def child(args) -> None:
     result = run_naive(args) if args.mode == "naive" else run_pipelined(args)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps(result))
+    child_result(result)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--model", default="ViT-S-32")
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--device", default="cpu")
@@ -146,7 +145,6 @@ def main() -> None:
     ap.add_argument("--grids", default="1,2,3,4")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--shard-rows", type=int, default=64)
-    ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--mode", choices=["naive", "pipelined"], help=argparse.SUPPRESS)
     ap.add_argument("--images-dir", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -160,11 +158,7 @@ def main() -> None:
         for mode in ("naive", "pipelined") if args.naive_images else ("pipelined",):
             wd = Path(tmp) / mode
             wd.mkdir()
-            cmd = [sys.executable, __file__, *sys.argv[1:], "--mode", mode, "--images-dir", str(Path(tmp) / "images"), "--workdir", str(wd)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-            if proc.returncode:
-                sys.exit(f"{mode} run failed:\n{proc.stderr[-3000:]}")
-            results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+            results[mode] = run_child("bench.teacher_cache_bench", sys.argv[1:], mode, images_dir=Path(tmp) / "images", workdir=wd)
     for r in results.values():
         r["images_per_s"] = r["images"] / r["steady_s"]
         r["views_per_s"] = r["views"] / r["steady_s"]
@@ -182,10 +176,7 @@ def main() -> None:
         name = torch.cuda.get_device_name()
         peak = dense_bf16_peak(name)
         report.update(gpu=name, fraction_of_dense_bf16_peak=achieved / peak if peak else None)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
+    emit(report, args.json)
 
 
 if __name__ == "__main__":

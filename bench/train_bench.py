@@ -7,14 +7,12 @@ Two measurements in one run:
   reporting images/s and the fraction of step time spent waiting for data, once per image
   source (`--e2e-sources decode,cache`: decoding the JPEGs, or the images stored in the cache).
 
-    python bench/train_bench.py --variant zeroseg_tiny --micro-batch 64 --steps 10        # CPU
-    python bench/train_bench.py --variant zeroseg_vit_b16 --micro-batch 256 --device cuda  # GPU
+    python -m bench.train_bench --variant zeroseg_tiny --micro-batch 64 --steps 10        # CPU
+    python -m bench.train_bench --variant zeroseg_vit_b16 --micro-batch 256 --device cuda  # GPU
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +20,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench import emit
+from bench.harness import emit, parser
 from bench.teacher_cache_bench import dense_bf16_peak
 from pipeline.config import load_params
 from pipeline.student import ZeroSegStudent, param_groups_for_weight_decay, student_arch
@@ -109,7 +107,7 @@ def end_to_end_bench(args, device: torch.device) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--variant", default="zeroseg_tiny")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--micro-batch", type=int, default=64)
@@ -124,7 +122,6 @@ def main() -> None:
     ap.add_argument("--e2e-micro-batch", type=int, default=0, help="micro-batch of the end-to-end run (0: --micro-batch)")
     ap.add_argument("--e2e-sources", default="decode", help="image sources to run end to end: decode, cache (stored in stage one), or both")
     ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     device = torch.device(args.device)
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "compute": compute_bench(args, device)}
@@ -132,7 +129,7 @@ def main() -> None:
         peak = dense_bf16_peak(report["device"])
         report["compute"]["fraction_of_dense_bf16_peak"] = report["compute"]["achieved_tflops"] / peak if peak else None
     if args.json:  # written now too, so the compute figures survive a failing end-to-end run
-        args.json.write_text(json.dumps(report, indent=2))
+        emit(report, args.json)
     if args.e2e_images:
         report["end_to_end"] = end_to_end_bench(args, device)
     emit(report, args.json)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import dvc
+from conftest import REPO, dvc
 
 pytestmark = pytest.mark.slow
 
@@ -63,3 +63,27 @@ def test_repro_builds_everything_and_params_edits_make_exactly_their_stages_stal
         cwd=project, capture_output=True, text=True,
     )
     assert check.returncode == 0, check.stderr
+
+
+def test_the_recipe_sweep_runs_as_dvc_experiments_and_tabulates_them_over_seeds(project):
+    """`bench.science.sweep`: one DVC experiment per (recipe, seed), a table read back from `dvc exp show`."""
+    dvc(project, "repro")
+    subprocess.run(["git", "add", "-A"], cwd=project, check=True)  # dvc.lock and the metrics: the experiments' baseline
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t.invalid", "commit", "-qm", "baseline"], cwd=project, check=True)
+    baseline = json.loads((project / "metrics_val" / "demo.json").read_text())
+    sweep = [sys.executable, "-m", "bench.science.sweep", "--repo", str(project), "--recipes", "default", "--seeds", "0,1"]
+    run = subprocess.run([*sweep[:3], "run", *sweep[3:], "--json", str(project / "sweep.json")], cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "default-s0: done" in run.stdout and "default-s1: done" in run.stdout
+    rows = {r["experiment"]: r for r in json.loads((project / "sweep.json").read_text())["rows"]}
+    assert set(rows) == {"default-s0", "default-s1"}
+    # Seed 0 is the baseline's params: the same student, so the same validation figures.
+    assert rows["default-s0"]["student"] == baseline["miou"]["student"]
+    assert rows["default-s0"]["oracle_student"] == baseline["oracle"]["student"]
+    assert "| default | 0,1 |" in run.stdout
+    assert subprocess.run(["git", "status", "--porcelain", "params.yaml"], cwd=project, capture_output=True, text=True).stdout == ""  # the workspace untouched
+    again = subprocess.run([*sweep[:3], "run", *sweep[3:]], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "default-s1: already there, skipped" in again.stdout
+    other = subprocess.run([*sweep[:3], "run", "--repo", str(project), "--recipes", "default", "--seeds", "1", "--set", "train.epochs=2"],
+                           cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert other.returncode == 1 and "experiment default-s1 exists with other params (train.epochs=2 differ)" in other.stderr

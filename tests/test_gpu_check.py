@@ -1,4 +1,4 @@
-"""The prepared GPU check (bench/gpu_check.sh), run on the CPU in its dry-run mode.
+"""The prepared GPU check (bench/gpu/check.sh), run on the CPU in its dry-run mode.
 
 The check runs on a GPU a few minutes per session at most; this runs its commands, flags and
 report here with a small teacher and the tiny student, so that a broken step shows up in CI
@@ -21,7 +21,7 @@ def gpu_check(out: Path, steps: str, **env) -> tuple[subprocess.CompletedProcess
     """Run the dry-run check; (the process, the rows of its steps.tsv)."""
     env = {**os.environ, "DRY_RUN": "1", "OUT": str(out), "STEPS": steps,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **env}
-    done = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
+    done = subprocess.run(["bash", "bench/gpu/check.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
     return done, [row.split("\t") for row in (out / "steps.tsv").read_text().splitlines()]
 
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Download, into .whl/, the Python 3.12 x86-64 wheels that bench/gpu_check.sh installs on a GPU
+# Download, into .whl/, the Python 3.12 x86-64 wheels that bench/gpu/check.sh installs on a GPU
 # machine without network whose python3 has torch, timm, typer, pillow and numpy but not the
 # rest of the stack. .whl/ is kept out of git (add "/.whl/" to .git/info/exclude).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 rm -rf .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \

@@ -6,13 +6,13 @@
 # whole check ends within about 7 minutes on one H100/H200 including the install.
 # STEPS picks the steps. The default, "tests stage1 stage2 inference stage1_pure profile", is the first
 # run; the torch.compile steps are a second run of their own (compilation takes minutes):
-#   STEPS="stage1_compile stage2_compile" bash bench/gpu_check.sh
-#   Carry:  .whl (python3.12 wheels of open_clip_torch, timm, zarr, numcodecs, dask, ...: bench/fetch_wheels.sh)
+#   STEPS="stage1_compile stage2_compile" bash bench/gpu/check.sh
+#   Carry:  .whl (python3.12 wheels of open_clip_torch, timm, zarr, numcodecs, dask, ...: bench/gpu/fetch_wheels.sh)
 # DRY_RUN=1 runs every step on the CPU with a small teacher, the tiny student and a few images:
 # the same commands, flags and report, so that a typo cannot waste the one GPU slot
 # (tests/test_gpu_check.py runs it).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/gpu_check}
 BUDGET=${BUDGET:-400}
 mkdir -p "$OUT"
@@ -87,19 +87,19 @@ fi
 STAGE1="--model $TEACHER --device $DEVICE --batch-size $BATCH --shard-rows $SHARD --size $JPEG"
 STAGE2="--variant $STUDENT --device $DEVICE --micro-batch $MB --steps $N2_STEPS"
 run() { timeout -k 10 "$LIMIT_S" "$@"; }
-tests() { run python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_views.py tests/test_inference.py; }  # figures: its log
-stage1() { run python3 bench/teacher_cache_bench.py $STAGE1 --precision bf16 --images $N1 --naive-images $N1_NAIVE --json "$OUT/stage1.json"; }
+tests() { run python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/core/test_views.py tests/evaluation/test_inference.py; }  # figures: its log
+stage1() { run python3 -m bench.teacher_cache_bench $STAGE1 --precision bf16 --images $N1 --naive-images $N1_NAIVE --json "$OUT/stage1.json"; }
 stage2() {
   run python3 -m bench.train_bench $STAGE2 \
     --e2e-images $E2E_IMAGES --e2e-steps $E2E_STEPS --e2e-micro-batch $E2E_MB --e2e-sources decode,cache --workers $WORKERS --json "$OUT/stage2.json"
 }
-inference() { run python3 bench/inference_bench.py --variant $STUDENT --device $DEVICE --images $N_INF --json "$OUT/inference.json"; }
+inference() { run python3 -m bench.inference_bench --variant $STUDENT --device $DEVICE --images $N_INF --json "$OUT/inference.json"; }
 # The untried speed options, on the same kind of images, against stage1's bf16 autocast figure.
-stage1_pure() { run python3 bench/teacher_cache_bench.py $STAGE1 --precision pure_bf16 --images $N1_OPT --naive-images 0 --json "$OUT/stage1_pure.json"; }
+stage1_pure() { run python3 -m bench.teacher_cache_bench $STAGE1 --precision pure_bf16 --images $N1_OPT --naive-images 0 --json "$OUT/stage1_pure.json"; }
 # Where the time goes in each hot loop: torch.profiler tables and the GPU's busy share.
-profile() { run python3 -m bench.gpu_profile --device $DEVICE --teacher $TEACHER --views $PROF_VIEWS --student $STUDENT --micro-batch $MB --out "$OUT"; }
+profile() { run python3 -m bench.gpu.profile --device $DEVICE --teacher $TEACHER --views $PROF_VIEWS --student $STUDENT --micro-batch $MB --out "$OUT"; }
 stage2_compile() { run python3 -m bench.train_bench $STAGE2 --compile --json "$OUT/stage2_compile.json"; }
-stage1_compile() { run python3 bench/teacher_cache_bench.py $STAGE1 --precision pure_bf16 --compile --images $N1_OPT --naive-images 0 --json "$OUT/stage1_compile.json"; }
+stage1_compile() { run python3 -m bench.teacher_cache_bench $STAGE1 --precision pure_bf16 --compile --images $N1_OPT --naive-images 0 --json "$OUT/stage1_compile.json"; }
 step tests 90 tests.log tests
 step stage1 150 stage1.json stage1
 step stage2 120 stage2.json stage2
@@ -109,7 +109,7 @@ step profile 60 profile.json profile
 step stage2_compile 200 stage2_compile.json stage2_compile
 step stage1_compile 200 stage1_compile.json stage1_compile
 echo "== done in ${SECONDS} s" | tee "$OUT/elapsed.txt"
-python3 bench/gpu_report.py "$OUT" | tee "$OUT/gpu_check.md"
+python3 -m bench.gpu.report "$OUT" | tee "$OUT/gpu_check.md"
 if [ -s "$OUT/failed.txt" ]; then exit 1; fi
 if [ -s "$OUT/skipped.txt" ]; then exit 2; fi
 exit 0

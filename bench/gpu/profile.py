@@ -7,14 +7,13 @@ each of the two hot loops it profiles a few iterations after a warm-up and write
   same iterations: a large gap means the GPU waits for the host (launches, syncs, Python),
   a small one that the kernels themselves are slow.
 
-    python -m bench.gpu_profile --device cuda --out /tmp/prof                        # ViT-L-14, zeroseg_vit_b16
-    python -m bench.gpu_profile --teacher ViT-S-32 --views 64 --student zeroseg_micro --micro-batch 8   # CPU
+    python -m bench.gpu.profile --device cuda --out /tmp/prof                        # ViT-L-14, zeroseg_vit_b16
+    python -m bench.gpu.profile --teacher ViT-S-32 --views 64 --student zeroseg_micro --micro-batch 8   # CPU
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 from bench.train_bench import training_step
 from pipeline.clip.model import Teacher
 from pipeline.config import TeacherConfig
+from bench.harness import emit, parser
 
 
 def profiled(fn, device: torch.device, iters: int, warmup: int) -> tuple[str, dict]:
@@ -55,7 +55,7 @@ def profiled(fn, device: torch.device, iters: int, warmup: int) -> tuple[str, di
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--teacher", default="ViT-L-14")
     ap.add_argument("--precision", default="bf16", help="the teacher's: bf16 | pure_bf16 | fp32 | fp16")
@@ -86,9 +86,7 @@ def main() -> None:
     (args.out / "profile_student.txt").write_text(table)
     report["student"] = {"variant": args.student, "micro_batch": args.micro_batch, **figures}
 
-    text = json.dumps(report, indent=2)
-    print(text)
-    (args.out / "profile.json").write_text(text)
+    emit(report, args.json or args.out / "profile.json")
 
 
 if __name__ == "__main__":

@@ -9,13 +9,11 @@ reports patch accuracy on held-out scenes, on patches owned by a shape (chance 1
 A high figure means the encoder can see shape at this size and budget, and the gap is in what
 training asks of it.
 
-    python -m bench.shape_capacity --variant zeroseg_tiny --steps 552
+    python -m bench.science.shape_capacity --variant zeroseg_tiny --steps 552
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
 
@@ -27,6 +25,7 @@ from PIL import Image
 from pipeline.demo.data import CLASSES, make_scene
 from pipeline.student import ZeroSegStudent, student_arch
 from pipeline.student.normalize import normalize_images
+from bench.harness import emit, parser
 
 
 def scenes(n: int, seed: int, side: int, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +44,7 @@ def scenes(n: int, seed: int, side: int, patch: int) -> tuple[torch.Tensor, torc
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--variant", default="zeroseg_tiny")
     ap.add_argument("--steps", type=int, default=552)
     ap.add_argument("--batch", type=int, default=64)
@@ -92,7 +91,7 @@ def main() -> None:
         "background_share": float((truth == 0).float().mean()),
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    print(json.dumps(out))
+    emit(out, args.json)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""The demo's science: recipe sweeps as DVC experiments, and diagnostics of what the student can learn."""
