@@ -139,7 +139,7 @@ def validate(store: str | zarr.Group, expected: Mapping[str, Any] | None = None,
     Args:
         store: path, fsspec URL or open group.
         expected: identity sections (`teacher`, `preprocessing`, `manifest`) the caller needs,
-            as `pipeline.teacher_cache.expected_identity` builds them from params.
+            as `pipeline.cache.identity.expected_identity` builds them from params.
         grids: grids the caller will read; they must be present and complete.
         deep: also read every shard of every array and name each damaged one (`find_damage`).
         on_rows: called with the number of rows read, as the deep check goes (a progress bar).

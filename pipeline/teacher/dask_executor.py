@@ -7,7 +7,7 @@ the teacher runs on CUDA; a LocalCluster sharing the CPU cores otherwise).
 
 - A task (`shard_task`) opens the store itself, decodes its shard's images, makes the views, runs
   the teacher and writes the whole shard, then its progress markers, with the same code as the
-  local executor (`pipeline.shard_compute.compute_shards`), so the bytes are the same.
+  local executor (`pipeline.teacher.shards.compute_shards`), so the bytes are the same.
 - The teacher is loaded once per worker process (`worker_teacher`, a per-process cache keyed by
   the teacher config) and checked against the run's identity before every shard.
 - Failed tasks are retried (`retries`); a task on a worker that dies is rescheduled by dask. A
