@@ -137,6 +137,12 @@ class LossConfig:
     # Each segment to the teacher's embedding of its own masked crop, the teacher run in stage
     # two (pipeline/student/segment_crops.py): a target that follows the segment, not the grid.
     segment_crop: float = bounded(0.0, at_least=0.0)
+    # Each visible patch token, through the segment projection, to the teacher's views of the cells
+    # it lies in (`loss.region_grids`): a dense target that asks the encoder for what each patch shows.
+    token_distill: float = bounded(0.0, at_least=0.0)
+    # Each visible token's similarities to the batch's local views, as its cells' target has them
+    # (relational distillation, tau = contrastive_tau): what tells cells apart, not their shared mean.
+    token_relation: float = bounded(0.0, at_least=0.0)
 
 
 @dataclass(frozen=True)

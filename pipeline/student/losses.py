@@ -203,6 +203,79 @@ class RegionMatchingLoss(nn.Module):
         return {"region_match": (share * l1_distance(g, target)).sum(dim=1).mean()}
 
 
+class TokenDistillationLoss(nn.Module):
+    """Each visible patch token to the teacher's views of the cells it lies in (not in the paper).
+
+    The token, through the segment projection, regresses onto the mean of the views whose box
+    holds its patch (grid by grid, one cell each; `cells` says which): the region target of a
+    one-token segment. Segment-level targets ask the encoder only for what a whole segment
+    shows, and a student trained on them alone keeps the shapes apart in its patch tokens
+    little better than chance (`bench.science.probe`); this asks every token for its cell.
+
+    Args:
+        normalize: L2-normalize both sides (False: both are given in a target space).
+    """
+
+    def __init__(self, *, normalize: bool = True) -> None:
+        super().__init__()
+        self.normalize = normalize
+
+    def forward(self, tokens: Tensor, targets: Tensor, cells: Tensor) -> dict[str, Tensor]:
+        """Args:
+            tokens: [B, N, D] visible patch tokens in the teacher's space.
+            targets: [B, V, D] teacher view embeddings.
+            cells: [B, N, V] from `token_cells` (zero columns for views not used).
+
+        Returns:
+            {"token_distill": mean over tokens of L1(token, its cells' target)}.
+        """
+        mixed = torch.bmm(cells.float(), _unit(targets, self.normalize))  # [B, N, D] sum of its cells' views
+        target = F.normalize(mixed, dim=-1) if self.normalize else mixed / cells.sum(dim=2, keepdim=True).clamp_min(1.0)
+        return {"token_distill": l1_distance(_unit(tokens, self.normalize), target).mean()}
+
+
+class TokenRelationLoss(nn.Module):
+    """Each visible token's similarities to the batch's local views, as its cells' target has them.
+
+    Relational distillation (as SEED and CompRess distil a teacher's similarity distribution): a
+    token's softmax over its cosines to every local view of the batch must match that of the
+    mean of its own cells' views (`TokenDistillationLoss`'s target), both at temperature
+    `tau`. Cosines are taken after the batch's mean view is subtracted from every side (unit
+    vectors first, whatever the target space): the teacher's views share a large component, so
+    raw cosines are all alike and their softmax nearly flat. What is left is what tells the
+    views apart, and predicting the shared mean, which nearly meets L1 regression, does not
+    meet this.
+
+    Args:
+        tau: the softmax temperature over cosines.
+    """
+
+    def __init__(self, *, tau: float = 0.1) -> None:
+        super().__init__()
+        self.tau = tau
+
+    def forward(self, tokens: Tensor, targets: Tensor, cells: Tensor, local: Tensor) -> dict[str, Tensor]:
+        """Args:
+            tokens: [B, N, D] visible patch tokens in the teacher's space.
+            targets: [B, V, D] teacher view embeddings (as cached).
+            cells: [B, N, V] from `token_cells` (zero columns for views not used).
+            local: [V_local] indices of the local views: the batch's views compared against.
+
+        Returns:
+            {"token_relation": mean over tokens of KL(teacher's distribution || the token's)}.
+        """
+        views = F.normalize(targets.float(), dim=-1)  # [B, V, D]
+        batch = views[:, local].flatten(0, 1)  # [B*V_local, D]
+        center = batch.mean(dim=0)  # [D] the views' shared component in this batch
+        own = F.normalize(torch.bmm(cells.float(), views), dim=-1).flatten(0, 1)  # [B*N, D] each token's cells' target
+        student = F.normalize(tokens.float(), dim=-1).flatten(0, 1)  # [B*N, D]
+        own, student, batch = (F.normalize(x - center, dim=-1) for x in (own, student, batch))
+        p_teacher = F.softmax(own @ batch.T / self.tau, dim=-1)  # [B*N, B*V_local]
+        log_student = F.log_softmax(student @ batch.T / self.tau, dim=-1)
+        kl = (p_teacher * (torch.log(p_teacher.clamp_min(1e-12)) - log_student)).sum(dim=-1)  # [B*N]
+        return {"token_relation": kl.mean()}
+
+
 class SegmentCropLoss(nn.Module):
     """Each segment to the teacher's embedding of its own masked crop (`segment_crops.py`; not in
     the paper), weighted by its share of the image's tokens, as in region matching."""

@@ -52,6 +52,7 @@ class StudentOutput:
     soft_assignments: list[Tensor]  # per stage [B, S_k, N_k], noise-free softmax over groups
     hard_assignments: list[Tensor]  # per stage [B, S_k, N_k], what the forward pass used
     grid: tuple[int, int]  # (h, w) patch grid of the input
+    tokens: Tensor | None = None  # [B, L_keep, D] visible patch tokens through the segment projection (asked for)
 
 
 @dataclass
@@ -227,6 +228,7 @@ class ZeroSegStudent(nn.Module):
         *,
         generator: torch.Generator | None = None,
         decode: bool = True,
+        tokens: bool = False,
     ) -> StudentOutput:
         """Training forward pass. The head sees only the visible patches.
 
@@ -235,6 +237,8 @@ class ZeroSegStudent(nn.Module):
             mask_ratio: fraction of patches removed (paper: 0.6).
             generator: optional RNG for the masking.
             decode: run the reconstruction decoder (skip it when its loss weight is 0).
+            tokens: also map the visible patch tokens into the teacher's space with the segment
+                projection (`loss.token_distill`).
         """
         grid = self.grid_of(imgs)
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, generator)
@@ -244,6 +248,7 @@ class ZeroSegStudent(nn.Module):
         return StudentOutput(
             z=z, segments=segments, pred=pred, mask=mask, ids_restore=ids_restore, ids_keep=ids_keep,
             soft_assignments=soft, hard_assignments=hard, grid=grid,
+            tokens=self.segment_proj(latent[:, 1:]) if tokens else None,
         )
 
     @torch.no_grad()

@@ -16,6 +16,8 @@ from pipeline.student.losses import (
     RegionMatchingLoss,
     SegmentCropLoss,
     SegmentMatchingLoss,
+    TokenDistillationLoss,
+    TokenRelationLoss,
     cell_layout,
     local_view_mask,
     token_cells,
@@ -39,6 +41,8 @@ class StudentObjective(torch.nn.Module):
         self.region = RegionMatchingLoss(normalize=unit)
         self.contrastive = ContrastiveRegionLoss(tau=self.cfg.contrastive_tau)
         self.segment_crop = SegmentCropLoss()
+        self.token = TokenDistillationLoss(normalize=unit)
+        self.token_relation = TokenRelationLoss(tau=self.cfg.contrastive_tau)
         self.grids = grids
         # Local views as indices, not a mask, and their presence as a Python bool: indexing with
         # a boolean CUDA mask and `bool(tensor)` each make the host wait for the GPU.
@@ -63,6 +67,7 @@ class StudentObjective(torch.nn.Module):
         """
         c = self.cfg
         z, segments = out.z, out.segments
+        out_targets = targets  # [B, V, D] as cached (the relational term compares unit vectors)
         if self.affine:
             targets = space.targets(targets)  # [B, V, D]
             z, segments = space.predictions(z, affine=True), space.predictions(segments, affine=True)
@@ -71,8 +76,10 @@ class StudentObjective(torch.nn.Module):
         if c.segment_match and self.has_local:
             terms.update(self.matching(segments, targets, self.local))
             weights.update(segment_match=c.segment_match, view_match=c.view_match)
-        if (c.region_match or c.contrastive) and self.has_local:
+        cells = None
+        if (c.region_match or c.contrastive or c.token_distill or c.token_relation) and self.has_local:
             cells = token_cells(out.ids_keep, out.grid, self.layout) * self.region_views  # [B, N, V]
+        if (c.region_match or c.contrastive) and cells is not None:
             assignment = compose_assignments(out.hard_assignments)  # [B, S, N]
             if c.region_match:
                 terms.update(self.region(segments, targets, assignment, cells))
@@ -80,6 +87,13 @@ class StudentObjective(torch.nn.Module):
             if c.contrastive:
                 terms.update(self.contrastive(segments, targets, assignment, cells))
                 weights["contrastive"] = c.contrastive
+        if c.token_distill and cells is not None and out.tokens is not None:
+            tokens = space.predictions(out.tokens, affine=True) if self.affine else out.tokens  # [B, N, D]
+            terms.update(self.token(tokens, targets, cells))
+            weights["token_distill"] = c.token_distill
+        if c.token_relation and cells is not None and out.tokens is not None:
+            terms.update(self.token_relation(out.tokens, out_targets, cells, self.local))
+            weights["token_relation"] = c.token_relation
         if c.segment_crop and crops is not None:
             terms.update(self.segment_crop(out.segments, *crops, compose_assignments(out.hard_assignments)))
             weights["segment_crop"] = c.segment_crop

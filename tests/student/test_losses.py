@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline.student import (
     AssignmentInfoMaxLoss,
@@ -169,3 +170,63 @@ def test_region_matching_rewards_a_segment_lying_where_the_teacher_sees_its_cont
     logits = torch.zeros(1, 4, 16, requires_grad=True)  # the gradient reaches the assignment
     loss(segments, targets, logits.softmax(dim=1), cells)["region_match"].backward()
     assert logits.grad.abs().sum() > 0
+
+
+def test_token_distillation_asks_each_token_for_the_views_of_its_cells():
+    from pipeline.student.losses import TokenDistillationLoss, cell_layout, token_cells
+
+    ids = torch.tensor([[0, 3, 12, 15, 5]])  # four corner patches of a 4x4 grid, and one inside the top-left quadrant
+    cells = token_cells(ids, (4, 4), cell_layout((1, 2)))  # [1, 5, 5]: 1x1 gets no tokens
+    targets = torch.cat([torch.ones(1, 1, 4), torch.eye(4)[None]], dim=1)  # 1x1, then quadrant q -> axis q
+    loss = TokenDistillationLoss()
+    right = torch.eye(4)[[0, 1, 2, 3, 0]][None]  # each token says its quadrant's axis
+    assert loss(right, targets, cells)["token_distill"].item() == pytest.approx(0.0, abs=1e-6)
+    assert loss(2.5 * right, targets, cells)["token_distill"].item() == pytest.approx(0.0, abs=1e-6)  # unit vectors: scale is free
+    wrong = torch.eye(4)[[1, 0, 3, 2, 1]][None]
+    assert loss(wrong, targets, cells)["token_distill"].item() == pytest.approx(0.5)  # |e_a - e_b| mean over 4 dims
+    # Under a target space both sides are compared as given: the mean of a token's cells, unnormalised.
+    two = token_cells(ids, (4, 4), cell_layout((2, 4)))  # each token in one 2x2 and one 4x4 cell
+    views = torch.randn(1, 20, 4)
+    expected = torch.bmm(two, views) / 2  # [1, 5, 4]
+    assert TokenDistillationLoss(normalize=False)(expected, views, two)["token_distill"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_token_distillation_is_a_term_of_the_objective_only_when_weighted():
+    from pipeline.config import load_params
+    from pipeline.student import ZeroSegStudent, student_arch
+    from pipeline.student.objective import StudentObjective
+
+    torch.manual_seed(0)
+    model = ZeroSegStudent(arch=student_arch("zeroseg_micro"), out_dim=8)
+    images = torch.randn(2, 3, 32, 32)
+    targets = torch.randn(2, 30, 8)
+    off, on = (load_params(None, [f"loss.token_distill={w}"]) for w in (0, 2))
+    out = model(images, 0.5, tokens=False)
+    assert out.tokens is None
+    _, terms = StudentObjective(off, (1, 2, 3, 4))(out, targets, model.patchify(images), model.target_space)
+    assert "token_distill" not in terms
+    out = model(images, 0.5, tokens=True)
+    assert out.tokens.shape == (2, out.ids_keep.shape[1], 8)
+    total, terms = StudentObjective(on, (1, 2, 3, 4))(out, targets, model.patchify(images), model.target_space)
+    total.backward()
+    assert terms["token_distill"].item() > 0
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0  # it reaches the encoder
+
+
+def test_token_relation_is_met_by_the_cells_target_and_not_by_the_views_mean():
+    from pipeline.student.losses import TokenRelationLoss, cell_layout, token_cells
+
+    torch.manual_seed(0)
+    ids = torch.arange(16)[None].repeat(2, 1)  # two images, every patch of a 4x4 grid, grids 1 and 2
+    cells = token_cells(ids, (4, 4), cell_layout((1, 2)))  # [2, 16, 5]
+    shared = torch.randn(8)
+    targets = shared + 0.3 * torch.randn(2, 5, 8)  # views with a large shared component, as the teacher's
+    local = torch.arange(1, 5)
+    loss = TokenRelationLoss(tau=0.1)
+    own = torch.bmm(cells, F.normalize(targets, dim=-1))  # [2, 16, 8] each token's quadrant view
+    assert loss(own, targets, cells, local)["token_relation"].item() == pytest.approx(0.0, abs=1e-5)
+    mean = F.normalize(targets, dim=-1).mean(dim=(0, 1)).expand(2, 16, 8)  # the regression-to-the-mean answer
+    assert loss(mean, targets, cells, local)["token_relation"].item() > 0.1
+    tokens = own.clone().requires_grad_(True)
+    loss(tokens + 0.1 * torch.randn_like(own), targets, cells, local)["token_relation"].backward()
+    assert tokens.grad.abs().sum() > 0
