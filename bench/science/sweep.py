@@ -72,10 +72,16 @@ def dvc(repo: Path, *args: str) -> str:
 
 
 def experiments(repo: Path) -> dict[str, dict]:
-    """The experiments of the workspace's commit, by name: {"metrics": {file: data}, "params": params.yaml}."""
+    """The finished experiments of the workspace's commit, by name: {"metrics": {file: data}, "params": params.yaml}.
+
+    One still running or queued (it has an executor) is left out: until it ends, `dvc exp show`
+    reads its figures from the files its baseline had.
+    """
     found = {}
     for commit in json.loads(dvc(repo, "exp", "show", "--json")):
         for exp in commit.get("experiments") or []:
+            if exp.get("executor"):
+                continue
             for rev in exp.get("revs") or []:
                 data = rev.get("data") or {}
                 name = rev.get("name") or exp.get("name")
