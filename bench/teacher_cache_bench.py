@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
 from bench.harness import child_result, emit, parser, run_child
 
-REPO = Path(__file__).resolve().parents[1]
 DENSE_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}
 
 
