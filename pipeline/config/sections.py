@@ -143,6 +143,14 @@ class LossConfig:
     # Each visible token's similarities to the batch's local views, as its cells' target has them
     # (relational distillation, tau = contrastive_tau): what tells cells apart, not their shared mean.
     token_relation: float = bounded(0.0, at_least=0.0)
+    # Each visible patch token, through a linear head of its own, classifies its cells' views among
+    # K prototypes of the teacher's views (k-means of the cache sample): pseudo-labels from the cache.
+    token_prototypes: float = bounded(0.0, at_least=0.0)
+    # Each segment's embedding, as a residual around the teacher's mean, among the same prototypes as
+    # its region target (KL of the two softmaxes): what is named, past the views' shared component.
+    segment_prototypes: float = bounded(0.0, at_least=0.0)
+    prototypes: int = bounded(64, at_least=2, at_most=65536)  # K
+    prototype_tau: float = bounded(0.05, at_least=0.001)  # temperature of the views' softmax over prototypes
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,9 @@ class StudentArch:
     # into the training grid's range (what bicubic interpolation of the table approximates);
     # "interpolate" interpolates the table's values bicubically (GroupViT's evaluation).
     pos_embed_resize: Literal["recompute", "rescale", "interpolate"] = "recompute"
+    # A linear head from each encoder patch token to K teacher prototypes (`loss.token_prototypes`):
+    # a training-only classifier, 0 = none. Its weights are in the checkpoint, unused at inference.
+    prototypes: int = 0
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:

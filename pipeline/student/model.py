@@ -53,6 +53,7 @@ class StudentOutput:
     hard_assignments: list[Tensor]  # per stage [B, S_k, N_k], what the forward pass used
     grid: tuple[int, int]  # (h, w) patch grid of the input
     tokens: Tensor | None = None  # [B, L_keep, D] visible patch tokens through the segment projection (asked for)
+    prototype_logits: Tensor | None = None  # [B, L_keep, K] visible patch tokens' prototype logits (arch.prototypes)
 
 
 @dataclass
@@ -117,6 +118,8 @@ class ZeroSegStudent(nn.Module):
         # The affine map between the outputs above and the teacher's space (identity unless
         # loss.target_norm centers or standardises the targets); buffers, so checkpoints carry it.
         self.target_space = TargetSpace(out_dim)
+        # Training only: each patch token's logits over the teacher's prototypes (loss.token_prototypes).
+        self.prototype_head = nn.Linear(C, arch.prototypes) if arch.prototypes else None
 
         self._init_weights()
 
@@ -249,6 +252,7 @@ class ZeroSegStudent(nn.Module):
             z=z, segments=segments, pred=pred, mask=mask, ids_restore=ids_restore, ids_keep=ids_keep,
             soft_assignments=soft, hard_assignments=hard, grid=grid,
             tokens=self.segment_proj(latent[:, 1:]) if tokens else None,
+            prototype_logits=self.prototype_head(latent[:, 1:]) if self.prototype_head is not None else None,
         )
 
     @torch.no_grad()

@@ -22,6 +22,11 @@ from pipeline.student.losses import (
     local_view_mask,
     token_cells,
 )
+from pipeline.student.prototypes import (
+    SegmentPrototypeLoss,
+    TokenPrototypeLoss,
+    view_prototypes,
+)
 from pipeline.student.target_space import TargetSpace
 
 
@@ -43,6 +48,11 @@ class StudentObjective(torch.nn.Module):
         self.segment_crop = SegmentCropLoss()
         self.token = TokenDistillationLoss(normalize=unit)
         self.token_relation = TokenRelationLoss(tau=self.cfg.contrastive_tau)
+        self.token_prototypes = TokenPrototypeLoss(tau=self.cfg.prototype_tau)
+        self.segment_prototypes = SegmentPrototypeLoss(tau=self.cfg.prototype_tau)
+        # Set by `set_prototypes` before training when loss.token_prototypes is on (from the cache sample).
+        self.register_buffer("prototypes", torch.zeros(0), persistent=False)
+        self.register_buffer("view_mean", torch.zeros(0), persistent=False)
         self.grids = grids
         # Local views as indices, not a mask, and their presence as a Python bool: indexing with
         # a boolean CUDA mask and `bool(tensor)` each make the host wait for the GPU.
@@ -54,6 +64,22 @@ class StudentObjective(torch.nn.Module):
             raise ConfigError(f"loss.region_grids {list(self.cfg.region_grids)}: must be local grids among loss.grids {list(grids)}")
         self.register_buffer("region_views", torch.tensor([float(g in region) for g, _, _ in view_layout(grids)]), persistent=False)
         self.register_buffer("layout", cell_layout(grids), persistent=False)  # [3, V]
+
+    def fit_prototypes(self, sample: torch.Tensor, mean: torch.Tensor, *, seed: int) -> None:
+        """With a prototype term on: take `loss.prototypes` prototypes of the local views of a cache
+        sample [n, V, D] (`teacher_sample`, as cached) around the teacher's unit mean [D]."""
+        if self.cfg.token_prototypes or self.cfg.segment_prototypes:
+            local = sample[:, self.local.cpu()].flatten(0, 1)  # [n * V_local, D]
+            self.set_prototypes(view_prototypes(local, mean, self.cfg.prototypes, seed=seed), mean)
+
+    def set_prototypes(self, prototypes: torch.Tensor, mean: torch.Tensor) -> None:
+        """The teacher's prototypes [K, D] and unit-vector dataset mean [D] (`prototypes.py`)."""
+        self.prototypes = prototypes.to(self.local.device, torch.float32)
+        self.view_mean = mean.to(self.local.device, torch.float32)
+
+    def _require_prototypes(self, term: str) -> None:
+        if not len(self.prototypes):
+            raise RuntimeError(f"loss.{term} needs the teacher's prototypes (StudentObjective.set_prototypes)")
 
     def forward(self, out, targets: torch.Tensor, patches: torch.Tensor, space: TargetSpace,
                 crops: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -77,9 +103,9 @@ class StudentObjective(torch.nn.Module):
             terms.update(self.matching(segments, targets, self.local))
             weights.update(segment_match=c.segment_match, view_match=c.view_match)
         cells = None
-        if (c.region_match or c.contrastive or c.token_distill or c.token_relation) and self.has_local:
+        if (c.region_match or c.contrastive or c.token_distill or c.token_relation or c.token_prototypes or c.segment_prototypes) and self.has_local:
             cells = token_cells(out.ids_keep, out.grid, self.layout) * self.region_views  # [B, N, V]
-        if (c.region_match or c.contrastive) and cells is not None:
+        if (c.region_match or c.contrastive or c.segment_prototypes) and cells is not None:
             assignment = compose_assignments(out.hard_assignments)  # [B, S, N]
             if c.region_match:
                 terms.update(self.region(segments, targets, assignment, cells))
@@ -87,6 +113,10 @@ class StudentObjective(torch.nn.Module):
             if c.contrastive:
                 terms.update(self.contrastive(segments, targets, assignment, cells))
                 weights["contrastive"] = c.contrastive
+            if c.segment_prototypes:
+                self._require_prototypes("segment_prototypes")
+                terms.update(self.segment_prototypes(out.segments, out_targets, assignment, cells, self.prototypes, self.view_mean))
+                weights["segment_prototypes"] = c.segment_prototypes
         if c.token_distill and cells is not None and out.tokens is not None:
             tokens = space.predictions(out.tokens, affine=True) if self.affine else out.tokens  # [B, N, D]
             terms.update(self.token(tokens, targets, cells))
@@ -94,6 +124,10 @@ class StudentObjective(torch.nn.Module):
         if c.token_relation and cells is not None and out.tokens is not None:
             terms.update(self.token_relation(out.tokens, out_targets, cells, self.local))
             weights["token_relation"] = c.token_relation
+        if c.token_prototypes and cells is not None and out.prototype_logits is not None:
+            self._require_prototypes("token_prototypes")
+            terms.update(self.token_prototypes(out.prototype_logits, out_targets, cells, self.prototypes, self.view_mean))
+            weights["token_prototypes"] = c.token_prototypes
         if c.segment_crop and crops is not None:
             terms.update(self.segment_crop(out.segments, *crops, compose_assignments(out.hard_assignments)))
             weights["segment_crop"] = c.segment_crop

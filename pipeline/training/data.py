@@ -244,16 +244,14 @@ def _require_views(store: str, targets: np.ndarray, ok: np.ndarray, a: int, shar
                          f"({bad.size} such rows); zeroseg cache validate --deep lists the damage, zeroseg teacher-cache --repair recomputes it")
 
 
-def teacher_statistics(store: str, grids: tuple[int, ...], max_rows: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The teacher's statistics over a sample of the cache: (mean [D], std [D], rows used).
+def teacher_sample(store: str, grids: tuple[int, ...], max_rows: int) -> torch.Tensor:
+    """A sample of the cache's teacher views, [n, V, D] for the views of `grids`, as cached.
 
-    The views of `grids` are pooled, as unit vectors (`target_space.unit_statistics`). The
-    sample is whole chunks spread evenly over the store (a chunk is the unit of a read: scattered
+    The teacher's statistics (`teacher_statistics`) and prototypes (`loss.token_prototypes`)
+    come from it. The sample is whole chunks spread evenly over the store (a chunk is the unit of a read: scattered
     rows would each cost one), enough of them for `max_rows` rows, so it is the same on every
     run and every rank, and costs one pass over `max_rows` rows whatever the cache's size.
     """
-    from pipeline.student.target_space import unit_statistics
-
     group = cs.open_store(store)
     status = group[cs.STATUS][:]  # [N]
     chunk = int(group.attrs["layout"]["chunk_rows"])
@@ -270,6 +268,11 @@ def teacher_statistics(store: str, grids: tuple[int, ...], max_rows: int) -> tup
                 parts.append(load_targets(arrays, rows=rows)[ok])  # [n_ok, V, D]
     if not parts:
         raise InputError(f"{store}: no ok rows to take the teacher's statistics from")
-    views = torch.from_numpy(np.concatenate(parts)).flatten(0, 1)  # [n * V, D]
-    mean, std = unit_statistics(views)
-    return mean, std, sum(len(p) for p in parts)
+    return torch.from_numpy(np.concatenate(parts))  # [n, V, D]
+
+
+def teacher_statistics(sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's (mean [D], std [D]) over a `teacher_sample`, every view pooled as unit vectors."""
+    from pipeline.student.target_space import unit_statistics
+
+    return unit_statistics(sample.flatten(0, 1))

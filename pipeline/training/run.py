@@ -48,7 +48,7 @@ from pipeline.student import ZeroSegStudent, param_groups_for_weight_decay, stud
 from pipeline.student.health import health_metrics
 from pipeline.student.objective import StudentObjective
 from pipeline.training import state
-from pipeline.training.data import CachePairs, ParentEnviron, teacher_statistics
+from pipeline.training.data import CachePairs, ParentEnviron, teacher_sample, teacher_statistics
 from pipeline.training.engine import Engine, MetricWindow, StepResult
 from pipeline.training.live import log_step, open_live
 from pipeline.training.schedule import Schedule, make_schedule
@@ -147,16 +147,19 @@ def _train(params: Params, cache: str | None, out_dir: str | Path, *, resume: st
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
     s = params.student
-    arch = student_arch(s.variant, hard_assignment=s.hard_assignment, gumbel_tau=s.gumbel_tau, learnable_assign_temperature=s.learnable_assign_temperature)
+    arch = student_arch(s.variant, hard_assignment=s.hard_assignment, gumbel_tau=s.gumbel_tau, learnable_assign_temperature=s.learnable_assign_temperature,
+                        prototypes=params.loss.prototypes if params.loss.token_prototypes else 0)
     model = ZeroSegStudent(arch=arch, out_dim=out_dim)
     # The teacher's statistics: the target space's map (loss.target_norm), and eval.calibration's mean.
-    stat_mean, stat_std, stat_rows = teacher_statistics(cache, grids, params.loss.target_stats_rows)
+    sample = teacher_sample(cache, grids, params.loss.target_stats_rows)  # [n, V, D]
+    (stat_mean, stat_std), stat_rows = teacher_statistics(sample), len(sample)
     model.target_space.set_statistics(params.loss.target_norm, stat_mean, stat_std)
     if s.init_from:
         report = model.load_encoder_state_dict(load_checkpoint(s.init_from))
         log.info("student.init_from %s: %s", s.init_from, report.summary())
     model.to(device)
     objective = StudentObjective(params, grids).to(device)
+    objective.fit_prototypes(sample, stat_mean, seed=cfg.seed)  # with loss.*_prototypes: the same on every rank and on resume
     crop_targets = _crop_targets(params, attrs, device) if params.loss.segment_crop else None
 
     dataset, loader, sched = _data(params, cache, attrs, grids, arch.img_size, rank, world, device)

@@ -22,7 +22,7 @@ from pipeline.student.losses import (
     RegionMatchingLoss,
     region_targets,
 )
-from pipeline.training.data import teacher_statistics
+from pipeline.training.data import teacher_sample, teacher_statistics
 from pipeline.training.run import run_training
 
 
@@ -61,12 +61,12 @@ def test_unit_statistics_skip_failed_rows():
 
 def test_teacher_statistics_come_from_the_cache(built_cache):
     store, _ = built_cache
-    mean, std, rows = teacher_statistics(str(store), (1, 2, 3, 4), max_rows=4096)
-    views = torch.from_numpy(load_targets(str(store), (1, 2, 3, 4)).astype(np.float32)).flatten(0, 1)  # [8 * 30, 32]
-    assert rows == 8
-    torch.testing.assert_close(mean, F.normalize(views, dim=-1).mean(dim=0))
-    _, _, some = teacher_statistics(str(store), (1, 2, 3, 4), max_rows=3)  # whole chunks of 2 rows: 2 chunks
-    assert some == 4
+    sample = teacher_sample(str(store), (1, 2, 3, 4), max_rows=4096)
+    views = torch.from_numpy(load_targets(str(store), (1, 2, 3, 4)).astype(np.float32))  # [8, 30, 32]
+    assert torch.equal(sample, views)
+    mean, _ = teacher_statistics(sample)
+    torch.testing.assert_close(mean, F.normalize(views.flatten(0, 1), dim=-1).mean(dim=0))
+    assert len(teacher_sample(str(store), (1, 2, 3, 4), max_rows=3)) == 4  # whole chunks of 2 rows: 2 chunks
 
 
 def test_affine_losses_compare_the_given_vectors_and_region_targets_are_weighted_means():
@@ -153,7 +153,7 @@ def test_a_standardised_student_trains_logs_its_health_and_segments_in_the_teach
     rows = (tmp_path / "live" / "plots" / "metrics" / "health" / "segment_retrieval.tsv").read_text().splitlines()
     assert [int(r.split("\t")[0]) for r in rows[1:]] == [5, 10, 15, 20]
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
-    mean, std, _ = teacher_statistics(str(store), (1, 2, 3, 4), 4096)
+    mean, std = teacher_statistics(teacher_sample(str(store), (1, 2, 3, 4), 4096))
     assert ckpt["teacher_stats"]["mean"] == mean.tolist() and ckpt["teacher_stats"]["rows"] == 8
     torch.testing.assert_close(ckpt["model"]["target_space.mean"], mean)
     # Inference maps the raw outputs back into the teacher's space.

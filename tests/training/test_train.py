@@ -58,6 +58,26 @@ def test_resume_continues_exactly(built_cache, tmp_path, workers):
     assert a["optimizer"]["state"][0]["exp_avg"].equal(b["optimizer"]["state"][0]["exp_avg"])
 
 
+def test_prototype_terms_train_resume_exactly_and_the_checkpoint_loads_for_inference(built_cache, tmp_path):
+    from pipeline.student import StudentArch, ZeroSegStudent
+
+    store, _ = built_cache
+    run = ("train.epochs=6", "loss.token_prototypes=1", "loss.segment_prototypes=1", "loss.prototypes=4")
+    straight = run_training(params_for(built_cache, *run), str(store), tmp_path / "a", progress=False)
+    assert {"token_prototypes", "segment_prototypes"} <= set(straight.losses)
+    run_training(params_for(built_cache, *run, "train.max_steps=4"), str(store), tmp_path / "b", progress=False)
+    resumed = run_training(params_for(built_cache, *run), str(store), tmp_path / "b", resume="must", progress=False)
+    assert resumed.step == straight.step == 6
+    a, b = load_checkpoint(tmp_path / "a" / "checkpoint.pt"), load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    for name, tensor in a["model"].items():  # the prototypes are taken again on resume, the same
+        assert torch.equal(tensor, b["model"][name]), name
+    assert a["arch"]["prototypes"] == 4 and a["model"]["prototype_head.weight"].shape[0] == 4
+    model = ZeroSegStudent(arch=StudentArch(**a["arch"]), out_dim=int(a["cache"]["embed_dim"]))
+    model.load_state_dict(a["model"])  # strict: evaluation builds the student from the checkpoint's arch
+    with torch.no_grad():
+        assert model.eval().infer(torch.randn(1, 3, 32, 32)).segments.shape[0] == 1
+
+
 def _live_table(live_dir, name):
     lines = (live_dir / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()
     assert lines[0] == f"step\t{name.split('/')[-1]}"
