@@ -28,16 +28,21 @@ from pipeline.student.normalize import normalize_images
 from bench.harness import emit, parser
 
 
-def scenes(n: int, seed: int, side: int, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+def scenes(n: int, seed: int, side: int, patch: int, full_res: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """n demo scenes at the student's side: uint8 images [n, 3, S, S] and patch labels [n, S/p, S/p]
-    (the majority class of each patch's pixels, from the full-resolution mask)."""
+    (the majority class of each patch's pixels, from the full-resolution mask). `full_res`: instead
+    of the whole 128-px scene resized to S (as training sees it), one S-px quadrant of it at full
+    resolution (the scale of the evaluation's windows), the quadrants taken in turn."""
     rng = np.random.default_rng(seed)
     images, labels = [], []
     g = side // patch
-    for _ in range(n):
+    for i in range(n):
         img, mask, _ = make_scene(rng, 128)
-        images.append(np.asarray(img.resize((side, side), Image.BICUBIC)))
-        cell = 128 // g
+        if full_res:
+            x, y = i % 2 * side, i // 2 % 2 * side
+            img, mask = img.crop((x, y, x + side, y + side)), mask[y : y + side, x : x + side]
+        images.append(np.asarray(img if full_res else img.resize((side, side), Image.BICUBIC)))
+        cell = mask.shape[0] // g
         blocks = mask.reshape(g, cell, g, cell).transpose(0, 2, 1, 3).reshape(g, g, -1)
         labels.append(np.apply_along_axis(lambda b: np.bincount(b, minlength=len(CLASSES)).argmax(), 2, blocks))
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(np.stack(labels)).long()
@@ -62,12 +67,13 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=512)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--full-res", action="store_true", help="quadrants of the scenes at full resolution, not whole scenes resized")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     arch = student_arch(args.variant)
     t0 = time.perf_counter()
-    x_train, y_train = scenes(args.train, args.seed, arch.img_size, arch.patch_size)
-    x_test, y_test = scenes(args.test, args.seed + 1000, arch.img_size, arch.patch_size)
+    x_train, y_train = scenes(args.train, args.seed, arch.img_size, arch.patch_size, args.full_res)
+    x_test, y_test = scenes(args.test, args.seed + 1000, arch.img_size, arch.patch_size, args.full_res)
     model = ZeroSegStudent(arch=arch, out_dim=8)
     head = torch.nn.Linear(arch.embed_dim, len(CLASSES))
     params = [p for n, p in model.named_parameters() if n.startswith(("patch_embed", "blocks", "norm", "cls_token"))] + list(head.parameters())
@@ -94,7 +100,7 @@ def main() -> None:
     truth = y_test.flatten(1)
     shape = truth > 0
     out = {
-        "variant": args.variant, "steps": args.steps, "batch": args.batch, "seed": args.seed,
+        "variant": args.variant, "steps": args.steps, "batch": args.batch, "seed": args.seed, "full_res": args.full_res,
         "patch_accuracy": float((pred == truth).float().mean()),
         "shape_patch_accuracy": float((pred[shape] == truth[shape]).float().mean()),
         "shape_patches_called_background": float((pred[shape] == 0).float().mean()),

@@ -53,6 +53,12 @@ RECIPES = {
     "unit+token4": [*_V1, "loss.target_norm=none", "loss.contrastive=0", "loss.token_distill=4.0"],
     "unit+relation1": [*_V1, "loss.target_norm=none", "loss.contrastive=0", "loss.token_relation=1.0"],
     "unit+relation0.25": [*_V1, "loss.target_norm=none", "loss.contrastive=0", "loss.token_relation=0.25"],
+    "unit+tokproto1": [*_V1, "loss.target_norm=none", "loss.contrastive=0", "loss.token_prototypes=1.0"],
+    "unit+tokproto4": [*_V1, "loss.target_norm=none", "loss.contrastive=0", "loss.token_prototypes=4.0"],
+    "unit+segproto1": [*_V1, "loss.target_norm=none", "loss.contrastive=0", "loss.segment_prototypes=1.0"],
+    "unit+segproto0.1": [*_V1, "loss.target_norm=none", "loss.contrastive=0", "loss.segment_prototypes=0.1"],
+    "unit+segproto0.02": [*_V1, "loss.target_norm=none", "loss.contrastive=0", "loss.segment_prototypes=0.02"],
+    "unit+segproto1+tokproto1": [*_V1, "loss.target_norm=none", "loss.contrastive=0", "loss.segment_prototypes=1.0", "loss.token_prototypes=1.0"],
     "crop4-region1": ["loss.region_match=1.0", "loss.infomax=1.0", "loss.bidirectional_matching=true", "loss.target_norm=none", "loss.contrastive=0", "loss.segment_crop=4.0"],
     "standardize-region1": ["loss.region_match=1.0", "loss.infomax=1.0", "loss.bidirectional_matching=true", "loss.target_norm=standardize", "loss.contrastive=0"],
 }
