@@ -115,7 +115,7 @@ class StudentObjective(torch.nn.Module):
                 weights["contrastive"] = c.contrastive
             if c.segment_prototypes:
                 self._require_prototypes("segment_prototypes")
-                terms.update(self.segment_prototypes(out.segments, out_targets, assignment, cells, self.prototypes, self.view_mean))
+                terms.update(self.segment_prototypes(space.to_teacher(out.segments), out_targets, assignment, cells, self.prototypes, self.view_mean))
                 weights["segment_prototypes"] = c.segment_prototypes
         if c.token_distill and cells is not None and out.tokens is not None:
             tokens = space.predictions(out.tokens, affine=True) if self.affine else out.tokens  # [B, N, D]

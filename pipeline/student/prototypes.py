@@ -6,8 +6,8 @@ live in the residual around the dataset mean. Spherical k-means on those residua
 minus the mean, renormalised) gives K directions that tile what tells views apart; a view's
 softmax over its cosines to them is a soft pseudo-label drawn from the cache alone, no
 vocabulary and no human labels. Written here (about twenty lines of torch) rather than taken
-from scikit-learn: it runs on the sample `teacher_statistics` already holds, on the training
-device, deterministically from the run's seed.
+from scikit-learn: it runs on the sample the teacher's statistics are taken from, on the CPU,
+deterministically from the run's seed.
 """
 
 from __future__ import annotations
@@ -53,6 +53,11 @@ def spherical_kmeans(x: Tensor, k: int, *, iters: int = 30, seed: int = 0) -> Te
     return centroids
 
 
+def pseudo_labels(views: Tensor, prototypes: Tensor, mean: Tensor, tau: float) -> Tensor:
+    """[..., D] embeddings -> [..., K] their residuals' softmax over cosines to the prototypes at `tau`."""
+    return F.softmax(residuals(views, mean) @ prototypes.T / tau, dim=-1)
+
+
 def view_prototypes(views: Tensor, mean: Tensor, k: int, *, seed: int = 0) -> Tensor:
     """K prototypes [k, D] of the local views [n, D] (as cached), on their residuals around `mean`."""
     return spherical_kmeans(residuals(views, mean), k, seed=seed)
@@ -87,8 +92,7 @@ class TokenPrototypeLoss(nn.Module):
         Returns:
             {"token_prototypes": mean over tokens of KL(the cells' pseudo-label || the token's softmax)}.
         """
-        views = F.normalize(F.normalize(targets.float(), dim=-1) - mean, dim=-1)  # [B, V, D] residual directions
-        labels = F.softmax(views @ prototypes.T / self.tau, dim=-1)  # [B, V, K]
+        labels = pseudo_labels(targets, prototypes, mean, self.tau)  # [B, V, K]
         weight = cells.float()
         q = torch.bmm(weight, labels) / weight.sum(dim=2, keepdim=True).clamp_min(1.0)  # [B, N, K]
         has = weight.sum(dim=2) > 0  # [B, N] tokens in some used cell
@@ -126,7 +130,7 @@ class SegmentPrototypeLoss(nn.Module):
             {"segment_prototypes": mean over B of sum over S of share_i * KL(target_i || segment_i)}.
         """
         target, share = region_targets(F.normalize(targets.float(), dim=-1), assignment, cells)  # [B, S, D] unit
-        q = F.softmax(F.normalize(target - mean, dim=-1) @ prototypes.T / self.tau, dim=-1)  # [B, S, K]
-        log_p = F.log_softmax(F.normalize(F.normalize(segments.float(), dim=-1) - mean, dim=-1) @ prototypes.T / self.tau, dim=-1)
+        q = pseudo_labels(target, prototypes, mean, self.tau)  # [B, S, K]
+        log_p = F.log_softmax(residuals(segments, mean) @ prototypes.T / self.tau, dim=-1)
         kl = (q * (torch.log(q.clamp_min(1e-12)) - log_p)).sum(dim=-1)  # [B, S]
         return {"segment_prototypes": (share * kl).sum(dim=1).mean()}
