@@ -196,6 +196,9 @@ class EvalConfig:
     short_side: int = bounded(448, at_least=1)  # images are resized to this short side
     window: int = bounded(448, at_least=1)  # sliding window side (pixels of the resized image)
     stride: int = bounded(224, at_least=1)
+    # The dense-CLIP baselines' short side (0: short_side): a ViT teacher's windows slide over the
+    # image at this side (at least its input size), a ResNet teacher sees the whole image at it.
+    dense_short_side: int = bounded(0, at_least=0)
     topk_classes: int = bounded(0, at_least=0)  # keep only the image's top-k classes (by the global embedding); 0: all
     max_images: int = bounded(0, at_least=0)  # per dataset; 0: all
     baselines: tuple[str, ...] = ("training_free",)  # evaluated by the same harness beside the student

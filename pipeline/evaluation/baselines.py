@@ -6,6 +6,10 @@
   NACLIP do it, each rewriting the teacher's last block only (`DENSE_CLIP`): one embedding per
   patch, through the final LayerNorm and the image projection; teacher-sized windows slide over
   the image with half-window stride and overlapping scores are averaged.
+- `maskclip` also for open_clip ResNet teachers (CLIP's ModifiedResNet), as the MaskCLIP paper
+  runs RN50: the attention pool's query and key are dropped, and every location of the last
+  feature map goes through the pool's value and output projections (with its position
+  embedding, interpolated to the map); a ResNet is convolutional, so it sees the whole image.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import VisionTransformer
 
 from pipeline.clip.model import Teacher
@@ -132,18 +137,41 @@ DENSE_CLIP = {
 }
 
 
-class MaskCLIPSegmenter:
-    """Dense CLIP from an open_clip ViT teacher: one class decision per patch.
+def resnet_value_features(visual: ModifiedResNet, x: torch.Tensor) -> torch.Tensor:
+    """MaskCLIP for a CLIP ResNet: [n, 3, H, W] normalized -> [n, gh, gw, D] per-location embeddings.
 
-    `method` is `maskclip` (MaskCLIP), `sclip` (SCLIP) or `naclip` (NACLIP): each rewrites the
-    last transformer block only (`DENSE_CLIP`), then every token goes through the final
-    LayerNorm and the image projection into the text space. Teacher-sized windows slide with
-    half-window stride (their published 224/112 for a 224-px teacher) and overlapping scores are
-    averaged.
+    The attention pool would mix every location into one query (the mean token); MaskCLIP keeps
+    each location to itself: value projection then output projection of the feature map plus
+    the pool's position embedding, whose square table is interpolated bicubically to the map
+    (as open_clip resizes position tables). gh, gw = H / 32, W / 32 (rounded up).
+    """
+    pool = visual.attnpool
+    f = visual.layer4(visual.layer3(visual.layer2(visual.layer1(visual.stem(x)))))  # [n, C, gh, gw]
+    n, c, gh, gw = f.shape
+    table = pool.positional_embedding[1:]  # [G*G, C], the mean token's row dropped
+    side = round(len(table) ** 0.5)
+    if (gh, gw) != (side, side):
+        table = F.interpolate(table.T.reshape(1, c, side, side).float(), size=(gh, gw), mode="bicubic", align_corners=False).reshape(c, gh * gw).T
+    tokens = f.flatten(2).transpose(1, 2) + table.to(f.dtype)  # [n, gh*gw, C]
+    return pool.c_proj(pool.v_proj(tokens)).float().view(n, gh, gw, -1)
+
+
+class MaskCLIPSegmenter:
+    """Dense CLIP from an open_clip teacher: one class decision per patch (ViT) or location (ResNet).
+
+    `method` is `maskclip` (MaskCLIP), `sclip` (SCLIP) or `naclip` (NACLIP): on a ViT each
+    rewrites the last transformer block only (`DENSE_CLIP`), then every token goes through the
+    final LayerNorm and the image projection into the text space, and teacher-sized windows
+    slide with half-window stride (their published 224/112 for a 224-px teacher), overlapping
+    scores averaged. On a ResNet only `maskclip` is defined (`resnet_value_features`), over the
+    whole image in one pass. Scores are resized bilinearly to the image.
 
     Args:
-        teacher: an open_clip model whose image tower is a VisionTransformer with a class token.
-        text, logit_scale, rule, short_side, topk_classes, center: as for the grid baseline.
+        teacher: an open_clip model whose image tower is a VisionTransformer with a class token,
+            or (maskclip) a ModifiedResNet.
+        text, logit_scale, rule, topk_classes, center: as for the grid baseline.
+        short_side: the image's short side for these methods (`eval.dense_short_side`, else
+            `eval.short_side`); a ViT's windows need at least its input size.
     """
 
     def __init__(self, teacher: Teacher, text: torch.Tensor, logit_scale: float, rule: BackgroundRule, *, short_side: int = 448, topk_classes: int = 0, center: torch.Tensor | None = None,
@@ -151,17 +179,23 @@ class MaskCLIPSegmenter:
         if method not in DENSE_CLIP:
             raise InputError(f"eval.baselines: unknown dense-CLIP method {method!r} (known: {', '.join(DENSE_CLIP)})")
         visual = teacher.model.visual
-        if not isinstance(visual, VisionTransformer) or getattr(visual, "attn_pool", None) is not None or visual.proj is None:
-            raise InputError(f"eval.baselines: {method} needs an open_clip ViT teacher with a class token, not {teacher.identity.model}")
-        if not isinstance(visual.transformer.resblocks[-1].attn, torch.nn.MultiheadAttention):
-            raise InputError(f"eval.baselines: {method} does not know the attention of {teacher.identity.model}")
+        self.resnet = isinstance(visual, ModifiedResNet)
+        if self.resnet and method != "maskclip":
+            raise InputError(f"eval.baselines: {method} rewrites a ViT's last attention block; {teacher.identity.model} is a ResNet (maskclip runs on it)")
+        if not self.resnet:
+            if not isinstance(visual, VisionTransformer) or getattr(visual, "attn_pool", None) is not None or visual.proj is None:
+                raise InputError(f"eval.baselines: {method} needs an open_clip ViT teacher with a class token or a CLIP ResNet, not {teacher.identity.model}")
+            if not isinstance(visual.transformer.resblocks[-1].attn, torch.nn.MultiheadAttention):
+                raise InputError(f"eval.baselines: {method} does not know the attention of {teacher.identity.model}")
         self.teacher, self.text, self.scale, self.rule = teacher, text.to(teacher.device), logit_scale, rule
         self.short_side, self.topk, self.center = short_side, topk_classes, center
         self.method = method
 
     def dense_features(self, views: torch.Tensor) -> torch.Tensor:
-        """[n, 3, T, T] normalized -> [n, gh, gw, D] per-patch embeddings in the text space."""
+        """[n, 3, H, W] normalized (H = W = T for a ViT) -> [n, gh, gw, D] embeddings in the text space."""
         visual = self.teacher.model.visual
+        if self.resnet:
+            return resnet_value_features(visual, views.to(self.teacher.view_dtype))
         x = visual._embeds(views.to(self.teacher.view_dtype))  # [n, 1 + N, C]
         blocks = visual.transformer.resblocks
         for block in blocks[:-1]:
@@ -184,6 +218,8 @@ class MaskCLIPSegmenter:
 
     @torch.inference_mode()
     def predict(self, image: np.ndarray) -> Prediction:
+        if self.resnet:
+            return self.predict_whole(image)
         size = self.teacher.spec.size
         x = resize_short_side(image, max(self.short_side, size)).round_().to(self.teacher.device)  # [3, h, w]
         h, w = x.shape[-2:]
@@ -198,5 +234,17 @@ class MaskCLIPSegmenter:
         for s, (t, l) in zip(scores, origins):
             merged.add(t, l, s)
         scores = _restrict(merged.result().permute(1, 2, 0), self.teacher, x, self.text, self.scale, self.rule, self.topk, self.center)  # [h, w, K]
+        score, label = self.rule.decide(scores)  # [h, w]
+        return finish(label, score, self.rule, image.shape[:2])
+
+    def predict_whole(self, image: np.ndarray) -> Prediction:
+        """The ResNet's MaskCLIP: the whole image in one pass, scores resized bilinearly."""
+        x = resize_short_side(image, self.short_side).round_().to(self.teacher.device)  # [3, h, w]
+        h, w = x.shape[-2:]
+        feats = self.dense_features(_normalize(self.teacher, x[None]))[0]  # [gh, gw, D]
+        gh, gw, _ = feats.shape
+        scores = class_scores(feats.reshape(gh * gw, -1), self.text, self.scale, self.rule.mode, self.center)  # [gh*gw, K]
+        scores = F.interpolate(scores.T.reshape(1, -1, gh, gw), size=(h, w), mode="bilinear", align_corners=False)[0]  # [K, h, w]
+        scores = _restrict(scores.permute(1, 2, 0), self.teacher, x, self.text, self.scale, self.rule, self.topk, self.center)  # [h, w, K]
         score, label = self.rule.decide(scores)  # [h, w]
         return finish(label, score, self.rule, image.shape[:2])

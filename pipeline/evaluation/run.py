@@ -108,7 +108,7 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
             methods["training_free"] = GridTeacherSegmenter(model.teacher, text, model.embedder.logit_scale, rule, **teacher_only)
         for dense in ("maskclip", "sclip", "naclip"):
             if dense in e.baselines:
-                methods[dense] = MaskCLIPSegmenter(model.teacher, text, model.embedder.logit_scale, rule, method=dense, **teacher_only)
+                methods[dense] = MaskCLIPSegmenter(model.teacher, text, model.embedder.logit_scale, rule, method=dense, **{**teacher_only, "short_side": e.dense_short_side or e.short_side})
         scored = [*methods, "trivial", "oracle_student", "oracle_grid"]
         matrices = {m: ConfusionMatrix(dataset.num_classes, dataset.ignore_index) for m in scored}
         n = len(dataset) if not e.max_images else min(e.max_images, len(dataset))

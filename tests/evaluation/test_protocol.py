@@ -119,6 +119,44 @@ def _values_only_reference(teacher, views):
     return visual.ln_post(last.attn.out_proj(v)[:, 1:]) @ visual.proj
 
 
+def test_maskclip_on_a_clip_resnet_keeps_every_location_to_itself_in_the_attention_pool():
+    """The ResNet path against the pool's own attention restricted to the diagonal: torch's
+    multi-head attention with open_clip's weights, where every location may attend only to itself,
+    gives each location value projection then output projection, which is MaskCLIP's embedding."""
+    from pipeline.clip.model import Teacher
+    from pipeline.config import TeacherConfig
+    from pipeline.evaluation.baselines import MaskCLIPSegmenter, resnet_value_features
+
+    teacher = Teacher.load(TeacherConfig(model="zeroseg-demo-rn", pretrained="", device="cpu", precision="fp32"))
+    visual = teacher.model.visual.eval()
+    pool = visual.attnpool
+    views = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # the teacher's size: a 2x2 map, the table as trained
+    with torch.no_grad():
+        feats = resnet_value_features(visual, views)
+        f = visual.layer4(visual.layer3(visual.layer2(visual.layer1(visual.stem(views)))))  # [2, C, 2, 2]
+        x = f.flatten(2).permute(2, 0, 1)  # [4, 2, C]
+        x = torch.cat([x.mean(dim=0, keepdim=True), x]) + pool.positional_embedding[:, None]  # [5, 2, C]
+        diagonal = torch.full((5, 5), -math.inf).fill_diagonal_(0.0)
+        kw = {"embed_dim_to_check": x.shape[-1], "num_heads": pool.num_heads, "in_proj_weight": None,
+              "in_proj_bias": torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]), "bias_k": None, "bias_v": None, "add_zero_attn": False,
+              "dropout_p": 0.0, "out_proj_weight": pool.c_proj.weight, "out_proj_bias": pool.c_proj.bias, "use_separate_proj_weight": True,
+              "q_proj_weight": pool.q_proj.weight, "k_proj_weight": pool.k_proj.weight, "v_proj_weight": pool.v_proj.weight, "training": False, "need_weights": False}
+        own, _ = torch.nn.functional.multi_head_attention_forward(x, x, x, attn_mask=diagonal, **kw)
+        pooled, _ = torch.nn.functional.multi_head_attention_forward(x, x, x, **kw)
+    torch.testing.assert_close(pooled[0], teacher.model.encode_image(views))  # the reference is open_clip's own pool
+    assert feats.shape == (2, 2, 2, teacher.identity.embed_dim)
+    torch.testing.assert_close(feats.reshape(2, 4, -1), own[1:].transpose(0, 1), rtol=1e-4, atol=1e-5)
+
+    # Larger images: a larger map, the position table interpolated to it; whole images, any shape.
+    text = torch.nn.functional.normalize(torch.randn(3, teacher.identity.embed_dim, generator=torch.Generator().manual_seed(2)), dim=-1)
+    seg = MaskCLIPSegmenter(teacher, text, 50.0, BackgroundRule("cosine", -2.0), short_side=128)
+    assert seg.dense_features(torch.randn(1, 3, 128, 192)).shape == (1, 4, 6, teacher.identity.embed_dim)
+    pred = seg.predict(np.random.default_rng(3).integers(0, 256, (50, 90, 3), dtype=np.uint8))
+    assert pred.labels.shape == (50, 90) and set(np.unique(pred.labels)) <= {1, 2, 3}
+    with pytest.raises(Exception, match="sclip rewrites a ViT's last attention block; zeroseg-demo-rn is a ResNet"):
+        MaskCLIPSegmenter(teacher, text, 50.0, BackgroundRule("cosine", -2.0), method="sclip")
+
+
 def test_dense_clip_baselines_change_only_the_last_block_as_their_papers_do():
     from pipeline.evaluation.baselines import (
         DENSE_CLIP,
