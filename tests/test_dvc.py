@@ -29,7 +29,7 @@ def test_repro_builds_everything_and_params_edits_make_exactly_their_stages_stal
     demo = json.loads((project / "metrics" / "demo.json").read_text())
     for value in [*demo["miou"].values(), *demo["oracle"].values()]:
         assert 0 <= value <= 1
-    assert set(demo["miou"]) == {"student", "base", "training_free", "trivial"}
+    assert set(demo["miou"]) == {"student", "base", "training_free", "maskclip", "trivial"}  # params.yaml's eval.baselines
     assert demo["segments_per_window"] > 1  # held-out scenes: the grouping did not collapse
     assert "up to date" in dvc(project, "status")
     set_param(project, "eval", "stride", 16)
