@@ -80,6 +80,7 @@ def test_the_recipe_sweep_runs_as_dvc_experiments_and_tabulates_them_over_seeds(
     # Seed 0 is the baseline's params: the same student, so the same validation figures.
     assert rows["default-s0"]["student"] == baseline["miou"]["student"]
     assert rows["default-s0"]["oracle_student"] == baseline["oracle"]["student"]
+    assert rows["default-s0"]["teacher_dense"] == baseline["miou"]["maskclip"]  # the bar beside the grid teacher's
     assert "| default | 0,1 |" in run.stdout
     assert subprocess.run(["git", "status", "--porcelain", "params.yaml"], cwd=project, capture_output=True, text=True).stdout == ""  # the workspace untouched
     again = subprocess.run([*sweep[:3], "run", *sweep[3:]], cwd=REPO, capture_output=True, text=True, timeout=600)

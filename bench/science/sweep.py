@@ -10,7 +10,8 @@ stopped.
 
 The table is read from `dvc exp show --json`: per recipe, the mean, spread (population std) and
 minimum over seeds of the student's zero-shot mIoU on the validation split of our own
-(`metrics_val/`, the `evaluate_val` stage on data/demo_val), its grouping oracle beside a fixed
+(`metrics_val/`, the `evaluate_val` stage on data/demo_val) beside the teacher alone (on grid
+cells, and dense where `eval.baselines` runs maskclip), its grouping oracle beside a fixed
 3x3 grid's, segments per window (1: collapsed) and the last logged label-free health figures
 (dvclive). Recipes are chosen on that split, never on the held-out scenes (`metrics/`), whose
 mean is shown last, for the record only.
@@ -139,7 +140,8 @@ def rows(repo: Path, recipes: list[str], tag: str) -> list[dict]:
         health = live.get("health", {})
         out.append({
             "experiment": name, "recipe": recipe, "seed": int(seed),
-            "student": val["miou"]["student"], "teacher_alone": val["miou"]["training_free"], "trivial": val["miou"]["trivial"],
+            "student": val["miou"]["student"], "teacher_alone": val["miou"]["training_free"],
+            "teacher_dense": val["miou"].get("maskclip", float("nan")), "trivial": val["miou"]["trivial"],
             "oracle_student": val["oracle"]["student"], "oracle_grid": val["oracle"]["grid"],
             "segments_per_window": val["segments_per_window"], "held_out_student": held.get("miou", {}).get("student", float("nan")),
             "segment_retrieval": health.get("segment_retrieval", float("nan")), "segment_resultant": health.get("segment_resultant", float("nan")),
@@ -153,7 +155,7 @@ def table(rows: list[dict]) -> str:
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r["recipe"], []).append(r)
-    lines = ["| recipe | seeds | student mIoU, validation: mean +- std (min) | teacher alone | oracle student (min) | oracle grid "
+    lines = ["| recipe | seeds | student mIoU, validation: mean +- std (min) | teacher alone: grid / dense | oracle student (min) | oracle grid "
              "| segments/window (min) | segment retrieval | segment / teacher resultant | student, held-out (record only) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for recipe, rs in groups.items():
@@ -162,7 +164,7 @@ def table(rows: list[dict]) -> str:
         s = col("student")
         lines.append(
             f"| {recipe} | {','.join(str(r['seed']) for r in rs)} | {statistics.mean(s):.3f} +- {statistics.pstdev(s):.3f} ({min(s):.3f}) "
-            f"| {statistics.mean(col('teacher_alone')):.3f} | {statistics.mean(col('oracle_student')):.3f} ({min(col('oracle_student')):.3f}) "
+            f"| {statistics.mean(col('teacher_alone')):.3f} / {statistics.mean(col('teacher_dense')):.3f} | {statistics.mean(col('oracle_student')):.3f} ({min(col('oracle_student')):.3f}) "
             f"| {statistics.mean(col('oracle_grid')):.3f} | {statistics.mean(col('segments_per_window')):.2f} ({min(col('segments_per_window')):.2f}) "
             f"| {statistics.mean(col('segment_retrieval')):.3f} | {statistics.mean(col('segment_resultant')):.2f} / {statistics.mean(col('teacher_resultant')):.2f} "
             f"| {statistics.mean(col('held_out_student')):.3f} |"
