@@ -191,6 +191,7 @@ def segment(
     threshold: Annotated[Optional[float], typer.Option(help="background threshold under eval.bg_rule probability or cosine (default: eval.bg_threshold.default or 0.5)")] = None,
     include: Annotated[Optional[list[str]], typer.Option("--include", help="keep only images whose path inside the folder matches this glob (repeatable), e.g. '*.jpg'")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="leave out images whose path inside the folder matches this glob (repeatable)")] = None,
+    naming: Annotated[str, typer.Option("--naming", help="student (each segment by its own embedding) | maskclip | sclip | naclip: the teacher's dense scores, averaged over each student segment, name it (runs the teacher too)")] = "student",
     params: ModelParamsOpt = None,
     set_: SetOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
@@ -206,7 +207,7 @@ def segment(
             typer.echo(f"{r['image']}: {r['overlay']} ({', '.join(r['legend']) or 'background only'})")
 
     results = run_segment(params_for_model(params, set_, checkpoint), checkpoint, images, parse_classes(classes), out, threshold=threshold, progress=not quiet, on_result=report,
-                          include_globs=include or (), exclude_globs=exclude or ())
+                          include_globs=include or (), exclude_globs=exclude or (), naming=naming)
     skipped = sum("error" in r for r in results)
     if skipped:
         typer.echo(f"zeroseg: {'error' if strict else 'warning'}: {skipped} of {len(results)} images could not be read (listed above); the others were segmented", err=True)

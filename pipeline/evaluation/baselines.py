@@ -10,6 +10,8 @@
   runs RN50: the attention pool's query and key are dropped, and every location of the last
   feature map goes through the pool's value and output projections (with its position
   embedding, interpolated to the map); a ResNet is convolutional, so it sees the whole image.
+- `grouped_maskclip`, `grouped_sclip`, `grouped_naclip`: not the teacher alone but the student's
+  segments named by the dense method's scores (`GroupedDenseSegmenter`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pipeline.core.views import cell_edges
 from pipeline.evaluation.inference import (
     BackgroundRule,
     Prediction,
+    StudentSegmenter,
     WindowAverage,
     class_scores,
     finish,
@@ -190,6 +193,7 @@ class MaskCLIPSegmenter:
         self.teacher, self.text, self.scale, self.rule = teacher, text.to(teacher.device), logit_scale, rule
         self.short_side, self.topk, self.center = short_side, topk_classes, center
         self.method = method
+        self._last: tuple[np.ndarray, torch.Tensor] | None = None  # (image, scores): its own method and a grouped one share a pass
 
     def dense_features(self, views: torch.Tensor) -> torch.Tensor:
         """[n, 3, H, W] normalized (H = W = T for a ViT) -> [n, gh, gw, D] embeddings in the text space."""
@@ -218,8 +222,19 @@ class MaskCLIPSegmenter:
 
     @torch.inference_mode()
     def predict(self, image: np.ndarray) -> Prediction:
-        if self.resnet:
-            return self.predict_whole(image)
+        scores = self.scores(image)  # [h, w, K]
+        score, label = self.rule.decide(scores)  # [h, w]
+        return finish(label, score, self.rule, image.shape[:2])
+
+    @torch.inference_mode()
+    def scores(self, image: np.ndarray) -> torch.Tensor:
+        """[h, w, K] class scores over the image resized to `short_side` (top-k restricted)."""
+        if self._last is None or self._last[0] is not image:
+            self._last = (image, self.scores_whole(image) if self.resnet else self.scores_windows(image))
+        return self._last[1]
+
+    def scores_windows(self, image: np.ndarray) -> torch.Tensor:
+        """The ViT's: teacher-sized windows with half-window stride, overlapping scores averaged."""
         size = self.teacher.spec.size
         x = resize_short_side(image, max(self.short_side, size)).round_().to(self.teacher.device)  # [3, h, w]
         h, w = x.shape[-2:]
@@ -233,11 +248,9 @@ class MaskCLIPSegmenter:
         merged = WindowAverage(scores.shape[1], h, w, scores.device)
         for s, (t, l) in zip(scores, origins):
             merged.add(t, l, s)
-        scores = _restrict(merged.result().permute(1, 2, 0), self.teacher, x, self.text, self.scale, self.rule, self.topk, self.center)  # [h, w, K]
-        score, label = self.rule.decide(scores)  # [h, w]
-        return finish(label, score, self.rule, image.shape[:2])
+        return _restrict(merged.result().permute(1, 2, 0), self.teacher, x, self.text, self.scale, self.rule, self.topk, self.center)  # [h, w, K]
 
-    def predict_whole(self, image: np.ndarray) -> Prediction:
+    def scores_whole(self, image: np.ndarray) -> torch.Tensor:
         """The ResNet's MaskCLIP: the whole image in one pass, scores resized bilinearly."""
         x = resize_short_side(image, self.short_side).round_().to(self.teacher.device)  # [3, h, w]
         h, w = x.shape[-2:]
@@ -245,6 +258,34 @@ class MaskCLIPSegmenter:
         gh, gw, _ = feats.shape
         scores = class_scores(feats.reshape(gh * gw, -1), self.text, self.scale, self.rule.mode, self.center)  # [gh*gw, K]
         scores = F.interpolate(scores.T.reshape(1, -1, gh, gw), size=(h, w), mode="bilinear", align_corners=False)[0]  # [K, h, w]
-        scores = _restrict(scores.permute(1, 2, 0), self.teacher, x, self.text, self.scale, self.rule, self.topk, self.center)  # [h, w, K]
-        score, label = self.rule.decide(scores)  # [h, w]
-        return finish(label, score, self.rule, image.shape[:2])
+        return _restrict(scores.permute(1, 2, 0), self.teacher, x, self.text, self.scale, self.rule, self.topk, self.center)  # [h, w, K]
+
+
+class GroupedDenseSegmenter:
+    """The student groups, the teacher names: `grouped_maskclip` (and `grouped_sclip`, `grouped_naclip`).
+
+    The student's segments (its segmentation under the evaluation's protocol, `Prediction.segments`)
+    are kept; each takes the class whose dense-CLIP scores (`MaskCLIPSegmenter.scores`, resized
+    bilinearly to the image), averaged over the segment's pixels, are best, under the same
+    background rule (a threshold applies to that average). Not the student alone: the teacher
+    runs at inference, one dense pass per image. It measures what the student's grouping is
+    worth to the teacher's naming: better than the dense method alone where the segments follow
+    the objects more closely than the dense map's own boundaries do.
+    """
+
+    def __init__(self, student: StudentSegmenter, dense: MaskCLIPSegmenter):
+        self.student, self.dense, self.rule = student, dense, dense.rule
+
+    @torch.inference_mode()
+    def predict(self, image: np.ndarray, segments: np.ndarray | None = None) -> Prediction:
+        """image: [H, W, 3] uint8; segments: [H, W] the student's segment ids when already computed."""
+        if segments is None:
+            segments = self.student.predict(image).segments
+        height, width = image.shape[:2]
+        scores = self.dense.scores(image).permute(2, 0, 1)[None]  # [1, K, h, w]
+        scores = F.interpolate(scores, size=(height, width), mode="bilinear", align_corners=False)[0].flatten(1)  # [K, H*W]
+        ids, inverse = torch.unique(torch.as_tensor(segments, device=scores.device).flatten(), return_inverse=True)  # [S], [H*W]
+        summed = torch.zeros(len(ids), scores.shape[0], device=scores.device).index_add_(0, inverse, scores.T)  # [S, K]
+        mean = summed / torch.bincount(inverse, minlength=len(ids))[:, None]
+        best, label = self.rule.decide(mean)  # [S]
+        return finish(label[inverse].view(height, width), best[inverse].view(height, width), self.rule, (height, width), torch.as_tensor(segments, device=scores.device))

@@ -23,14 +23,19 @@ from pipeline.core.device import resolve_device
 from pipeline.core.errors import InputError
 from pipeline.core.files import output_folder
 from pipeline.evaluation import ConfusionMatrix, SegmentationScores, open_dataset
-from pipeline.evaluation.baselines import GridTeacherSegmenter, MaskCLIPSegmenter
+from pipeline.evaluation.baselines import (
+    GridTeacherSegmenter,
+    GroupedDenseSegmenter,
+    MaskCLIPSegmenter,
+)
 from pipeline.evaluation.inference import StudentSegmenter, vocabulary
 from pipeline.evaluation.models import calibration_center, load_model
 from pipeline.evaluation.oracle import grid_regions, majority_labels
 from pipeline.evaluation.overlay import write_overlay
 from pipeline.evaluation.text import template_set
 
-BASELINES = ("training_free", "maskclip", "sclip", "naclip")
+DENSE = ("maskclip", "sclip", "naclip")
+BASELINES = ("training_free", *DENSE, *(f"grouped_{d}" for d in DENSE))
 
 
 def side_by_side(names: list[str], columns: dict[str, SegmentationScores]) -> str:
@@ -61,7 +66,8 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
     """Evaluate the student (and the baselines in `eval.baselines`) on every dataset of `eval.datasets`.
 
     Writes the headline `metrics_dir/DATASET.json` per dataset (what DVC registers as metrics):
-    `miou.{student, base, training_free, maskclip, sclip, naclip, trivial}` (those that ran), `oracle.{student,
+    `miou.{student, base, training_free, maskclip, sclip, naclip, grouped_*, trivial}` (those that ran; `grouped_maskclip`
+    is the student's segments named by the teacher's MaskCLIP, `GroupedDenseSegmenter`), `oracle.{student,
     grid}` (segments labelled by their majority true class: the grouping alone, beside a
     content-blind 3x3 grid), `segments_per_image` (distinct student segments per image),
     `segments_per_window` (segments owning at least 1% of a window, averaged: 1 means the
@@ -106,9 +112,13 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
         teacher_only = dict(short_side=e.short_side, topk_classes=e.topk_classes, center=center)
         if "training_free" in e.baselines:
             methods["training_free"] = GridTeacherSegmenter(model.teacher, text, model.embedder.logit_scale, rule, **teacher_only)
-        for dense in ("maskclip", "sclip", "naclip"):
-            if dense in e.baselines:
-                methods[dense] = MaskCLIPSegmenter(model.teacher, text, model.embedder.logit_scale, rule, method=dense, **{**teacher_only, "short_side": e.dense_short_side or e.short_side})
+        for dense in DENSE:
+            if dense in e.baselines or f"grouped_{dense}" in e.baselines:
+                segmenter = MaskCLIPSegmenter(model.teacher, text, model.embedder.logit_scale, rule, method=dense, **{**teacher_only, "short_side": e.dense_short_side or e.short_side})
+                if dense in e.baselines:
+                    methods[dense] = segmenter
+                if f"grouped_{dense}" in e.baselines:
+                    methods[f"grouped_{dense}"] = GroupedDenseSegmenter(methods["student"], segmenter)
         scored = [*methods, "trivial", "oracle_student", "oracle_grid"]
         matrices = {m: ConfusionMatrix(dataset.num_classes, dataset.ignore_index) for m in scored}
         n = len(dataset) if not e.max_images else min(e.max_images, len(dataset))
@@ -116,10 +126,13 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
         for i in tqdm(range(n), desc=f"evaluate {name}", unit="img", disable=not progress):
             sample = dataset[i]
             image = load_rgb(sample.image_path, max_pixels=params.data.max_pixels, exif=False)
+            student_segments = None
             for method, segmenter in methods.items():
-                pred = segmenter.predict(image)
+                # the grouped methods name the student's own segments (the student runs first)
+                pred = segmenter.predict(image, segments=student_segments) if isinstance(segmenter, GroupedDenseSegmenter) else segmenter.predict(image)
                 matrices[method].update(pred.labels, sample.mask)
                 if method == "student":
+                    student_segments = pred.segments
                     matrices["oracle_student"].update(majority_labels(pred.segments, sample.mask, dataset.num_classes, dataset.ignore_index), sample.mask)
                     segments_used += len(np.unique(pred.segments))
                     per_window += pred.segments_per_window

@@ -20,6 +20,11 @@ from pipeline.core.files import (
     output_folder,
     read_text_file,
 )
+from pipeline.evaluation.baselines import (
+    DENSE_CLIP,
+    GroupedDenseSegmenter,
+    MaskCLIPSegmenter,
+)
 from pipeline.evaluation.inference import StudentSegmenter, name_key, vocabulary
 from pipeline.evaluation.models import calibration_center, demo_model_note, load_model
 from pipeline.evaluation.overlay import class_table, write_mask, write_overlay
@@ -145,8 +150,12 @@ def parse_classes(text: str) -> list[str]:
 
 
 def run_segment(params: Params, checkpoint: str | Path, images: Sequence[str | Path], classes: Sequence[str], out_dir: str | Path, *, threshold: float | None = None, progress: bool = True, on_result: Callable[[dict], None] | None = None,
-                include_globs: Sequence[str] = (), exclude_globs: Sequence[str] = ()) -> list[dict]:
+                include_globs: Sequence[str] = (), exclude_globs: Sequence[str] = (), naming: str = "student") -> list[dict]:
     """Segment `images` with vocabulary `classes`; writes NAME_mask.png and NAME_overlay.png.
+
+    `naming`: `student` (each segment by its own embedding) or a dense-CLIP method of the teacher
+    (`maskclip`, `sclip`, `naclip`) whose scores, averaged over each student segment, name it
+    (`GroupedDenseSegmenter`: the teacher runs too).
 
     An image that cannot be read is skipped with its reason; the others are still segmented.
     Images under `out_dir` are not inputs. `on_result` gets each image's entry as it is done.
@@ -156,6 +165,8 @@ def run_segment(params: Params, checkpoint: str | Path, images: Sequence[str | P
         largest first) or, for a skipped image, "error".
     """
     e = params.eval
+    if naming != "student" and naming not in DENSE_CLIP:
+        raise InputError(f"--naming: expected student, {', '.join(DENSE_CLIP)}; got {naming!r}")
     if threshold is not None:
         if e.bg_rule == "class":
             raise InputError(f"--threshold {threshold}: eval.bg_rule is class, where background is wherever a bg_words entry wins; "
@@ -173,8 +184,12 @@ def run_segment(params: Params, checkpoint: str | Path, images: Sequence[str | P
     threshold = threshold if threshold is not None else e.bg_threshold.get("default", 0.5)
     text, rule = vocabulary(model.embedder, list(classes), template_set(e.templates), mode=e.bg_rule, threshold=threshold, bg_words=e.bg_words)
     device = resolve_device(e.device, key="eval.device")
+    center = calibration_center(params, model, checkpoint)
     seg = StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, short_side=e.short_side, window=e.window, stride=e.stride, topk_classes=e.topk_classes, device=device, protocol=e.protocol,
-                           center=calibration_center(params, model, checkpoint))
+                           center=center)
+    if naming != "student":
+        seg = GroupedDenseSegmenter(seg, MaskCLIPSegmenter(model.teacher, text, model.embedder.logit_scale, rule, short_side=e.dense_short_side or e.short_side, topk_classes=e.topk_classes, center=center,
+                                                           method=naming))
     (out_dir / "classes.txt").write_text(class_table(classes), encoding="utf-8")  # what the masks' values mean
     results = []
 

@@ -13,7 +13,11 @@ from PIL import Image
 from pipeline.config import load_params
 from pipeline.core.decode import load_rgb
 from pipeline.core.errors import InputError
-from pipeline.evaluation.baselines import GridTeacherSegmenter, MaskCLIPSegmenter
+from pipeline.evaluation.baselines import (
+    GridTeacherSegmenter,
+    GroupedDenseSegmenter,
+    MaskCLIPSegmenter,
+)
 from pipeline.evaluation.inference import (
     BackgroundRule,
     StudentSegmenter,
@@ -238,6 +242,56 @@ def test_maskclip_dense_features_pool_to_the_teacher_embedding_shape(model):
     assert feats.shape == (2, 4, 4, model.teacher.identity.embed_dim)  # 32 px / patch 8
     pred = seg.predict(np.random.default_rng(3).integers(0, 256, (40, 70, 3), dtype=np.uint8))
     assert pred.labels.shape == (40, 70) and set(np.unique(pred.labels)) <= {1, 2}
+
+
+def test_grouped_naming_gives_each_student_segment_the_class_of_its_mean_dense_scores(model):
+    text = model.embedder(["circle", "square", "star"], template_set("single"))
+    rule = BackgroundRule("probability", 0.0)  # no pixel thresholded away
+    student = StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, short_side=64, window=32, stride=16, protocol="groupvit")
+    dense = MaskCLIPSegmenter(model.teacher, text, model.embedder.logit_scale, rule, short_side=40)
+    grouped = GroupedDenseSegmenter(student, dense)
+    image = np.random.default_rng(5).integers(0, 256, (40, 70, 3), dtype=np.uint8)
+    own = student.predict(image)
+    pred = grouped.predict(image)
+    # the reference, written out: the dense scores at the image's pixels, averaged per segment, best class
+    scores = F.interpolate(dense.scores(image).permute(2, 0, 1)[None], size=(40, 70), mode="bilinear", align_corners=False)[0].numpy()  # [K, H, W]
+    expected = np.zeros((40, 70), dtype=np.int64)
+    for s in np.unique(own.segments):
+        where = own.segments == s
+        expected[where] = 1 + scores[:, where].mean(axis=1).argmax()
+    np.testing.assert_array_equal(pred.segments, own.segments)  # the student's grouping, kept
+    np.testing.assert_array_equal(pred.labels, expected)
+    np.testing.assert_array_equal(grouped.predict(image, segments=own.segments).labels, expected)  # segments given: the same
+    # any grouping: two halves, one class each; one segment over the image takes the image's mean scores
+    halves = np.zeros((40, 70), dtype=np.int64)
+    halves[:, 35:] = 7
+    split = grouped.predict(image, segments=halves).labels
+    assert len(np.unique(split[:, :35])) == 1 and len(np.unique(split[:, 35:])) == 1
+    whole = grouped.predict(image, segments=np.zeros((40, 70), dtype=np.int64)).labels
+    assert (whole == 1 + scores.reshape(3, -1).mean(axis=1).argmax()).all()
+    # the dense method on its own reuses the pass it made for this image
+    first = dense.scores(image)
+    assert dense.scores(image) is first and dense.scores(image.copy()) is not first
+
+
+def test_grouped_naming_in_evaluate_and_segment(trained, tmp_path, demo_dir):
+    _, ckpt, params_path, overrides = trained
+    both = load_params(params_path, [*overrides, "eval.baselines=[maskclip, grouped_maskclip]", "eval.max_images=2"])
+    results = run_evaluation(both, ckpt, tmp_path / "metrics", None, progress=False, echo=lambda *_: None)
+    assert set(results["demo"]["miou"]) == {"student", "maskclip", "grouped_maskclip", "trivial"}
+    assert 0 <= results["demo"]["miou"]["grouped_maskclip"] <= 1
+    alone = load_params(params_path, [*overrides, "eval.baselines=[grouped_maskclip]", "eval.max_images=2"])  # without maskclip's own column
+    assert run_evaluation(alone, ckpt, tmp_path / "m2", None, progress=False, echo=lambda *_: None)["demo"]["miou"]["grouped_maskclip"] == results["demo"]["miou"]["grouped_maskclip"]
+    image = min((demo_dir / "eval" / "JPEGImages").glob("*.jpg"))
+    sets = [a for kv in overrides for a in ("--set", kv)]
+    base = ["segment", str(image), "--classes", "circle,square", "--checkpoint", str(ckpt), "--params", str(params_path), "-q", *sets]
+    run_cli(*base, "--out", str(tmp_path / "student"))
+    run_cli(*base, "--out", str(tmp_path / "named"), "--naming", "maskclip")
+    named = np.array(Image.open(tmp_path / "named" / f"{image.stem}_mask.png"))
+    assert named.shape == np.array(Image.open(tmp_path / "student" / f"{image.stem}_mask.png")).shape
+    assert set(np.unique(named)) <= {0, 1, 2}
+    bad = run_cli(*base, "--out", str(tmp_path / "bad"), "--naming", "sam", check=False)
+    assert bad.returncode == 2 and "--naming: expected student, maskclip, sclip, naclip; got 'sam'" in bad.stderr
 
 
 def test_the_legend_is_drawn_in_a_font_that_scales_with_the_image():
