@@ -29,7 +29,7 @@ def test_repro_builds_everything_and_params_edits_make_exactly_their_stages_stal
     demo = json.loads((project / "metrics" / "demo.json").read_text())
     for value in [*demo["miou"].values(), *demo["oracle"].values()]:
         assert 0 <= value <= 1
-    assert set(demo["miou"]) == {"student", "base", "training_free", "maskclip", "trivial"}  # params.yaml's eval.baselines
+    assert set(demo["miou"]) == {"student", "base", "training_free", "maskclip", "grouped_maskclip", "trivial"}  # params.yaml's eval.baselines
     assert demo["segments_per_window"] > 1  # held-out scenes: the grouping did not collapse
     assert "up to date" in dvc(project, "status")
     set_param(project, "eval", "stride", 16)
@@ -81,6 +81,7 @@ def test_the_recipe_sweep_runs_as_dvc_experiments_and_tabulates_them_over_seeds(
     assert rows["default-s0"]["student"] == baseline["miou"]["student"]
     assert rows["default-s0"]["oracle_student"] == baseline["oracle"]["student"]
     assert rows["default-s0"]["teacher_dense"] == baseline["miou"]["maskclip"]  # the bar beside the grid teacher's
+    assert rows["default-s0"]["grouped_dense"] == baseline["miou"]["grouped_maskclip"]  # the student's segments, the teacher's naming
     assert "| default | 0,1 |" in run.stdout
     assert subprocess.run(["git", "status", "--porcelain", "params.yaml"], cwd=project, capture_output=True, text=True).stdout == ""  # the workspace untouched
     again = subprocess.run([*sweep[:3], "run", *sweep[3:]], cwd=REPO, capture_output=True, text=True, timeout=600)
