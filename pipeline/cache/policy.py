@@ -8,6 +8,7 @@ into. Whether a location is read-only is found by trying, and said in one line."
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -45,7 +46,7 @@ def open_or_create(
     summary = ""  # how the store at `url` differs from `identity`, when it does
     try:
         if exists:
-            existing, group = read_store_attrs(url)
+            existing, group = _settled_attrs(url, fs, root)
             same = existing.get("fingerprint") == fp
             if not same and _keyed_by_paths(existing, identity):
                 same = True
@@ -88,6 +89,32 @@ def open_or_create(
     except PermissionError as exc:
         why = f"it holds a cache built for other params ({summary})" if summary else "a read-only location can only serve stores already built for these params"
         raise InputError(f"{url}: cannot write there ({exc.strerror or exc}); {why}") from None
+
+
+CREATION_WAIT_S = 10.0  # how long a folder holding no more than a group's metadata is taken for a store being created
+
+
+def _settled_attrs(url: str, fs: fsspec.AbstractFileSystem, root: str, wait: float = CREATION_WAIT_S) -> tuple[dict, zarr.Group | None]:
+    """`read_store_attrs(url)`, waiting out another writer that is creating the store right now.
+
+    A writer launched at the same moment creates the folder, then writes the group's metadata
+    (`zarr.json`, with the identity) in one file: in between, the folder is empty or that file
+    is not yet readable. Something at `url` that is no zeroseg store is read again (every 50 ms,
+    up to `wait` seconds) while it holds nothing but that file; then it is what it is.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        existing, group = read_store_attrs(url)
+        if existing.get("schema") == cs.SCHEMA_NAME or time.monotonic() > deadline:
+            return existing, group
+        fs.invalidate_cache()
+        try:
+            names = {entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(root, detail=False)}
+        except FileNotFoundError:
+            names = set()
+        if not names <= {"zarr.json"}:  # more than a group's metadata: not a store being created
+            return existing, group
+        time.sleep(0.05)
 
 
 def _probe(url: str) -> tuple[fsspec.AbstractFileSystem, str, bool]:

@@ -251,3 +251,44 @@ def test_two_writers_at_once_on_s3(s3, slow):  # noqa: F811
     cs.validate(url, deep=True)
     np.testing.assert_array_equal(load_targets(url, [1, 2, 3, 4]).view(np.uint16), load_targets(str(single), [1, 2, 3, 4]).view(np.uint16))
     np.testing.assert_array_equal(zarr.open_group(url, mode="r")["images/32"][:], zarr.open_group(single, mode="r")["images/32"][:])
+
+
+def test_a_store_another_writer_is_still_creating_is_joined_not_refused(built_cache, tmp_path):
+    """Two writers launched together: the second may look while the first has made the folder
+    but not yet finished the group's metadata. It waits for it and joins the store; a folder
+    holding anything else is still refused at once."""
+    import json
+    import os
+    import threading
+    import time
+
+    from pipeline.cache.policy import open_or_create
+
+    store, params_path = built_cache
+    cfg = load_params(params_path).cache
+    built = zarr.open_group(store, mode="r")
+    identity = {k: built.attrs[k] for k in cs.IDENTITY_FIELDS}
+    paths = [str(p) for p in built[cs.PATHS][:]]
+    target = tmp_path / "creating.zarr"
+    target.mkdir()
+    created = json.loads((store / "zarr.json").read_text())  # the group as a writer creates it: nothing done yet
+    created["attributes"].update(complete=False, grids=[], image_sizes=[])
+    metadata = json.dumps(created).encode()
+    (target / "zarr.json").write_bytes(metadata[: len(metadata) // 2])  # the first writer, midway through its one file
+
+    def finish() -> None:
+        time.sleep(0.5)
+        (target / "zarr.json.part").write_bytes(metadata)
+        os.replace(target / "zarr.json.part", target / "zarr.json")
+
+    other = threading.Thread(target=finish)
+    other.start()
+    joined = open_or_create(str(target), identity, paths, (1, 2, 3, 4), cfg)
+    other.join()
+    assert joined.group.attrs["fingerprint"] == built.attrs["fingerprint"] == cs.fingerprint(identity)
+    assert list(joined.group[cs.PATHS][:]) == paths  # the row arrays the first writer had not added yet
+    foreign = tmp_path / "foreign.zarr"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="exists and is not a zeroseg teacher cache"):
+        open_or_create(str(foreign), identity, paths, (1, 2, 3, 4), cfg)
