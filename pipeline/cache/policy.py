@@ -98,9 +98,10 @@ def _settled_attrs(url: str, fs: fsspec.AbstractFileSystem, root: str, wait: flo
     """`read_store_attrs(url)`, waiting out another writer that is creating the store right now.
 
     A writer launched at the same moment creates the folder, then writes the group's metadata
-    (`zarr.json`, with the identity) in one file: in between, the folder is empty or that file
-    is not yet readable. Something at `url` that is no zeroseg store is read again (every 50 ms,
-    up to `wait` seconds) while it holds nothing but that file; then it is what it is.
+    (`zarr.json`, with the identity) in one file, which zarr's local store writes as
+    `zarr.<hex>.partial` and renames: in between, the folder holds nothing readable. Something
+    at `url` that is no zeroseg store is read again (every 50 ms, up to `wait` seconds) while it
+    holds nothing but that file; then it is what it is.
     """
     deadline = time.monotonic() + wait
     while True:
@@ -112,9 +113,14 @@ def _settled_attrs(url: str, fs: fsspec.AbstractFileSystem, root: str, wait: flo
             names = {entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(root, detail=False)}
         except FileNotFoundError:
             names = set()
-        if not names <= {"zarr.json"}:  # more than a group's metadata: not a store being created
+        if not all(_group_metadata(name) for name in names):  # more than a group's metadata: not a store being created
             return existing, group
         time.sleep(0.05)
+
+
+def _group_metadata(name: str) -> bool:
+    """Whether a file name is a zarr group's metadata or zarr's temporary file for it."""
+    return name == "zarr.json" or (name.startswith("zarr.") and name.endswith(".partial"))
 
 
 def _probe(url: str) -> tuple[fsspec.AbstractFileSystem, str, bool]:

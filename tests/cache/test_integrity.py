@@ -274,12 +274,13 @@ def test_a_store_another_writer_is_still_creating_is_joined_not_refused(built_ca
     created = json.loads((store / "zarr.json").read_text())  # the group as a writer creates it: nothing done yet
     created["attributes"].update(complete=False, grids=[], image_sizes=[])
     metadata = json.dumps(created).encode()
-    (target / "zarr.json").write_bytes(metadata[: len(metadata) // 2])  # the first writer, midway through its one file
+    partial = target / "zarr.0123abcd.partial"  # zarr's local store writes a temporary file, then renames it
+    partial.write_bytes(metadata[: len(metadata) // 2])  # the first writer, midway through it
 
     def finish() -> None:
         time.sleep(0.5)
-        (target / "zarr.json.part").write_bytes(metadata)
-        os.replace(target / "zarr.json.part", target / "zarr.json")
+        partial.write_bytes(metadata)
+        os.replace(partial, target / "zarr.json")
 
     other = threading.Thread(target=finish)
     other.start()
