@@ -17,6 +17,7 @@ import datetime
 import getpass
 import logging
 import socket
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -128,7 +129,7 @@ class CacheStore:
         try:
             group = zarr.open_group(url, mode="w-", attributes=attrs)
         except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError, FileExistsError):
-            group = zarr.open_group(url, mode="r+")
+            group = _join_group(url)
             if group.attrs.get("fingerprint") != fp:
                 raise InputError(f"{url}: another run created a store for other params there meanwhile (fingerprint "
                                  f"{str(group.attrs.get('fingerprint', '?'))[:12]}, expected {fp[:12]})") from None
@@ -324,6 +325,19 @@ class CacheStore:
         if self.group.attrs.get("complete") != all_done:
             self.group.attrs["complete"] = all_done
         return all_done
+
+
+def _join_group(url: str, wait: float = 10.0) -> zarr.Group:
+    """The group another writer is creating at `url`, opened for writing once its metadata is
+    readable (it may have made the folder a moment before writing it; up to `wait` seconds)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return zarr.open_group(url, mode="r+")
+        except (zarr.errors.GroupNotFoundError, FileNotFoundError, ValueError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _create_array(group: zarr.Group, name: str, **kwargs: Any) -> zarr.Array:

@@ -288,6 +288,19 @@ def test_a_store_another_writer_is_still_creating_is_joined_not_refused(built_ca
     other.join()
     assert joined.group.attrs["fingerprint"] == built.attrs["fingerprint"] == cs.fingerprint(identity)
     assert list(joined.group[cs.PATHS][:]) == paths  # the row arrays the first writer had not added yet
+    # The same moment seen from creation: the folder looked absent, and by the time this writer
+    # creates the group the other's temporary file is there (zarr refuses with FileExistsError).
+    from pipeline.cache.store import CacheStore
+
+    second = tmp_path / "creating2.zarr"
+    second.mkdir()
+    partial = second / "zarr.4567cdef.partial"
+    partial.write_bytes(metadata[: len(metadata) // 2])
+    other = threading.Thread(target=lambda: (time.sleep(0.5), partial.write_bytes(metadata), os.replace(partial, second / "zarr.json")))
+    other.start()
+    created = CacheStore._create(str(second), identity, cs.fingerprint(identity), paths, cfg)
+    other.join()
+    assert created.group.attrs["fingerprint"] == built.attrs["fingerprint"] and list(created.group[cs.PATHS][:]) == paths
     foreign = tmp_path / "foreign.zarr"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
