@@ -191,7 +191,7 @@ def segment(
     threshold: Annotated[Optional[float], typer.Option(help="background threshold under eval.bg_rule probability or cosine (default: eval.bg_threshold.default or 0.5)")] = None,
     include: Annotated[Optional[list[str]], typer.Option("--include", help="keep only images whose path inside the folder matches this glob (repeatable), e.g. '*.jpg'")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="leave out images whose path inside the folder matches this glob (repeatable)")] = None,
-    naming: Annotated[str, typer.Option("--naming", help="student (each segment by its own embedding) | maskclip | sclip | naclip: the teacher's dense scores, averaged over each student segment, name it (runs the teacher too)")] = "student",
+    naming: Annotated[str, typer.Option("--naming", help="student (each segment by its own embedding) | training_free | maskclip | sclip | naclip: that teacher method's scores, averaged over each student segment, name it (runs the teacher too)")] = "student",
     params: ModelParamsOpt = None,
     set_: SetOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,

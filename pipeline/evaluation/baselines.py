@@ -10,8 +10,8 @@
   runs RN50: the attention pool's query and key are dropped, and every location of the last
   feature map goes through the pool's value and output projections (with its position
   embedding, interpolated to the map); a ResNet is convolutional, so it sees the whole image.
-- `grouped_maskclip`, `grouped_sclip`, `grouped_naclip`: not the teacher alone but the student's
-  segments named by the dense method's scores (`GroupedDenseSegmenter`).
+- `grouped_maskclip`, `grouped_sclip`, `grouped_naclip`, `grouped_training_free`: not the teacher
+  alone but the student's segments named by that method's scores (`TeacherNamedSegmenter`).
 """
 
 from __future__ import annotations
@@ -76,9 +76,22 @@ class GridTeacherSegmenter:
     def __init__(self, teacher: Teacher, text: torch.Tensor, logit_scale: float, rule: BackgroundRule, *, short_side: int = 448, grids: Sequence[int] = (2, 3, 4), topk_classes: int = 0, center: torch.Tensor | None = None):
         self.teacher, self.text, self.scale, self.rule = teacher, text.to(teacher.device), logit_scale, rule
         self.short_side, self.grids, self.topk, self.center = short_side, tuple(grids), topk_classes, center
+        self._last: tuple[np.ndarray, torch.Tensor] | None = None  # (image, scores): its own method and a grouped one share a pass
 
     @torch.inference_mode()
     def predict(self, image: np.ndarray) -> Prediction:
+        score, label = self.rule.decide(self.scores(image))  # [h, w]
+        return finish(label, score, self.rule, image.shape[:2])
+
+    @torch.inference_mode()
+    def scores(self, image: np.ndarray) -> torch.Tensor:
+        """[h, w, K] class scores over the image resized to `short_side` (top-k restricted)."""
+        if self._last is None or self._last[0] is not image:
+            self._last = (image, self.cell_scores(image))
+        return self._last[1]
+
+    def cell_scores(self, image: np.ndarray) -> torch.Tensor:
+        """Every pixel's cells' class scores, averaged over the grids."""
         x = resize_short_side(image, self.short_side).round_()  # [3, h, w] 8-bit levels
         h, w = x.shape[-2:]
         cells, boxes = [], []
@@ -94,9 +107,7 @@ class GridTeacherSegmenter:
         for p, (y0, y1, x0, x1) in zip(probs, boxes):
             acc[:, y0:y1, x0:x1] += p[:, None, None]
         acc /= len(self.grids)  # every pixel lies in exactly one cell per grid
-        acc = _restrict(acc.permute(1, 2, 0), self.teacher, x, self.text, self.scale, self.rule, self.topk, self.center)  # [h, w, K]
-        score, label = self.rule.decide(acc)  # [h, w]
-        return finish(label, score, self.rule, image.shape[:2])
+        return _restrict(acc.permute(1, 2, 0), self.teacher, x, self.text, self.scale, self.rule, self.topk, self.center)  # [h, w, K]
 
 
 NACLIP_STD = 5.0  # NACLIP's Gaussian neighbourhood, in patches (its published setting)
@@ -261,20 +272,21 @@ class MaskCLIPSegmenter:
         return _restrict(scores.permute(1, 2, 0), self.teacher, x, self.text, self.scale, self.rule, self.topk, self.center)  # [h, w, K]
 
 
-class GroupedDenseSegmenter:
-    """The student groups, the teacher names: `grouped_maskclip` (and `grouped_sclip`, `grouped_naclip`).
+class TeacherNamedSegmenter:
+    """The student groups, the teacher names: `grouped_maskclip` (and `grouped_sclip`,
+    `grouped_naclip`, `grouped_training_free`).
 
     The student's segments (its segmentation under the evaluation's protocol, `Prediction.segments`)
-    are kept; each takes the class whose dense-CLIP scores (`MaskCLIPSegmenter.scores`, resized
-    bilinearly to the image), averaged over the segment's pixels, are best, under the same
-    background rule (a threshold applies to that average). Not the student alone: the teacher
-    runs at inference, one dense pass per image. It measures what the student's grouping is
-    worth to the teacher's naming: better than the dense method alone where the segments follow
-    the objects more closely than the dense map's own boundaries do.
+    are kept; each takes the class whose teacher scores (`MaskCLIPSegmenter.scores` or
+    `GridTeacherSegmenter.scores`, resized bilinearly to the image), averaged over the segment's
+    pixels, are best, under the same background rule (a threshold applies to that average). Not
+    the student alone: the teacher runs at inference, one pass per image. It measures what the
+    student's grouping is worth to the teacher's naming: better than the method alone where the
+    segments follow the objects more closely than the method's own map does.
     """
 
-    def __init__(self, student: StudentSegmenter, dense: MaskCLIPSegmenter):
-        self.student, self.dense, self.rule = student, dense, dense.rule
+    def __init__(self, student: StudentSegmenter, teacher: MaskCLIPSegmenter | GridTeacherSegmenter):
+        self.student, self.teacher, self.rule = student, teacher, teacher.rule
 
     @torch.inference_mode()
     def predict(self, image: np.ndarray, segments: np.ndarray | None = None) -> Prediction:
@@ -282,7 +294,7 @@ class GroupedDenseSegmenter:
         if segments is None:
             segments = self.student.predict(image).segments
         height, width = image.shape[:2]
-        scores = self.dense.scores(image).permute(2, 0, 1)[None]  # [1, K, h, w]
+        scores = self.teacher.scores(image).permute(2, 0, 1)[None]  # [1, K, h, w]
         scores = F.interpolate(scores, size=(height, width), mode="bilinear", align_corners=False)[0].flatten(1)  # [K, H*W]
         ids, inverse = torch.unique(torch.as_tensor(segments, device=scores.device).flatten(), return_inverse=True)  # [S], [H*W]
         summed = torch.zeros(len(ids), scores.shape[0], device=scores.device).index_add_(0, inverse, scores.T)  # [S, K]

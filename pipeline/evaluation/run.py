@@ -25,8 +25,8 @@ from pipeline.core.files import output_folder
 from pipeline.evaluation import ConfusionMatrix, SegmentationScores, open_dataset
 from pipeline.evaluation.baselines import (
     GridTeacherSegmenter,
-    GroupedDenseSegmenter,
     MaskCLIPSegmenter,
+    TeacherNamedSegmenter,
 )
 from pipeline.evaluation.inference import StudentSegmenter, vocabulary
 from pipeline.evaluation.models import calibration_center, load_model
@@ -35,7 +35,7 @@ from pipeline.evaluation.overlay import write_overlay
 from pipeline.evaluation.text import template_set
 
 DENSE = ("maskclip", "sclip", "naclip")
-BASELINES = ("training_free", *DENSE, *(f"grouped_{d}" for d in DENSE))
+BASELINES = ("training_free", *DENSE, *(f"grouped_{m}" for m in ("training_free", *DENSE)))
 
 
 def side_by_side(names: list[str], columns: dict[str, SegmentationScores]) -> str:
@@ -67,7 +67,7 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
 
     Writes the headline `metrics_dir/DATASET.json` per dataset (what DVC registers as metrics):
     `miou.{student, base, training_free, maskclip, sclip, naclip, grouped_*, trivial}` (those that ran; `grouped_maskclip`
-    is the student's segments named by the teacher's MaskCLIP, `GroupedDenseSegmenter`), `oracle.{student,
+    is the student's segments named by the teacher's MaskCLIP, `grouped_training_free` by its grid cells: `TeacherNamedSegmenter`), `oracle.{student,
     grid}` (segments labelled by their majority true class: the grouping alone, beside a
     content-blind 3x3 grid), `segments_per_image` (distinct student segments per image),
     `segments_per_window` (segments owning at least 1% of a window, averaged: 1 means the
@@ -110,15 +110,19 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
         if base is not None:
             methods["base"] = StudentSegmenter(base.student, text, model.embedder.logit_scale, rule, **window)
         teacher_only = dict(short_side=e.short_side, topk_classes=e.topk_classes, center=center)
-        if "training_free" in e.baselines:
-            methods["training_free"] = GridTeacherSegmenter(model.teacher, text, model.embedder.logit_scale, rule, **teacher_only)
+        if "training_free" in e.baselines or "grouped_training_free" in e.baselines:
+            grid_teacher = GridTeacherSegmenter(model.teacher, text, model.embedder.logit_scale, rule, **teacher_only)
+            if "training_free" in e.baselines:
+                methods["training_free"] = grid_teacher
+            if "grouped_training_free" in e.baselines:
+                methods["grouped_training_free"] = TeacherNamedSegmenter(methods["student"], grid_teacher)
         for dense in DENSE:
             if dense in e.baselines or f"grouped_{dense}" in e.baselines:
                 segmenter = MaskCLIPSegmenter(model.teacher, text, model.embedder.logit_scale, rule, method=dense, **{**teacher_only, "short_side": e.dense_short_side or e.short_side})
                 if dense in e.baselines:
                     methods[dense] = segmenter
                 if f"grouped_{dense}" in e.baselines:
-                    methods[f"grouped_{dense}"] = GroupedDenseSegmenter(methods["student"], segmenter)
+                    methods[f"grouped_{dense}"] = TeacherNamedSegmenter(methods["student"], segmenter)
         scored = [*methods, "trivial", "oracle_student", "oracle_grid"]
         matrices = {m: ConfusionMatrix(dataset.num_classes, dataset.ignore_index) for m in scored}
         n = len(dataset) if not e.max_images else min(e.max_images, len(dataset))
@@ -129,7 +133,7 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
             student_segments = None
             for method, segmenter in methods.items():
                 # the grouped methods name the student's own segments (the student runs first)
-                pred = segmenter.predict(image, segments=student_segments) if isinstance(segmenter, GroupedDenseSegmenter) else segmenter.predict(image)
+                pred = segmenter.predict(image, segments=student_segments) if isinstance(segmenter, TeacherNamedSegmenter) else segmenter.predict(image)
                 matrices[method].update(pred.labels, sample.mask)
                 if method == "student":
                     student_segments = pred.segments

@@ -22,8 +22,9 @@ from pipeline.core.files import (
 )
 from pipeline.evaluation.baselines import (
     DENSE_CLIP,
-    GroupedDenseSegmenter,
+    GridTeacherSegmenter,
     MaskCLIPSegmenter,
+    TeacherNamedSegmenter,
 )
 from pipeline.evaluation.inference import StudentSegmenter, name_key, vocabulary
 from pipeline.evaluation.models import calibration_center, demo_model_note, load_model
@@ -153,9 +154,9 @@ def run_segment(params: Params, checkpoint: str | Path, images: Sequence[str | P
                 include_globs: Sequence[str] = (), exclude_globs: Sequence[str] = (), naming: str = "student") -> list[dict]:
     """Segment `images` with vocabulary `classes`; writes NAME_mask.png and NAME_overlay.png.
 
-    `naming`: `student` (each segment by its own embedding) or a dense-CLIP method of the teacher
-    (`maskclip`, `sclip`, `naclip`) whose scores, averaged over each student segment, name it
-    (`GroupedDenseSegmenter`: the teacher runs too).
+    `naming`: `student` (each segment by its own embedding), or a method of the teacher alone
+    (`training_free`: its grid cells; `maskclip`, `sclip`, `naclip`: dense CLIP) whose scores,
+    averaged over each student segment, name it (`TeacherNamedSegmenter`: the teacher runs too).
 
     An image that cannot be read is skipped with its reason; the others are still segmented.
     Images under `out_dir` are not inputs. `on_result` gets each image's entry as it is done.
@@ -165,8 +166,8 @@ def run_segment(params: Params, checkpoint: str | Path, images: Sequence[str | P
         largest first) or, for a skipped image, "error".
     """
     e = params.eval
-    if naming != "student" and naming not in DENSE_CLIP:
-        raise InputError(f"--naming: expected student, {', '.join(DENSE_CLIP)}; got {naming!r}")
+    if naming not in ("student", "training_free", *DENSE_CLIP):
+        raise InputError(f"--naming: expected student, training_free, {', '.join(DENSE_CLIP)}; got {naming!r}")
     if threshold is not None:
         if e.bg_rule == "class":
             raise InputError(f"--threshold {threshold}: eval.bg_rule is class, where background is wherever a bg_words entry wins; "
@@ -187,8 +188,10 @@ def run_segment(params: Params, checkpoint: str | Path, images: Sequence[str | P
     center = calibration_center(params, model, checkpoint)
     seg = StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, short_side=e.short_side, window=e.window, stride=e.stride, topk_classes=e.topk_classes, device=device, protocol=e.protocol,
                            center=center)
-    if naming != "student":
-        seg = GroupedDenseSegmenter(seg, MaskCLIPSegmenter(model.teacher, text, model.embedder.logit_scale, rule, short_side=e.dense_short_side or e.short_side, topk_classes=e.topk_classes, center=center,
+    if naming == "training_free":
+        seg = TeacherNamedSegmenter(seg, GridTeacherSegmenter(model.teacher, text, model.embedder.logit_scale, rule, short_side=e.short_side, topk_classes=e.topk_classes, center=center))
+    elif naming != "student":
+        seg = TeacherNamedSegmenter(seg, MaskCLIPSegmenter(model.teacher, text, model.embedder.logit_scale, rule, short_side=e.dense_short_side or e.short_side, topk_classes=e.topk_classes, center=center,
                                                            method=naming))
     (out_dir / "classes.txt").write_text(class_table(classes), encoding="utf-8")  # what the masks' values mean
     results = []

@@ -15,8 +15,8 @@ from pipeline.core.decode import load_rgb
 from pipeline.core.errors import InputError
 from pipeline.evaluation.baselines import (
     GridTeacherSegmenter,
-    GroupedDenseSegmenter,
     MaskCLIPSegmenter,
+    TeacherNamedSegmenter,
 )
 from pipeline.evaluation.inference import (
     BackgroundRule,
@@ -249,7 +249,7 @@ def test_grouped_naming_gives_each_student_segment_the_class_of_its_mean_dense_s
     rule = BackgroundRule("probability", 0.0)  # no pixel thresholded away
     student = StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, short_side=64, window=32, stride=16, protocol="groupvit")
     dense = MaskCLIPSegmenter(model.teacher, text, model.embedder.logit_scale, rule, short_side=40)
-    grouped = GroupedDenseSegmenter(student, dense)
+    grouped = TeacherNamedSegmenter(student, dense)
     image = np.random.default_rng(5).integers(0, 256, (40, 70, 3), dtype=np.uint8)
     own = student.predict(image)
     pred = grouped.predict(image)
@@ -272,14 +272,21 @@ def test_grouped_naming_gives_each_student_segment_the_class_of_its_mean_dense_s
     # the dense method on its own reuses the pass it made for this image
     first = dense.scores(image)
     assert dense.scores(image) is first and dense.scores(image.copy()) is not first
+    # the grid teacher names the same way, from its cells' averaged scores
+    cells = GridTeacherSegmenter(model.teacher, text, model.embedder.logit_scale, rule, short_side=40)
+    by_cells = TeacherNamedSegmenter(student, cells).predict(image, segments=halves).labels
+    grid_scores = F.interpolate(cells.scores(image).permute(2, 0, 1)[None], size=(40, 70), mode="bilinear", align_corners=False)[0].numpy()
+    assert (by_cells[:, :35] == 1 + grid_scores[:, :, :35].reshape(3, -1).mean(axis=1).argmax()).all()
+    assert (by_cells[:, 35:] == 1 + grid_scores[:, :, 35:].reshape(3, -1).mean(axis=1).argmax()).all()
+    np.testing.assert_array_equal(cells.predict(image).labels, 1 + grid_scores.argmax(axis=0))  # at 40 px, the image's own size
 
 
 def test_grouped_naming_in_evaluate_and_segment(trained, tmp_path, demo_dir):
     _, ckpt, params_path, overrides = trained
-    both = load_params(params_path, [*overrides, "eval.baselines=[maskclip, grouped_maskclip]", "eval.max_images=2"])
+    both = load_params(params_path, [*overrides, "eval.baselines=[maskclip, grouped_maskclip, grouped_training_free]", "eval.max_images=2"])
     results = run_evaluation(both, ckpt, tmp_path / "metrics", None, progress=False, echo=lambda *_: None)
-    assert set(results["demo"]["miou"]) == {"student", "maskclip", "grouped_maskclip", "trivial"}
-    assert 0 <= results["demo"]["miou"]["grouped_maskclip"] <= 1
+    assert set(results["demo"]["miou"]) == {"student", "maskclip", "grouped_maskclip", "grouped_training_free", "trivial"}
+    assert 0 <= results["demo"]["miou"]["grouped_maskclip"] <= 1 and 0 <= results["demo"]["miou"]["grouped_training_free"] <= 1
     alone = load_params(params_path, [*overrides, "eval.baselines=[grouped_maskclip]", "eval.max_images=2"])  # without maskclip's own column
     assert run_evaluation(alone, ckpt, tmp_path / "m2", None, progress=False, echo=lambda *_: None)["demo"]["miou"]["grouped_maskclip"] == results["demo"]["miou"]["grouped_maskclip"]
     image = min((demo_dir / "eval" / "JPEGImages").glob("*.jpg"))
@@ -287,11 +294,13 @@ def test_grouped_naming_in_evaluate_and_segment(trained, tmp_path, demo_dir):
     base = ["segment", str(image), "--classes", "circle,square", "--checkpoint", str(ckpt), "--params", str(params_path), "-q", *sets]
     run_cli(*base, "--out", str(tmp_path / "student"))
     run_cli(*base, "--out", str(tmp_path / "named"), "--naming", "maskclip")
+    run_cli(*base, "--out", str(tmp_path / "cells"), "--naming", "training_free")
+    assert set(np.unique(np.array(Image.open(tmp_path / "cells" / f"{image.stem}_mask.png")))) <= {0, 1, 2}
     named = np.array(Image.open(tmp_path / "named" / f"{image.stem}_mask.png"))
     assert named.shape == np.array(Image.open(tmp_path / "student" / f"{image.stem}_mask.png")).shape
     assert set(np.unique(named)) <= {0, 1, 2}
     bad = run_cli(*base, "--out", str(tmp_path / "bad"), "--naming", "sam", check=False)
-    assert bad.returncode == 2 and "--naming: expected student, maskclip, sclip, naclip; got 'sam'" in bad.stderr
+    assert bad.returncode == 2 and "--naming: expected student, training_free, maskclip, sclip, naclip; got 'sam'" in bad.stderr
 
 
 def test_the_legend_is_drawn_in_a_font_that_scales_with_the_image():
