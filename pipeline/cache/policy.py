@@ -18,7 +18,7 @@ import zarr
 import cache_schema as cs
 from pipeline.cache.codecs import layout_attr
 from pipeline.cache.reader import read_store_attrs
-from pipeline.cache.store import CacheStore
+from pipeline.cache.store import CREATION_WAIT_S, CacheStore
 from pipeline.config import CacheConfig
 from pipeline.core.errors import InputError
 
@@ -89,9 +89,6 @@ def open_or_create(
     except PermissionError as exc:
         why = f"it holds a cache built for other params ({summary})" if summary else "a read-only location can only serve stores already built for these params"
         raise InputError(f"{url}: cannot write there ({exc.strerror or exc}); {why}") from None
-
-
-CREATION_WAIT_S = 10.0  # how long a folder holding no more than a group's metadata is taken for a store being created
 
 
 def _settled_attrs(url: str, fs: fsspec.AbstractFileSystem, root: str, wait: float = CREATION_WAIT_S) -> tuple[dict, zarr.Group | None]:

@@ -327,7 +327,10 @@ class CacheStore:
         return all_done
 
 
-def _join_group(url: str, wait: float = 10.0) -> zarr.Group:
+CREATION_WAIT_S = 10.0  # how long a store another writer is creating is waited for before it is judged
+
+
+def _join_group(url: str, wait: float = CREATION_WAIT_S) -> zarr.Group:
     """The group another writer is creating at `url`, opened for writing once its metadata is
     readable (it may have made the folder a moment before writing it; up to `wait` seconds)."""
     deadline = time.monotonic() + wait

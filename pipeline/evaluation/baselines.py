@@ -61,7 +61,30 @@ def _restrict(scores: torch.Tensor, teacher: Teacher, x: torch.Tensor, text: tor
     return keep_topk(scores, image, topk, rule.background_rows)
 
 
-class GridTeacherSegmenter:
+class ScoreMapSegmenter:
+    """A teacher method that scores every pixel: `predict` decides on `scores`, which are computed
+    once per image (the method's own column and its grouped one share the pass)."""
+
+    rule: BackgroundRule
+    _last: tuple[np.ndarray, torch.Tensor] | None = None  # (image, its scores)
+
+    @torch.inference_mode()
+    def predict(self, image: np.ndarray) -> Prediction:
+        score, label = self.rule.decide(self.scores(image))  # [h, w]
+        return finish(label, score, self.rule, image.shape[:2])
+
+    @torch.inference_mode()
+    def scores(self, image: np.ndarray) -> torch.Tensor:
+        """[h, w, K] class scores over the image at the method's resolution (top-k restricted)."""
+        if self._last is None or self._last[0] is not image:
+            self._last = (image, self.compute_scores(image))
+        return self._last[1]
+
+    def compute_scores(self, image: np.ndarray) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class GridTeacherSegmenter(ScoreMapSegmenter):
     """The training-free baseline: the teacher classifies grid cells, pixels average their cells.
 
     Args:
@@ -76,21 +99,8 @@ class GridTeacherSegmenter:
     def __init__(self, teacher: Teacher, text: torch.Tensor, logit_scale: float, rule: BackgroundRule, *, short_side: int = 448, grids: Sequence[int] = (2, 3, 4), topk_classes: int = 0, center: torch.Tensor | None = None):
         self.teacher, self.text, self.scale, self.rule = teacher, text.to(teacher.device), logit_scale, rule
         self.short_side, self.grids, self.topk, self.center = short_side, tuple(grids), topk_classes, center
-        self._last: tuple[np.ndarray, torch.Tensor] | None = None  # (image, scores): its own method and a grouped one share a pass
 
-    @torch.inference_mode()
-    def predict(self, image: np.ndarray) -> Prediction:
-        score, label = self.rule.decide(self.scores(image))  # [h, w]
-        return finish(label, score, self.rule, image.shape[:2])
-
-    @torch.inference_mode()
-    def scores(self, image: np.ndarray) -> torch.Tensor:
-        """[h, w, K] class scores over the image resized to `short_side` (top-k restricted)."""
-        if self._last is None or self._last[0] is not image:
-            self._last = (image, self.cell_scores(image))
-        return self._last[1]
-
-    def cell_scores(self, image: np.ndarray) -> torch.Tensor:
+    def compute_scores(self, image: np.ndarray) -> torch.Tensor:
         """Every pixel's cells' class scores, averaged over the grids."""
         x = resize_short_side(image, self.short_side).round_()  # [3, h, w] 8-bit levels
         h, w = x.shape[-2:]
@@ -170,7 +180,7 @@ def resnet_value_features(visual: ModifiedResNet, x: torch.Tensor) -> torch.Tens
     return pool.c_proj(pool.v_proj(tokens)).float().view(n, gh, gw, -1)
 
 
-class MaskCLIPSegmenter:
+class MaskCLIPSegmenter(ScoreMapSegmenter):
     """Dense CLIP from an open_clip teacher: one class decision per patch (ViT) or location (ResNet).
 
     `method` is `maskclip` (MaskCLIP), `sclip` (SCLIP) or `naclip` (NACLIP): on a ViT each
@@ -204,7 +214,6 @@ class MaskCLIPSegmenter:
         self.teacher, self.text, self.scale, self.rule = teacher, text.to(teacher.device), logit_scale, rule
         self.short_side, self.topk, self.center = short_side, topk_classes, center
         self.method = method
-        self._last: tuple[np.ndarray, torch.Tensor] | None = None  # (image, scores): its own method and a grouped one share a pass
 
     def dense_features(self, views: torch.Tensor) -> torch.Tensor:
         """[n, 3, H, W] normalized (H = W = T for a ViT) -> [n, gh, gw, D] embeddings in the text space."""
@@ -231,18 +240,8 @@ class MaskCLIPSegmenter:
         feats = (visual.ln_post(y[:, 1:]) @ visual.proj).float()  # [n, N, D], class token dropped
         return feats.view(n, side, side, -1)  # [n, gh, gw, D]
 
-    @torch.inference_mode()
-    def predict(self, image: np.ndarray) -> Prediction:
-        scores = self.scores(image)  # [h, w, K]
-        score, label = self.rule.decide(scores)  # [h, w]
-        return finish(label, score, self.rule, image.shape[:2])
-
-    @torch.inference_mode()
-    def scores(self, image: np.ndarray) -> torch.Tensor:
-        """[h, w, K] class scores over the image resized to `short_side` (top-k restricted)."""
-        if self._last is None or self._last[0] is not image:
-            self._last = (image, self.scores_whole(image) if self.resnet else self.scores_windows(image))
-        return self._last[1]
+    def compute_scores(self, image: np.ndarray) -> torch.Tensor:
+        return self.scores_whole(image) if self.resnet else self.scores_windows(image)
 
     def scores_windows(self, image: np.ndarray) -> torch.Tensor:
         """The ViT's: teacher-sized windows with half-window stride, overlapping scores averaged."""
@@ -285,7 +284,7 @@ class TeacherNamedSegmenter:
     segments follow the objects more closely than the method's own map does.
     """
 
-    def __init__(self, student: StudentSegmenter, teacher: MaskCLIPSegmenter | GridTeacherSegmenter):
+    def __init__(self, student: StudentSegmenter, teacher: ScoreMapSegmenter):
         self.student, self.teacher, self.rule = student, teacher, teacher.rule
 
     @torch.inference_mode()
@@ -296,8 +295,17 @@ class TeacherNamedSegmenter:
         height, width = image.shape[:2]
         scores = self.teacher.scores(image).permute(2, 0, 1)[None]  # [1, K, h, w]
         scores = F.interpolate(scores, size=(height, width), mode="bilinear", align_corners=False)[0].flatten(1)  # [K, H*W]
-        ids, inverse = torch.unique(torch.as_tensor(segments, device=scores.device).flatten(), return_inverse=True)  # [S], [H*W]
+        segments = torch.as_tensor(segments, device=scores.device)  # [H, W]
+        ids, inverse = torch.unique(segments.flatten(), return_inverse=True)  # [S], [H*W]
         summed = torch.zeros(len(ids), scores.shape[0], device=scores.device).index_add_(0, inverse, scores.T)  # [S, K]
         mean = summed / torch.bincount(inverse, minlength=len(ids))[:, None]
         best, label = self.rule.decide(mean)  # [S]
-        return finish(label[inverse].view(height, width), best[inverse].view(height, width), self.rule, (height, width), torch.as_tensor(segments, device=scores.device))
+        return finish(label[inverse].view(height, width), best[inverse].view(height, width), self.rule, (height, width), segments)
+
+
+def teacher_segmenter(method: str, teacher: Teacher, text: torch.Tensor, logit_scale: float, rule: BackgroundRule, e, center: torch.Tensor | None) -> ScoreMapSegmenter:
+    """The teacher-alone method `method` (`training_free` or one of `DENSE_CLIP`) as the `eval`
+    section `e` sets it up: the grid at `short_side`, dense CLIP at `dense_short_side`."""
+    if method == "training_free":
+        return GridTeacherSegmenter(teacher, text, logit_scale, rule, short_side=e.short_side, topk_classes=e.topk_classes, center=center)
+    return MaskCLIPSegmenter(teacher, text, logit_scale, rule, short_side=e.dense_short_side or e.short_side, topk_classes=e.topk_classes, center=center, method=method)

@@ -23,19 +23,15 @@ from pipeline.core.device import resolve_device
 from pipeline.core.errors import InputError
 from pipeline.core.files import output_folder
 from pipeline.evaluation import ConfusionMatrix, SegmentationScores, open_dataset
-from pipeline.evaluation.baselines import (
-    GridTeacherSegmenter,
-    MaskCLIPSegmenter,
-    TeacherNamedSegmenter,
-)
+from pipeline.evaluation.baselines import TeacherNamedSegmenter, teacher_segmenter
 from pipeline.evaluation.inference import StudentSegmenter, vocabulary
 from pipeline.evaluation.models import calibration_center, load_model
 from pipeline.evaluation.oracle import grid_regions, majority_labels
 from pipeline.evaluation.overlay import write_overlay
 from pipeline.evaluation.text import template_set
 
-DENSE = ("maskclip", "sclip", "naclip")
-BASELINES = ("training_free", *DENSE, *(f"grouped_{m}" for m in ("training_free", *DENSE)))
+TEACHER_ALONE = ("training_free", "maskclip", "sclip", "naclip")
+BASELINES = (*TEACHER_ALONE, *(f"grouped_{m}" for m in TEACHER_ALONE))
 
 
 def side_by_side(names: list[str], columns: dict[str, SegmentationScores]) -> str:
@@ -109,20 +105,13 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
         methods = {"student": StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, **window)}
         if base is not None:
             methods["base"] = StudentSegmenter(base.student, text, model.embedder.logit_scale, rule, **window)
-        teacher_only = dict(short_side=e.short_side, topk_classes=e.topk_classes, center=center)
-        if "training_free" in e.baselines or "grouped_training_free" in e.baselines:
-            grid_teacher = GridTeacherSegmenter(model.teacher, text, model.embedder.logit_scale, rule, **teacher_only)
-            if "training_free" in e.baselines:
-                methods["training_free"] = grid_teacher
-            if "grouped_training_free" in e.baselines:
-                methods["grouped_training_free"] = TeacherNamedSegmenter(methods["student"], grid_teacher)
-        for dense in DENSE:
-            if dense in e.baselines or f"grouped_{dense}" in e.baselines:
-                segmenter = MaskCLIPSegmenter(model.teacher, text, model.embedder.logit_scale, rule, method=dense, **{**teacher_only, "short_side": e.dense_short_side or e.short_side})
-                if dense in e.baselines:
-                    methods[dense] = segmenter
-                if f"grouped_{dense}" in e.baselines:
-                    methods[f"grouped_{dense}"] = TeacherNamedSegmenter(methods["student"], segmenter)
+        for alone in TEACHER_ALONE:
+            if alone in e.baselines or f"grouped_{alone}" in e.baselines:
+                segmenter = teacher_segmenter(alone, model.teacher, text, model.embedder.logit_scale, rule, e, center)  # one per method: its pass is shared
+                if alone in e.baselines:
+                    methods[alone] = segmenter
+                if f"grouped_{alone}" in e.baselines:
+                    methods[f"grouped_{alone}"] = TeacherNamedSegmenter(methods["student"], segmenter)
         scored = [*methods, "trivial", "oracle_student", "oracle_grid"]
         matrices = {m: ConfusionMatrix(dataset.num_classes, dataset.ignore_index) for m in scored}
         n = len(dataset) if not e.max_images else min(e.max_images, len(dataset))

@@ -22,9 +22,8 @@ from pipeline.core.files import (
 )
 from pipeline.evaluation.baselines import (
     DENSE_CLIP,
-    GridTeacherSegmenter,
-    MaskCLIPSegmenter,
     TeacherNamedSegmenter,
+    teacher_segmenter,
 )
 from pipeline.evaluation.inference import StudentSegmenter, name_key, vocabulary
 from pipeline.evaluation.models import calibration_center, demo_model_note, load_model
@@ -188,11 +187,8 @@ def run_segment(params: Params, checkpoint: str | Path, images: Sequence[str | P
     center = calibration_center(params, model, checkpoint)
     seg = StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, short_side=e.short_side, window=e.window, stride=e.stride, topk_classes=e.topk_classes, device=device, protocol=e.protocol,
                            center=center)
-    if naming == "training_free":
-        seg = TeacherNamedSegmenter(seg, GridTeacherSegmenter(model.teacher, text, model.embedder.logit_scale, rule, short_side=e.short_side, topk_classes=e.topk_classes, center=center))
-    elif naming != "student":
-        seg = TeacherNamedSegmenter(seg, MaskCLIPSegmenter(model.teacher, text, model.embedder.logit_scale, rule, short_side=e.dense_short_side or e.short_side, topk_classes=e.topk_classes, center=center,
-                                                           method=naming))
+    if naming != "student":
+        seg = TeacherNamedSegmenter(seg, teacher_segmenter(naming, model.teacher, text, model.embedder.logit_scale, rule, e, center))
     (out_dir / "classes.txt").write_text(class_table(classes), encoding="utf-8")  # what the masks' values mean
     results = []
 
