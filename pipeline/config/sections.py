@@ -151,6 +151,14 @@ class LossConfig:
     segment_prototypes: float = bounded(0.0, at_least=0.0)
     prototypes: int = bounded(64, at_least=2, at_most=65536)  # K
     prototype_tau: float = bounded(0.05, at_least=0.001)  # temperature of the views' softmax over prototypes
+    # The same two KL terms against fixed anchors instead: the teacher's text embeddings of a
+    # vocabulary (pipeline/student/anchors.py), compared with unit embeddings in the named space, so
+    # a segment (or a visible token, through the segment projection) must rank the words as its
+    # region target (its cells' views) ranks them: what zero-shot naming reads.
+    segment_anchors: float = bounded(0.0, at_least=0.0)
+    token_anchors: float = bounded(0.0, at_least=0.0)
+    anchor_vocabulary: str = "imagenet"  # imagenet (open_clip's 1,000 class names) | @FILE (one name per line) | "a, b, c"
+    anchor_tau: float = bounded(0.05, at_least=0.001)  # temperature of both softmaxes over the anchors
 
 
 @dataclass(frozen=True)

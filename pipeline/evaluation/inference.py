@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.clip.text import name_key
 from pipeline.core.errors import ConfigError
 from pipeline.student import ZeroSegStudent
 from pipeline.student.normalize import normalize_images
@@ -54,11 +55,6 @@ class BackgroundRule:
         """
         best, idx = scores.max(dim=-1)
         return best, (idx + 1 - self.background_rows).clamp_min(0)
-
-
-def name_key(name: str) -> str:
-    """A class name as CLIP's tokenizer sees it: lowercased, whitespace runs as one space."""
-    return " ".join(name.lower().split())
 
 
 def vocabulary(embed, classes: list[str], templates, *, mode: str, threshold: float, bg_words=("background",)) -> tuple[torch.Tensor, BackgroundRule]:

@@ -13,7 +13,7 @@ from pipeline.clip.model import Teacher, teacher_candidates
 from pipeline.config import Params
 from pipeline.core.checkpoint import load_checkpoint
 from pipeline.core.errors import InputError
-from pipeline.evaluation.text import ClassEmbedder
+from pipeline.clip.text import ClassEmbedder
 from pipeline.student import StudentArch, ZeroSegStudent
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from pipeline.evaluation.inference import StudentSegmenter, vocabulary
 from pipeline.evaluation.models import calibration_center, load_model
 from pipeline.evaluation.oracle import grid_regions, majority_labels
 from pipeline.evaluation.overlay import write_overlay
-from pipeline.evaluation.text import template_set
+from pipeline.clip.text import template_set
 
 TEACHER_ALONE = ("training_free", "maskclip", "sclip", "naclip")
 BASELINES = (*TEACHER_ALONE, *(f"grouped_{m}" for m in TEACHER_ALONE))

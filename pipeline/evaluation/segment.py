@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from pipeline.clip.text import parse_vocabulary, template_set
 from pipeline.config import Params, threshold_problem
 from pipeline.core.decode import load_rgb
 from pipeline.core.device import resolve_device
@@ -18,17 +19,15 @@ from pipeline.core.files import (
     IMAGE_EXTENSIONS,
     list_images,
     output_folder,
-    read_text_file,
 )
 from pipeline.evaluation.baselines import (
     DENSE_CLIP,
     TeacherNamedSegmenter,
     teacher_segmenter,
 )
-from pipeline.evaluation.inference import StudentSegmenter, name_key, vocabulary
+from pipeline.evaluation.inference import StudentSegmenter, vocabulary
 from pipeline.evaluation.models import calibration_center, demo_model_note, load_model
 from pipeline.evaluation.overlay import class_table, write_mask, write_overlay
-from pipeline.evaluation.text import template_set
 
 log = logging.getLogger(__name__)
 
@@ -126,27 +125,8 @@ def output_stems(names: Sequence[Path]) -> list[str]:
 
 
 def parse_classes(text: str) -> list[str]:
-    """'cat, dog,grass' -> ['cat', 'dog', 'grass']; a @FILE reads one class per line (UTF-8).
-
-    Names that differ only in case or spacing are refused as repeats: CLIP's tokenizer lowercases
-    and splits on whitespace, so they would get one embedding and the second could never win
-    (refused for every teacher: names so close are a typo more often than two classes).
-    """
-    if text.startswith("@"):
-        names = read_text_file(Path(text[1:])).splitlines()
-    else:
-        names = text.split(",")
-    names = [n.strip() for n in names if n.strip()]
-    if not names:
-        raise InputError("--classes: give at least one class name")
-    seen: dict[str, str] = {}
-    for name in names:
-        key = name_key(name)
-        if key in seen:
-            same = "repeated" if seen[key] == name else f"the same to the text encoder as {seen[key]!r}"
-            raise InputError(f"--classes: {name!r} is {same}")
-        seen[key] = name
-    return names
+    """`--classes`: 'cat, dog,grass' or @FILE (`parse_vocabulary`)."""
+    return parse_vocabulary(text, "--classes")
 
 
 def run_segment(params: Params, checkpoint: str | Path, images: Sequence[str | Path], classes: Sequence[str], out_dir: str | Path, *, threshold: float | None = None, progress: bool = True, on_result: Callable[[dict], None] | None = None,

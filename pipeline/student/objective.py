@@ -7,6 +7,7 @@ import torch
 from pipeline.config import Params
 from pipeline.core.errors import ConfigError
 from pipeline.core.views import view_layout
+from pipeline.student.anchors import anchor_logits
 from pipeline.student.grouping import compose_assignments
 from pipeline.student.losses import (
     AssignmentInfoMaxLoss,
@@ -53,6 +54,10 @@ class StudentObjective(torch.nn.Module):
         # Set by `set_prototypes` before training when loss.token_prototypes is on (from the cache sample).
         self.register_buffer("prototypes", torch.zeros(0), persistent=False)
         self.register_buffer("view_mean", torch.zeros(0), persistent=False)
+        # Set by `set_anchors` before training when loss.segment_anchors or loss.token_anchors is on.
+        self.register_buffer("anchors", torch.zeros(0), persistent=False)
+        self.segment_anchors = SegmentPrototypeLoss(tau=self.cfg.anchor_tau, name="segment_anchors")
+        self.token_anchors = TokenPrototypeLoss(tau=self.cfg.anchor_tau, name="token_anchors")
         self.grids = grids
         # Local views as indices, not a mask, and their presence as a Python bool: indexing with
         # a boolean CUDA mask and `bool(tensor)` each make the host wait for the GPU.
@@ -76,6 +81,14 @@ class StudentObjective(torch.nn.Module):
         """The teacher's prototypes [K, D] and unit-vector dataset mean [D] (`prototypes.py`)."""
         self.prototypes = prototypes.to(self.local.device, torch.float32)
         self.view_mean = mean.to(self.local.device, torch.float32)
+
+    def set_anchors(self, anchors: torch.Tensor) -> None:
+        """The anchor terms' [K, D] unit text embeddings (`anchors.text_anchors`)."""
+        self.anchors = anchors.to(self.local.device, torch.float32)
+
+    def _require_anchors(self, term: str) -> None:
+        if not len(self.anchors):
+            raise RuntimeError(f"loss.{term} needs the teacher's text anchors (StudentObjective.set_anchors)")
 
     def _require_prototypes(self, term: str) -> None:
         if not len(self.prototypes):
@@ -103,9 +116,10 @@ class StudentObjective(torch.nn.Module):
             terms.update(self.matching(segments, targets, self.local))
             weights.update(segment_match=c.segment_match, view_match=c.view_match)
         cells = None
-        if (c.region_match or c.contrastive or c.token_distill or c.token_relation or c.token_prototypes or c.segment_prototypes) and self.has_local:
+        if (c.region_match or c.contrastive or c.token_distill or c.token_relation or c.token_prototypes or c.segment_prototypes
+                or c.segment_anchors or c.token_anchors) and self.has_local:
             cells = token_cells(out.ids_keep, out.grid, self.layout) * self.region_views  # [B, N, V]
-        if (c.region_match or c.contrastive or c.segment_prototypes) and cells is not None:
+        if (c.region_match or c.contrastive or c.segment_prototypes or c.segment_anchors) and cells is not None:
             assignment = compose_assignments(out.hard_assignments)  # [B, S, N]
             if c.region_match:
                 terms.update(self.region(segments, targets, assignment, cells))
@@ -117,6 +131,11 @@ class StudentObjective(torch.nn.Module):
                 self._require_prototypes("segment_prototypes")
                 terms.update(self.segment_prototypes(space.to_teacher(out.segments), out_targets, assignment, cells, self.prototypes, self.view_mean))
                 weights["segment_prototypes"] = c.segment_prototypes
+            if c.segment_anchors:  # a residual around a zero mean is the unit embedding
+                self._require_anchors("segment_anchors")
+                origin = self.anchors.new_zeros(self.anchors.shape[1])
+                terms.update(self.segment_anchors(space.to_teacher(out.segments), out_targets, assignment, cells, self.anchors, origin))
+                weights["segment_anchors"] = c.segment_anchors
         if c.token_distill and cells is not None and out.tokens is not None:
             tokens = space.predictions(out.tokens, affine=True) if self.affine else out.tokens  # [B, N, D]
             terms.update(self.token(tokens, targets, cells))
@@ -128,6 +147,12 @@ class StudentObjective(torch.nn.Module):
             self._require_prototypes("token_prototypes")
             terms.update(self.token_prototypes(out.prototype_logits, out_targets, cells, self.prototypes, self.view_mean))
             weights["token_prototypes"] = c.token_prototypes
+        if c.token_anchors and cells is not None and out.tokens is not None:
+            self._require_anchors("token_anchors")
+            logits = anchor_logits(space.to_teacher(out.tokens), self.anchors, c.anchor_tau)  # [B, N, K]
+            origin = self.anchors.new_zeros(self.anchors.shape[1])
+            terms.update(self.token_anchors(logits, out_targets, cells, self.anchors, origin))
+            weights["token_anchors"] = c.token_anchors
         if c.segment_crop and crops is not None:
             terms.update(self.segment_crop(out.segments, *crops, compose_assignments(out.hard_assignments)))
             weights["segment_crop"] = c.segment_crop

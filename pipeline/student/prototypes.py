@@ -75,11 +75,12 @@ class TokenPrototypeLoss(nn.Module):
 
     Args:
         tau: the temperature of the views' softmax over prototypes.
+        name: the term's name in the returned dict (the anchor terms reuse this one, `anchors.py`).
     """
 
-    def __init__(self, *, tau: float = 0.05) -> None:
+    def __init__(self, *, tau: float = 0.05, name: str = "token_prototypes") -> None:
         super().__init__()
-        self.tau = tau
+        self.tau, self.name = tau, name
 
     def forward(self, logits: Tensor, targets: Tensor, cells: Tensor, prototypes: Tensor, mean: Tensor) -> dict[str, Tensor]:
         """Args:
@@ -97,7 +98,7 @@ class TokenPrototypeLoss(nn.Module):
         q = torch.bmm(weight, labels) / weight.sum(dim=2, keepdim=True).clamp_min(1.0)  # [B, N, K]
         has = weight.sum(dim=2) > 0  # [B, N] tokens in some used cell
         kl = (q * (torch.log(q.clamp_min(1e-12)) - F.log_softmax(logits.float(), dim=-1))).sum(dim=-1)  # [B, N]
-        return {"token_prototypes": (kl * has).sum() / has.sum().clamp_min(1)}
+        return {self.name: (kl * has).sum() / has.sum().clamp_min(1)}
 
 
 class SegmentPrototypeLoss(nn.Module):
@@ -111,11 +112,12 @@ class SegmentPrototypeLoss(nn.Module):
 
     Args:
         tau: the temperature of both softmaxes over prototypes.
+        name: the term's name in the returned dict (the anchor terms reuse this one, `anchors.py`).
     """
 
-    def __init__(self, *, tau: float = 0.05) -> None:
+    def __init__(self, *, tau: float = 0.05, name: str = "segment_prototypes") -> None:
         super().__init__()
-        self.tau = tau
+        self.tau, self.name = tau, name
 
     def forward(self, segments: Tensor, targets: Tensor, assignment: Tensor, cells: Tensor, prototypes: Tensor, mean: Tensor) -> dict[str, Tensor]:
         """Args:
@@ -133,4 +135,4 @@ class SegmentPrototypeLoss(nn.Module):
         q = pseudo_labels(target, prototypes, mean, self.tau)  # [B, S, K]
         log_p = F.log_softmax(residuals(segments, mean) @ prototypes.T / self.tau, dim=-1)
         kl = (q * (torch.log(q.clamp_min(1e-12)) - log_p)).sum(dim=-1)  # [B, S]
-        return {"segment_prototypes": (share * kl).sum(dim=1).mean()}
+        return {self.name: (share * kl).sum(dim=1).mean()}

@@ -129,7 +129,7 @@ class Engine:
             sync = self.train_model.no_sync() if self.world > 1 and not last else contextlib.nullcontext()
             with sync, torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                 out = self.train_model(images, params.student.mask_ratio, decode=bool(params.loss.reconstruction),
-                                       tokens=bool(params.loss.token_distill or params.loss.token_relation))
+                                       tokens=bool(params.loss.token_distill or params.loss.token_relation or params.loss.token_anchors))
                 crops = None
                 if self.crop_targets is not None:
                     crops = self.crop_targets(pixels, compose_assignments(out.hard_assignments).detach(), out.ids_keep, out.grid)

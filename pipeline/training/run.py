@@ -15,7 +15,6 @@ the run before the optimizer step, leaving the last good checkpoint as it was.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import random
@@ -43,16 +42,22 @@ from pipeline.core.checkpoint import (
     save_checkpoint,
 )
 from pipeline.core.device import resolve_device
-from pipeline.core.errors import ConfigError, InputError
+from pipeline.core.errors import InputError
 from pipeline.student import ZeroSegStudent, param_groups_for_weight_decay, student_arch
 from pipeline.student.health import health_metrics
 from pipeline.student.objective import StudentObjective
 from pipeline.training import state
-from pipeline.training.data import CachePairs, ParentEnviron, teacher_sample, teacher_statistics
+from pipeline.training.data import (
+    CachePairs,
+    ParentEnviron,
+    teacher_sample,
+    teacher_statistics,
+)
 from pipeline.training.engine import Engine, MetricWindow, StepResult
 from pipeline.training.live import log_step, open_live
 from pipeline.training.schedule import Schedule, make_schedule
 from pipeline.training.state import CHECKPOINT_NAME, SAVED, compatibility
+from pipeline.training.teacher_targets import crop_targets, text_anchors
 
 log = logging.getLogger(__name__)
 
@@ -72,18 +77,6 @@ class TrainSummary:
     health: dict[str, float] = field(default_factory=dict)
     images_per_s: float = 0.0
     data_wait_fraction: float = 0.0
-
-
-def _crop_targets(params: Params, attrs: dict, device: torch.device):
-    """The cache's own teacher, loaded for `loss.segment_crop` (refused if it is another)."""
-    from pipeline.clip.model import Teacher
-    from pipeline.student.segment_crops import SegmentCropTargets
-
-    teacher = Teacher.load(dataclasses.replace(params.teacher, device=str(device)))
-    if teacher.identity.weights_sha256 != attrs["teacher"]["weights_sha256"]:
-        raise ConfigError(f"{params.source}: loss.segment_crop runs the teacher of params.teacher, which is not the teacher the cache was built "
-                          f"with (weights sha256 {teacher.identity.weights_sha256[:12]}, the cache's {attrs['teacher']['weights_sha256'][:12]})")
-    return SegmentCropTargets(teacher)
 
 
 def data_root(images: str) -> Path:
@@ -160,7 +153,9 @@ def _train(params: Params, cache: str | None, out_dir: str | Path, *, resume: st
     model.to(device)
     objective = StudentObjective(params, grids).to(device)
     objective.fit_prototypes(sample, stat_mean, seed=cfg.seed)  # with loss.*_prototypes: the same on every rank and on resume
-    crop_targets = _crop_targets(params, attrs, device) if params.loss.segment_crop else None
+    if params.loss.segment_anchors or params.loss.token_anchors:
+        objective.set_anchors(text_anchors(params, attrs))
+    crops = crop_targets(params, attrs, device) if params.loss.segment_crop else None
 
     dataset, loader, sched = _data(params, cache, attrs, grids, arch.img_size, rank, world, device)
     optimizer = torch.optim.AdamW(param_groups_for_weight_decay(model, cfg.weight_decay), lr=sched.peak_lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
@@ -176,7 +171,7 @@ def _train(params: Params, cache: str | None, out_dir: str | Path, *, resume: st
     train_model = torch.compile(model) if cfg.compile else model
     if world > 1:
         train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    engine = Engine(params, model, train_model, objective, optimizer, scaler, sched, device, world, ckpt_path, crop_targets)
+    engine = Engine(params, model, train_model, objective, optimizer, scaler, sched, device, world, ckpt_path, crops)
     live = open_live(live_dir, resume_step=summary.resumed_from) if rank == 0 else None
     extra = {
         "teacher_files": teacher_files(params.teacher, ckpt_path),

@@ -26,7 +26,7 @@ from pipeline.evaluation.inference import (
 )
 from pipeline.evaluation.models import load_model
 from pipeline.evaluation.run import run_evaluation
-from pipeline.evaluation.text import ClassEmbedder, template_set
+from pipeline.clip.text import ClassEmbedder, template_set
 from pipeline.training.run import run_training
 
 EVAL = ["eval.short_side=64", "eval.window=32", "eval.stride=16", "eval.templates=single", "eval.pictures=2"]

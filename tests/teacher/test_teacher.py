@@ -14,7 +14,7 @@ from pipeline.clip.model import Teacher
 from pipeline.config import TeacherConfig, load_params
 from pipeline.evaluation.baselines import MaskCLIPSegmenter
 from pipeline.evaluation.inference import BackgroundRule
-from pipeline.evaluation.text import ClassEmbedder, template_set
+from pipeline.clip.text import ClassEmbedder, template_set
 from pipeline.teacher.run import run_teacher_cache
 
 

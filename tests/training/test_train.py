@@ -78,6 +78,20 @@ def test_prototype_terms_train_resume_exactly_and_the_checkpoint_loads_for_infer
         assert model.eval().infer(torch.randn(1, 3, 32, 32)).segments.shape[0] == 1
 
 
+def test_anchor_terms_train_on_the_cache_teachers_words_and_a_bad_vocabulary_stops_before_training(built_cache, tmp_path):
+    from pipeline.core.errors import InputError
+
+    store, _ = built_cache
+    run = ("train.epochs=2", "loss.segment_anchors=1", "loss.token_anchors=1", "loss.anchor_vocabulary=circle, star, ring, background")
+    summary = run_training(params_for(built_cache, *run), str(store), tmp_path / "a", progress=False)
+    assert summary.first_losses["token_anchors"] > 0 and summary.first_losses["segment_anchors"] >= 0
+    assert (tmp_path / "a" / "checkpoint.pt").is_file()
+    words = tmp_path / "missing.txt"
+    with pytest.raises(InputError, match="loss.anchor_vocabulary .*missing.txt"):
+        run_training(params_for(built_cache, *run[:-1], f'loss.anchor_vocabulary="@{words}"'), str(store), tmp_path / "b", progress=False)
+    assert not (tmp_path / "b" / "checkpoint.pt").exists()
+
+
 def _live_table(live_dir, name):
     lines = (live_dir / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()
     assert lines[0] == f"step\t{name.split('/')[-1]}"

@@ -1,4 +1,5 @@
-"""Class embeddings from the teacher's text tower, cached per (teacher, vocabulary, templates).
+"""Class embeddings from the teacher's text tower, cached per (teacher, vocabulary, templates),
+and vocabularies as users write them.
 
 open_clip's tokenizer and `build_zero_shot_classifier` do the work: every prompt embedded and
 normalized, averaged per class, normalized again. The result is cached on disk under a key
@@ -21,8 +22,44 @@ from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
 from pipeline.clip.model import Teacher
 from pipeline.core.errors import InputError
+from pipeline.core.files import read_text_file
 
 SINGLE_TEMPLATE = ("a photo of a {}.",)
+
+
+def name_key(name: str) -> str:
+    """A class name as CLIP's tokenizer sees it: lowercased, whitespace runs as one space."""
+    return " ".join(name.lower().split())
+
+
+def parse_vocabulary(text: str, option: str) -> list[str]:
+    """'cat, dog,grass' -> ['cat', 'dog', 'grass']; a @FILE reads one name per line (UTF-8).
+
+    Names that differ only in case or spacing are refused as repeats: CLIP's tokenizer lowercases
+    and splits on whitespace, so they would get one embedding and the second could never win
+    (refused for every teacher: names so close are a typo more often than two classes).
+
+    Raises:
+        InputError: no names, a repeat, or an unreadable file, in one line that starts with `option`.
+    """
+    if text.startswith("@"):
+        try:
+            names = read_text_file(Path(text[1:])).splitlines()
+        except OSError as exc:
+            raise InputError(f"{option}: {exc.filename}: {exc.strerror}") from None
+    else:
+        names = text.split(",")
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise InputError(f"{option}: give at least one class name")
+    seen: dict[str, str] = {}
+    for name in names:
+        key = name_key(name)
+        if key in seen:
+            same = "repeated" if seen[key] == name else f"the same to the text encoder as {seen[key]!r}"
+            raise InputError(f"{option}: {name!r} is {same}")
+        seen[key] = name
+    return names
 
 
 def template_set(name: str) -> tuple[str, ...]:

@@ -1,0 +1,116 @@
+"""The anchor terms: each segment and each visible token ranks the teacher's text anchors as its target does."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.core.errors import InputError
+from pipeline.student.anchors import anchor_logits, anchor_names
+from pipeline.student.losses import cell_layout, region_targets, token_cells
+
+
+def test_anchor_vocabulary_is_imagenet_a_file_or_a_list_and_bad_input_is_one_line(tmp_path):
+    names = anchor_names("imagenet")
+    assert len(names) == 1000 and names[0] == "tench"
+    words = tmp_path / "words.txt"
+    words.write_text("circle\n\nstar\n  ring  \n")
+    assert anchor_names(f"@{words}") == ["circle", "star", "ring"]
+    assert anchor_names("cat, dog,grass") == ["cat", "dog", "grass"]
+    for spec, problem in ((f"@{tmp_path / 'none.txt'}", "none.txt"), ("cat", "at least two"), ("cat, Cat", "the same to the text encoder")):
+        with pytest.raises(InputError, match=problem) as err:
+            anchor_names(spec)
+        assert str(err.value).startswith("loss.anchor_vocabulary") and "\n" not in str(err.value)
+
+
+def _kl(q: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    log_p = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    return (q * (np.log(np.clip(q, 1e-12, None)) - log_p)).sum(-1)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _setup():
+    torch.manual_seed(0)
+    ids = torch.arange(16)[None].repeat(2, 1)  # two images, every patch of a 4x4 grid, grids 1 and 2
+    cells = token_cells(ids, (4, 4), cell_layout((1, 2)))  # [2, 16, 5]
+    shared = 3 * F.normalize(torch.randn(8), dim=0)
+    targets = shared + F.normalize(torch.randn(2, 5, 8), dim=-1)  # views with a large shared component, as the teacher's
+    anchors = F.normalize(torch.randn(6, 8), dim=-1)
+    quadrant = torch.arange(16) // 2 % 2 + torch.arange(16) // 8 * 2  # each patch's quadrant, row-major
+    assignment = F.one_hot(quadrant, 4).T[None].float().repeat(2, 1, 1)  # [2, 4, 16]: segment q = quadrant q
+    return cells, targets, anchors, assignment
+
+
+def test_segment_anchors_are_the_kl_of_the_words_softmaxes_written_out():
+    from pipeline.config import load_params
+    from pipeline.student.objective import StudentObjective
+
+    cells, targets, anchors, assignment = _setup()
+    tau = 0.1
+    objective = StudentObjective(load_params(None, [f"loss.anchor_tau={tau}"]), (1, 2))
+    own, share = region_targets(F.normalize(targets, dim=-1), assignment, cells)  # [2, 4, 8] unit, [2, 4]
+    segments = torch.randn(2, 4, 8)
+    value = objective.segment_anchors(segments, targets, assignment, cells, anchors, torch.zeros(8))["segment_anchors"]
+    q = _softmax(own.numpy() @ anchors.numpy().T / tau)
+    logits = F.normalize(segments, dim=-1).numpy() @ anchors.numpy().T / tau
+    expected = (share.numpy() * _kl(q, logits)).sum(1).mean()
+    assert value.item() == pytest.approx(float(expected), rel=1e-5)
+    # Met by the region target, at any length; not by the views' shared direction.
+    assert objective.segment_anchors(2.5 * own, targets, assignment, cells, anchors, torch.zeros(8))["segment_anchors"].item() == pytest.approx(0.0, abs=1e-5)
+    mean = F.normalize(targets, dim=-1).mean(dim=(0, 1)).expand(2, 4, 8)
+    assert objective.segment_anchors(mean, targets, assignment, cells, anchors, torch.zeros(8))["segment_anchors"].item() > 0.01
+
+
+def test_token_anchors_ask_each_token_for_its_cells_ranking_of_the_words():
+    from pipeline.config import load_params
+    from pipeline.student.objective import StudentObjective
+
+    cells, targets, anchors, _ = _setup()
+    tau = 0.05
+    objective = StudentObjective(load_params(None, [f"loss.anchor_tau={tau}"]), (1, 2))
+    tokens = torch.randn(2, 16, 8)
+    logits = anchor_logits(tokens, anchors, tau)
+    assert torch.allclose(logits, F.normalize(tokens, dim=-1) @ anchors.T / tau)
+    value = objective.token_anchors(logits, targets, cells, anchors, torch.zeros(8))["token_anchors"]
+    unit = F.normalize(targets, dim=-1).numpy()
+    views = _softmax(unit @ anchors.numpy().T / tau)  # [2, 5, 6]
+    w = cells.numpy()
+    q = np.einsum("bnv,bvk->bnk", w, views) / w.sum(2, keepdims=True)  # one quadrant view per token
+    assert value.item() == pytest.approx(float(_kl(q, logits.numpy()).mean()), rel=1e-5)
+    own = torch.bmm(cells, F.normalize(targets, dim=-1))  # each token's own quadrant view
+    met = objective.token_anchors(anchor_logits(own, anchors, tau), targets, cells, anchors, torch.zeros(8))["token_anchors"]
+    assert met.item() == pytest.approx(0.0, abs=1e-5)
+    assert math.isfinite(value.item()) and value.item() > met.item()
+
+
+def test_anchor_terms_are_in_the_objective_only_when_weighted_and_reach_the_encoder():
+    from pipeline.config import load_params
+    from pipeline.student import ZeroSegStudent, student_arch
+    from pipeline.student.objective import StudentObjective
+
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 32, 32)
+    targets = torch.randn(2, 30, 8)
+    model = ZeroSegStudent(arch=student_arch("zeroseg_micro"), out_dim=8)
+    out = model(images, 0.5, tokens=True)
+    plain, terms = StudentObjective(load_params(None, []), (1, 2, 3, 4))(out, targets, model.patchify(images), model.target_space)
+    assert not {"segment_anchors", "token_anchors"} & set(terms)
+
+    objective = StudentObjective(load_params(None, ["loss.segment_anchors=1", "loss.token_anchors=2"]), (1, 2, 3, 4))
+    with pytest.raises(RuntimeError, match="needs the teacher's text anchors"):
+        objective(out, targets, model.patchify(images), model.target_space)
+    objective.set_anchors(F.normalize(torch.randn(5, 8), dim=-1))
+    total, terms = objective(out, targets, model.patchify(images), model.target_space)
+    assert terms["segment_anchors"].item() > 0 and terms["token_anchors"].item() > 0
+    assert total.item() == pytest.approx((plain + terms["segment_anchors"] + 2 * terms["token_anchors"]).item(), rel=1e-5)
+    total.backward()
+    assert model.segment_proj.weight.grad.abs().sum() > 0
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0  # it reaches the encoder
