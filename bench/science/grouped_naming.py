@@ -29,7 +29,7 @@ from pipeline.evaluation.inference import (
 )
 from pipeline.evaluation.metrics import ConfusionMatrix
 from pipeline.evaluation.models import load_model
-from pipeline.evaluation.text import template_set
+from pipeline.clip.text import template_set
 
 
 def main() -> None:

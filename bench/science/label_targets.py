@@ -35,7 +35,7 @@ from pipeline.clip.model import Teacher
 from pipeline.config import load_params
 from pipeline.core.views import cell_edges
 from pipeline.demo.data import CLASSES, make_scene
-from pipeline.evaluation.text import ClassEmbedder, template_set
+from pipeline.clip.text import ClassEmbedder, template_set
 
 
 def cell_shares(mask: np.ndarray, g: int, num_classes: int) -> np.ndarray:
