@@ -15,20 +15,15 @@ often each word is predicted against how often it is the truth.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-import torch
 import zarr
 
 import cache_schema as cs
 from bench.harness import emit, parser
-from bench.science.label_targets import cell_shares
+from bench.science.label_targets import cell_shares, class_text, training_masks
 from pipeline.cache.identity import find_store
-from pipeline.clip.model import Teacher
-from pipeline.clip.text import ClassEmbedder, template_set
 from pipeline.config import load_params
-from pipeline.demo.data import CLASSES, make_scene
+from pipeline.demo.data import CLASSES
 
 
 def main() -> None:
@@ -39,15 +34,10 @@ def main() -> None:
     ap.add_argument("--scenes", type=int, default=600, help="the first N training scenes")
     args = ap.parse_args()
     params = load_params(args.params)
-    d = params.data
     store = args.cache or find_store(params, progress=False)
     group = zarr.open_group(str(store), mode="r")
-    paths, status = group[cs.PATHS][:], group[cs.STATUS][:]
-    with torch.inference_mode():
-        text = ClassEmbedder(Teacher.load(params.teacher))(list(CLASSES), template_set("single")).float().numpy()  # [K, D]
-    rng = np.random.default_rng(d.demo_seed)  # the scenes in the order demo-data drew them
-    masks = [make_scene(rng, d.demo_size)[1] for _ in range(min(args.scenes, d.demo_train))]
-    rows = {int(Path(str(p)).stem.rsplit("_", 1)[1]): i for i, p in enumerate(paths) if status[i] == cs.STATUS_OK}
+    text = class_text(params)  # [K, D]
+    masks, rows = training_masks(params, group, store, args.scenes)
     k = len(CLASSES)
     report: dict = {"cache": str(store), "scenes": len(masks), "classes": list(CLASSES)}
     for g in (int(x) for x in args.grids.split(",")):

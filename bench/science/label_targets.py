@@ -32,10 +32,10 @@ import cache_schema as cs
 from bench.harness import emit, parser
 from pipeline.cache.identity import find_store
 from pipeline.clip.model import Teacher
+from pipeline.clip.text import ClassEmbedder, template_set
 from pipeline.config import load_params
 from pipeline.core.views import cell_edges
 from pipeline.demo.data import CLASSES, make_scene
-from pipeline.clip.text import ClassEmbedder, template_set
 
 
 def cell_shares(mask: np.ndarray, g: int, num_classes: int) -> np.ndarray:
@@ -50,6 +50,29 @@ def cell_shares(mask: np.ndarray, g: int, num_classes: int) -> np.ndarray:
     return out
 
 
+def class_text(params) -> np.ndarray:
+    """[K, D] the teacher's unit text embeddings of the demo's classes, background first, prompt "a photo of a {}."."""
+    with torch.inference_mode():
+        return ClassEmbedder(Teacher.load(params.teacher))(list(CLASSES), template_set("single")).float().numpy()
+
+
+def training_masks(params, group: zarr.Group, store: str, scenes: int | None = None) -> tuple[list[np.ndarray], dict[int, int]]:
+    """The demo's training masks, regenerated from `data.demo_seed` (the first `scenes`, default all),
+    and each scene's row in the cache `group`.
+
+    Raises:
+        SystemExit: the cache's images are not the demo's scenes.
+    """
+    d = params.data
+    paths, status = group[cs.PATHS][:], group[cs.STATUS][:]
+    rng = np.random.default_rng(d.demo_seed)  # the scenes in the order demo-data drew them
+    masks = [make_scene(rng, d.demo_size)[1] for _ in range(min(scenes or d.demo_train, d.demo_train))]
+    rows = {int(Path(str(p)).stem.rsplit("_", 1)[1]): i for i, p in enumerate(paths) if status[i] == cs.STATUS_OK}
+    if sorted(rows) != list(range(len(rows))) or len(rows) > d.demo_train:
+        raise SystemExit(f"{store}: its images are not the demo's scene_000000.jpg... (data.demo_train {d.demo_train})")
+    return masks, rows
+
+
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--params", default="params.yaml")
@@ -59,20 +82,12 @@ def main() -> None:
     ap.add_argument("--min-share", type=float, default=0.1, help="--rule object: the least share of a cell a shape must cover to name it")
     args = ap.parse_args()
     params = load_params(args.params)
-    d = params.data
     source = args.cache or find_store(params, progress=False)
     shutil.rmtree(args.out, ignore_errors=True)
     shutil.copytree(source, args.out)
     group = zarr.open_group(str(args.out), mode="r+")
-    paths, status = group[cs.PATHS][:], group[cs.STATUS][:]
-    teacher = Teacher.load(params.teacher)
-    with torch.inference_mode():
-        text = ClassEmbedder(teacher)(list(CLASSES), template_set("single")).float().numpy()  # [K, D], background first
-    rng = np.random.default_rng(d.demo_seed)  # the scenes in the order demo-data drew them
-    masks = [make_scene(rng, d.demo_size)[1] for _ in range(d.demo_train)]
-    rows = {int(Path(str(p)).stem.rsplit("_", 1)[1]): i for i, p in enumerate(paths) if status[i] == cs.STATUS_OK}
-    if sorted(rows) != list(range(len(rows))) or len(rows) > len(masks):
-        raise SystemExit(f"{source}: its images are not the demo's scene_000000.jpg... (data.demo_train {d.demo_train})")
+    text = class_text(params)  # [K, D], background first
+    masks, rows = training_masks(params, group, source)
     for g in cs.store_grids(group):
         array = group[cs.views_array(g)]
         views = array[:]

@@ -42,9 +42,9 @@ def anchor_names(spec: str) -> list[str]:
     return names
 
 
-def text_anchors(teacher: Teacher, spec: str) -> torch.Tensor:
-    """[K, D] unit text embeddings of the vocabulary `spec`, prompt "a photo of a {}." (cached on disk by `ClassEmbedder`)."""
-    return F.normalize(ClassEmbedder(teacher)(anchor_names(spec), SINGLE_TEMPLATE).float(), dim=-1)
+def text_anchors(teacher: Teacher, names: list[str]) -> torch.Tensor:
+    """[K, D] unit text embeddings of `names` (`anchor_names`), prompt "a photo of a {}." (cached on disk by `ClassEmbedder`)."""
+    return ClassEmbedder(teacher)(names, SINGLE_TEMPLATE)
 
 
 def anchor_logits(embeddings: torch.Tensor, anchors: torch.Tensor, tau: float) -> torch.Tensor:

@@ -56,6 +56,7 @@ class StudentObjective(torch.nn.Module):
         self.register_buffer("view_mean", torch.zeros(0), persistent=False)
         # Set by `set_anchors` before training when loss.segment_anchors or loss.token_anchors is on.
         self.register_buffer("anchors", torch.zeros(0), persistent=False)
+        self.register_buffer("anchor_origin", torch.zeros(0), persistent=False)  # the anchor terms' zero "mean" [D]
         self.segment_anchors = SegmentPrototypeLoss(tau=self.cfg.anchor_tau, name="segment_anchors")
         self.token_anchors = TokenPrototypeLoss(tau=self.cfg.anchor_tau, name="token_anchors")
         self.grids = grids
@@ -85,6 +86,7 @@ class StudentObjective(torch.nn.Module):
     def set_anchors(self, anchors: torch.Tensor) -> None:
         """The anchor terms' [K, D] unit text embeddings (`anchors.text_anchors`)."""
         self.anchors = anchors.to(self.local.device, torch.float32)
+        self.anchor_origin = self.anchors.new_zeros(self.anchors.shape[1])  # a residual around zero is the unit embedding
 
     def _require_anchors(self, term: str) -> None:
         if not len(self.anchors):
@@ -131,10 +133,9 @@ class StudentObjective(torch.nn.Module):
                 self._require_prototypes("segment_prototypes")
                 terms.update(self.segment_prototypes(space.to_teacher(out.segments), out_targets, assignment, cells, self.prototypes, self.view_mean))
                 weights["segment_prototypes"] = c.segment_prototypes
-            if c.segment_anchors:  # a residual around a zero mean is the unit embedding
+            if c.segment_anchors:
                 self._require_anchors("segment_anchors")
-                origin = self.anchors.new_zeros(self.anchors.shape[1])
-                terms.update(self.segment_anchors(space.to_teacher(out.segments), out_targets, assignment, cells, self.anchors, origin))
+                terms.update(self.segment_anchors(space.to_teacher(out.segments), out_targets, assignment, cells, self.anchors, self.anchor_origin))
                 weights["segment_anchors"] = c.segment_anchors
         if c.token_distill and cells is not None and out.tokens is not None:
             tokens = space.predictions(out.tokens, affine=True) if self.affine else out.tokens  # [B, N, D]
@@ -150,8 +151,7 @@ class StudentObjective(torch.nn.Module):
         if c.token_anchors and cells is not None and out.tokens is not None:
             self._require_anchors("token_anchors")
             logits = anchor_logits(space.to_teacher(out.tokens), self.anchors, c.anchor_tau)  # [B, N, K]
-            origin = self.anchors.new_zeros(self.anchors.shape[1])
-            terms.update(self.token_anchors(logits, out_targets, cells, self.anchors, origin))
+            terms.update(self.token_anchors(logits, out_targets, cells, self.anchors, self.anchor_origin))
             weights["token_anchors"] = c.token_anchors
         if c.segment_crop and crops is not None:
             terms.update(self.segment_crop(out.segments, *crops, compose_assignments(out.hard_assignments)))

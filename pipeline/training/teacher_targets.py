@@ -32,6 +32,6 @@ def crop_targets(params: Params, attrs: dict, device: torch.device):
 
 def text_anchors(params: Params, attrs: dict) -> torch.Tensor:
     """[K, D] the cache teacher's text embeddings of `loss.anchor_vocabulary`, for the anchor terms."""
-    anchor_names(params.loss.anchor_vocabulary)  # a bad vocabulary fails before the teacher loads
+    names = anchor_names(params.loss.anchor_vocabulary)  # a bad vocabulary fails before the teacher loads
     teacher = cache_teacher(params, attrs, torch.device("cpu"), "loss.segment_anchors / loss.token_anchors")
-    return embed_anchors(teacher, params.loss.anchor_vocabulary)
+    return embed_anchors(teacher, names)
