@@ -10,12 +10,17 @@ masks diagnose, they never train). It prints, per grid, the share of shape-major
 right, of background cells called background, the cell mIoU over the seven classes, and how
 often each word is predicted against how often it is the truth.
 
-    python -m bench.science.anchor_labels --cache caches/dense.zarr --grids 8,4,2 --scenes 600
+`--prior balance` first takes `loss.anchor_prior: balance`'s prior (`anchors.anchor_prior`, from
+every row of the grid, "background" the background word) out of the cosines, as the anchor
+terms' targets then are.
+
+    python -m bench.science.anchor_labels --cache caches/dense.zarr --grids 8,4,2 --scenes 600 [--prior balance]
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 import zarr
 
 import cache_schema as cs
@@ -24,6 +29,7 @@ from bench.science.label_targets import cell_shares, class_text, training_masks
 from pipeline.cache.identity import find_store
 from pipeline.config import load_params
 from pipeline.demo.data import CLASSES
+from pipeline.student.anchors import anchor_prior
 
 
 def main() -> None:
@@ -32,6 +38,7 @@ def main() -> None:
     ap.add_argument("--cache", default="", help="the cache (default: the one teacher-cache built for the params)")
     ap.add_argument("--grids", default="8,4,2", help="comma-separated grids of the cache to score")
     ap.add_argument("--scenes", type=int, default=600, help="the first N training scenes")
+    ap.add_argument("--prior", choices=("none", "balance"), default="none", help="loss.anchor_prior's prior out of the cosines first")
     args = ap.parse_args()
     params = load_params(args.params)
     store = args.cache or find_store(params, progress=False)
@@ -39,12 +46,17 @@ def main() -> None:
     text = class_text(params)  # [K, D]
     masks, rows = training_masks(params, group, store, args.scenes)
     k = len(CLASSES)
-    report: dict = {"cache": str(store), "scenes": len(masks), "classes": list(CLASSES)}
+    report: dict = {"cache": str(store), "scenes": len(masks), "classes": list(CLASSES), "prior": args.prior}
     for g in (int(x) for x in args.grids.split(",")):
-        views = group[cs.views_array(g)]
+        views = group[cs.views_array(g)][:].astype(np.float32)  # [N, g*g, D]
+        prior = np.zeros(k, dtype=np.float32)
+        if args.prior == "balance":
+            background = torch.tensor([name == "background" for name in CLASSES])
+            prior = anchor_prior(torch.from_numpy(views).flatten(0, 1), torch.from_numpy(text), background).numpy()
         confusion = np.zeros((k, k), dtype=np.int64)  # [true, predicted]
         for scene, mask in enumerate(masks):
-            predicted = (views[rows[scene]].astype(np.float32) @ text.T).argmax(axis=1)  # [g*g]
+            unit = views[rows[scene]] / np.linalg.norm(views[rows[scene]], axis=1, keepdims=True)  # [g*g, D]
+            predicted = (unit @ text.T - prior).argmax(axis=1)  # [g*g]
             truth = cell_shares(mask, g, k).argmax(axis=1)
             np.add.at(confusion, (truth, predicted), 1)
         hits = np.diag(confusion)
@@ -53,6 +65,7 @@ def main() -> None:
             "shape_cells_right": float(hits[1:].sum() / max(confusion[1:].sum(), 1)),
             "background_cells_right": float(hits[0] / max(confusion[0].sum(), 1)),
             "cell_miou": float(iou.mean()),
+            "prior": dict(zip(CLASSES, np.round(prior, 4).tolist())),
             "predicted": dict(zip(CLASSES, confusion.sum(0).tolist())),
             "true": dict(zip(CLASSES, confusion.sum(1).tolist())),
         }

@@ -9,7 +9,18 @@ reports patch accuracy on held-out scenes, on patches owned by a shape (chance 1
 A high figure means the encoder can see shape at this size and budget, and the gap is in what
 training asks of it.
 
+`--labels` says what the training patches are labelled with (the test is always the true
+per-patch class): `patch` (the truth), `cells:G` (each patch takes its GxG cell's largest shape
+if it covers 10% of the cell, else background: a teacher's crop-level view, right by
+construction), or `teacher:G` (the argmax over the demo's class words of the cache's GxG views,
+the pseudo-labels of `loss.token_anchors` at a small `loss.anchor_tau`; the training scenes are
+then the cache's rows and their stored student images; `--prior balance` takes
+`loss.anchor_prior`'s prior out first). `--mask-ratio` trains on the visible patches of MAE's
+random masking only, as the student sees them. An ideal learner of the teacher's pseudo-labels
+at this budget is the ceiling of the anchor terms.
+
     python -m bench.science.shape_capacity --variant zeroseg_tiny --steps 552
+    python -m bench.science.shape_capacity --labels teacher:8 --cache caches/dense.zarr [--prior balance]
 """
 
 from __future__ import annotations
@@ -20,12 +31,18 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+import zarr
 from PIL import Image
 
+import cache_schema as cs
+from bench.harness import emit, parser
+from bench.science.label_targets import cell_shares, class_text, training_masks
+from pipeline.cache.identity import find_store
+from pipeline.config import load_params
 from pipeline.demo.data import CLASSES, make_scene
 from pipeline.student import ZeroSegStudent, student_arch
+from pipeline.student.anchors import anchor_prior
 from pipeline.student.normalize import normalize_images
-from bench.harness import emit, parser
 
 
 def scenes(n: int, seed: int, side: int, patch: int, full_res: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,6 +65,33 @@ def scenes(n: int, seed: int, side: int, patch: int, full_res: bool = False) -> 
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(np.stack(labels)).long()
 
 
+def cell_labels(mask: np.ndarray, g: int, patches: int, min_share: float = 0.1) -> np.ndarray:
+    """[patches, patches] labels: each patch takes its gxg cell's largest shape if that covers
+    `min_share` of the cell, else background (0)."""
+    shares = cell_shares(mask, g, len(CLASSES))  # [g*g, K]
+    largest = shares[:, 1:].argmax(1) + 1
+    labels = np.where(shares[np.arange(len(shares)), largest] >= min_share, largest, 0).reshape(g, g)
+    return np.kron(labels, np.ones((patches // g, patches // g), dtype=np.int64))
+
+
+def teacher_scenes(params, store: str, g: int, n: int, side: int, patches: int, prior: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cache's first n training scenes (their stored `side`-px student images) and patch labels from
+    the argmax of its gxg views over the demo's class words (less `anchors.anchor_prior` with
+    prior "balance", taken over every row of the grid)."""
+    group = zarr.open_group(store, mode="r")
+    if cs.images_array(side) not in group:
+        raise SystemExit(f"{store}: no stored {side}-px student images ({cs.images_array(side)}); build the cache with cache.student_image_size {side}")
+    text = torch.from_numpy(class_text(params))  # [K, D]
+    masks, rows = training_masks(params, group, store, n)
+    idx = np.array([rows[i] for i in range(len(masks))])
+    views = F.normalize(torch.from_numpy(group[cs.views_array(g)][:].astype(np.float32)), dim=-1)  # [N, g*g, D]
+    cosines = views[idx] @ text.T  # [n, g*g, K]
+    if prior == "balance":
+        cosines = cosines - anchor_prior(views.flatten(0, 1), text, torch.tensor([c == "background" for c in CLASSES]))
+    labels = np.kron(cosines.argmax(-1).reshape(-1, g, g).numpy(), np.ones((1, patches // g, patches // g), dtype=np.int64))
+    return torch.from_numpy(group[cs.images_array(side)][:][idx]), torch.from_numpy(labels)
+
+
 def patch_miou(pred: torch.Tensor, truth: torch.Tensor, classes: int) -> float:
     """Mean IoU over the classes present in `truth` of patch predictions (any equal shapes)."""
     ious = []
@@ -68,11 +112,28 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--full-res", action="store_true", help="quadrants of the scenes at full resolution, not whole scenes resized")
+    ap.add_argument("--labels", default="patch", help="patch | cells:G | teacher:G (the training labels, above)")
+    ap.add_argument("--cache", default="", help="with teacher:G, the cache (default: the one teacher-cache built for the params)")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--prior", choices=("none", "balance"), default="none", help="with teacher:G, loss.anchor_prior's prior out of the cosines")
+    ap.add_argument("--mask-ratio", type=float, default=0.0, help="train on the visible patches of MAE's random masking only")
     args = ap.parse_args()
+    kind, _, grid = args.labels.partition(":")
+    if kind not in ("patch", "cells", "teacher") or (kind != "patch" and not grid.isdigit()):
+        raise SystemExit(f"--labels {args.labels!r}: give patch, cells:G or teacher:G")
     torch.manual_seed(args.seed)
     arch = student_arch(args.variant)
     t0 = time.perf_counter()
-    x_train, y_train = scenes(args.train, args.seed, arch.img_size, arch.patch_size, args.full_res)
+    patches = arch.img_size // arch.patch_size
+    if kind == "teacher":
+        params = load_params(args.params)
+        store = args.cache or str(find_store(params, progress=False))
+        x_train, y_train = teacher_scenes(params, store, int(grid), args.train, arch.img_size, patches, args.prior)
+    else:
+        x_train, y_train = scenes(args.train, args.seed, arch.img_size, arch.patch_size, args.full_res)
+    if kind == "cells":  # the same scenes, regenerated for their masks
+        rng = np.random.default_rng(args.seed)
+        y_train = torch.from_numpy(np.stack([cell_labels(make_scene(rng, 128)[1], int(grid), patches) for _ in range(args.train)]))
     x_test, y_test = scenes(args.test, args.seed + 1000, arch.img_size, arch.patch_size, args.full_res)
     model = ZeroSegStudent(arch=arch, out_dim=8)
     head = torch.nn.Linear(arch.embed_dim, len(CLASSES))
@@ -80,9 +141,11 @@ def main() -> None:
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
     gen = torch.Generator().manual_seed(args.seed)
 
-    def logits(x: torch.Tensor) -> torch.Tensor:
-        latent = model.forward_encoder(normalize_images(x), 0.0).latent[:, 1:]  # [B, L, C] patch order
-        return head(latent)  # [B, L, K]
+    def logits(x: torch.Tensor, mask_ratio: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, L_keep, K] the visible patches' logits and [B, L_keep] their places in patch order."""
+        enc = model.forward_encoder(normalize_images(x), mask_ratio)
+        keep = torch.argsort(enc.ids_restore, dim=1)[:, : enc.latent.shape[1] - 1]  # [B, L_keep]
+        return head(enc.latent[:, 1:]), keep
 
     model.train()
     for step in range(args.steps):
@@ -90,17 +153,19 @@ def main() -> None:
         for group in opt.param_groups:
             group["lr"] = lr
         idx = torch.randint(len(x_train), (args.batch,), generator=gen)
-        loss = F.cross_entropy(logits(x_train[idx]).flatten(0, 1), y_train[idx].flatten())
+        out, keep = logits(x_train[idx], args.mask_ratio)
+        loss = F.cross_entropy(out.flatten(0, 1), y_train[idx].flatten(1).gather(1, keep).flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     model.eval()
     with torch.inference_mode():
-        pred = torch.cat([logits(x_test[a : a + 128]).argmax(-1) for a in range(0, len(x_test), 128)])  # [n, L]
+        pred = torch.cat([logits(x_test[a : a + 128])[0].argmax(-1) for a in range(0, len(x_test), 128)])  # [n, L]
     truth = y_test.flatten(1)
     shape = truth > 0
     out = {
         "variant": args.variant, "steps": args.steps, "batch": args.batch, "seed": args.seed, "full_res": args.full_res,
+        "labels": args.labels, "prior": args.prior, "mask_ratio": args.mask_ratio, "lr": args.lr,
         "patch_accuracy": float((pred == truth).float().mean()),
         "shape_patch_accuracy": float((pred[shape] == truth[shape]).float().mean()),
         "shape_patches_called_background": float((pred[shape] == 0).float().mean()),
@@ -108,6 +173,8 @@ def main() -> None:
         # the same predictions as a segmentation at patch resolution: IoU per class, averaged over the
         # classes present (the demo's 7 with background), all test patches pooled as the benchmarks pool pixels
         "patch_miou": patch_miou(pred, truth, len(CLASSES)),
+        "shape_patches_predicted": dict(zip(CLASSES[1:], torch.bincount(pred[shape], minlength=len(CLASSES))[1:].tolist())),
+        "shape_patches_true": dict(zip(CLASSES[1:], torch.bincount(truth[shape], minlength=len(CLASSES))[1:].tolist())),
         "seconds": round(time.perf_counter() - t0, 1),
     }
     emit(out, args.json)

@@ -159,6 +159,10 @@ class LossConfig:
     token_anchors: float = bounded(0.0, at_least=0.0)
     anchor_vocabulary: str = "imagenet"  # imagenet (open_clip's 1,000 class names) | @FILE (one name per line) | "a, b, c"
     anchor_tau: float = bounded(0.05, at_least=0.001)  # temperature of both softmaxes over the anchors
+    # The targets' prior over the words: none, or balance (each word's mean cosine over the cache
+    # sample's views that a non-background word wins is taken out of the targets' cosines, so a
+    # word the teacher favours everywhere stops winning by default; eval.bg_words are left as they are).
+    anchor_prior: Literal["none", "balance"] = "none"
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ class StudentObjective(torch.nn.Module):
         # Set by `set_anchors` before training when loss.segment_anchors or loss.token_anchors is on.
         self.register_buffer("anchors", torch.zeros(0), persistent=False)
         self.register_buffer("anchor_origin", torch.zeros(0), persistent=False)  # the anchor terms' zero "mean" [D]
+        self.register_buffer("anchor_prior", torch.zeros(0), persistent=False)  # [K] taken out of the targets' cosines
         self.segment_anchors = SegmentPrototypeLoss(tau=self.cfg.anchor_tau, name="segment_anchors")
         self.token_anchors = TokenPrototypeLoss(tau=self.cfg.anchor_tau, name="token_anchors")
         self.grids = grids
@@ -83,10 +84,18 @@ class StudentObjective(torch.nn.Module):
         self.prototypes = prototypes.to(self.local.device, torch.float32)
         self.view_mean = mean.to(self.local.device, torch.float32)
 
-    def set_anchors(self, anchors: torch.Tensor) -> None:
-        """The anchor terms' [K, D] unit text embeddings (`anchors.text_anchors`)."""
+    def set_anchors(self, anchors: torch.Tensor, prior: torch.Tensor | None = None) -> None:
+        """The anchor terms' [K, D] unit text embeddings (`anchors.text_anchors`) and, with
+        `loss.anchor_prior: balance`, the [K] prior taken out of their targets (`anchors.anchor_prior`)."""
         self.anchors = anchors.to(self.local.device, torch.float32)
         self.anchor_origin = self.anchors.new_zeros(self.anchors.shape[1])  # a residual around zero is the unit embedding
+        self.anchor_prior = (self.anchors.new_zeros(len(self.anchors)) if prior is None else prior.to(self.anchors))
+
+    def anchor_views(self, sample: torch.Tensor) -> torch.Tensor:
+        """[n * V_used, D]: the views of a cache sample [n, V, D] that the anchor terms read (the local
+        views of the region grids), for `anchors.anchor_prior`."""
+        used = self.local[self.region_views[self.local] > 0].cpu()
+        return sample[:, used].flatten(0, 1)
 
     def _require_anchors(self, term: str) -> None:
         if not len(self.anchors):
@@ -135,7 +144,8 @@ class StudentObjective(torch.nn.Module):
                 weights["segment_prototypes"] = c.segment_prototypes
             if c.segment_anchors:
                 self._require_anchors("segment_anchors")
-                terms.update(self.segment_anchors(space.to_teacher(out.segments), out_targets, assignment, cells, self.anchors, self.anchor_origin))
+                terms.update(self.segment_anchors(space.to_teacher(out.segments), out_targets, assignment, cells, self.anchors, self.anchor_origin,
+                                                    self.anchor_prior))
                 weights["segment_anchors"] = c.segment_anchors
         if c.token_distill and cells is not None and out.tokens is not None:
             tokens = space.predictions(out.tokens, affine=True) if self.affine else out.tokens  # [B, N, D]
@@ -151,7 +161,7 @@ class StudentObjective(torch.nn.Module):
         if c.token_anchors and cells is not None and out.tokens is not None:
             self._require_anchors("token_anchors")
             logits = anchor_logits(space.to_teacher(out.tokens), self.anchors, c.anchor_tau)  # [B, N, K]
-            terms.update(self.token_anchors(logits, out_targets, cells, self.anchors, self.anchor_origin))
+            terms.update(self.token_anchors(logits, out_targets, cells, self.anchors, self.anchor_origin, self.anchor_prior))
             weights["token_anchors"] = c.token_anchors
         if c.segment_crop and crops is not None:
             terms.update(self.segment_crop(out.segments, *crops, compose_assignments(out.hard_assignments)))

@@ -53,9 +53,11 @@ def spherical_kmeans(x: Tensor, k: int, *, iters: int = 30, seed: int = 0) -> Te
     return centroids
 
 
-def pseudo_labels(views: Tensor, prototypes: Tensor, mean: Tensor, tau: float) -> Tensor:
-    """[..., D] embeddings -> [..., K] their residuals' softmax over cosines to the prototypes at `tau`."""
-    return F.softmax(residuals(views, mean) @ prototypes.T / tau, dim=-1)
+def pseudo_labels(views: Tensor, prototypes: Tensor, mean: Tensor, tau: float, prior: Tensor | None = None) -> Tensor:
+    """[..., D] embeddings -> [..., K] their residuals' softmax over cosines to the prototypes at `tau`,
+    less a [K] `prior` on the cosines where one is given (`anchors.anchor_prior`)."""
+    cosines = residuals(views, mean) @ prototypes.T  # [..., K]
+    return F.softmax((cosines if prior is None else cosines - prior) / tau, dim=-1)
 
 
 def view_prototypes(views: Tensor, mean: Tensor, k: int, *, seed: int = 0) -> Tensor:
@@ -82,18 +84,20 @@ class TokenPrototypeLoss(nn.Module):
         super().__init__()
         self.tau, self.name = tau, name
 
-    def forward(self, logits: Tensor, targets: Tensor, cells: Tensor, prototypes: Tensor, mean: Tensor) -> dict[str, Tensor]:
+    def forward(self, logits: Tensor, targets: Tensor, cells: Tensor, prototypes: Tensor, mean: Tensor,
+                prior: Tensor | None = None) -> dict[str, Tensor]:
         """Args:
             logits: [B, N, K] the visible tokens' prototype logits.
             targets: [B, V, D] teacher view embeddings (as cached).
             cells: [B, N, V] from `token_cells` (zero columns for views not used).
             prototypes: [K, D] unit prototypes of the views' residuals.
             mean: [D] the teacher's unit-vector dataset mean.
+            prior: optional [K] taken out of the views' cosines before their softmax (`pseudo_labels`).
 
         Returns:
             {"token_prototypes": mean over tokens of KL(the cells' pseudo-label || the token's softmax)}.
         """
-        labels = pseudo_labels(targets, prototypes, mean, self.tau)  # [B, V, K]
+        labels = pseudo_labels(targets, prototypes, mean, self.tau, prior)  # [B, V, K]
         weight = cells.float()
         q = torch.bmm(weight, labels) / weight.sum(dim=2, keepdim=True).clamp_min(1.0)  # [B, N, K]
         has = weight.sum(dim=2) > 0  # [B, N] tokens in some used cell
@@ -119,7 +123,8 @@ class SegmentPrototypeLoss(nn.Module):
         super().__init__()
         self.tau, self.name = tau, name
 
-    def forward(self, segments: Tensor, targets: Tensor, assignment: Tensor, cells: Tensor, prototypes: Tensor, mean: Tensor) -> dict[str, Tensor]:
+    def forward(self, segments: Tensor, targets: Tensor, assignment: Tensor, cells: Tensor, prototypes: Tensor, mean: Tensor,
+                prior: Tensor | None = None) -> dict[str, Tensor]:
         """Args:
             segments: [B, S, D] segment embeddings (the teacher's space).
             targets: [B, V, D] teacher view embeddings (as cached).
@@ -127,12 +132,13 @@ class SegmentPrototypeLoss(nn.Module):
             cells: [B, N, V] from `token_cells` (zero columns for views not used).
             prototypes: [K, D] unit prototypes of the views' residuals.
             mean: [D] the teacher's unit-vector dataset mean.
+            prior: optional [K] taken out of the region targets' cosines (`pseudo_labels`), not the segment's.
 
         Returns:
             {"segment_prototypes": mean over B of sum over S of share_i * KL(target_i || segment_i)}.
         """
         target, share = region_targets(F.normalize(targets.float(), dim=-1), assignment, cells)  # [B, S, D] unit
-        q = pseudo_labels(target, prototypes, mean, self.tau)  # [B, S, K]
+        q = pseudo_labels(target, prototypes, mean, self.tau, prior)  # [B, S, K]
         log_p = F.log_softmax(residuals(segments, mean) @ prototypes.T / self.tau, dim=-1)
         kl = (q * (torch.log(q.clamp_min(1e-12)) - log_p)).sum(dim=-1)  # [B, S]
         return {self.name: (share * kl).sum(dim=1).mean()}

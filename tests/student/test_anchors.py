@@ -114,3 +114,30 @@ def test_anchor_terms_are_in_the_objective_only_when_weighted_and_reach_the_enco
     total.backward()
     assert model.segment_proj.weight.grad.abs().sum() > 0
     assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0  # it reaches the encoder
+
+
+def test_the_balanced_prior_stops_a_favoured_word_from_winning_by_default_and_leaves_background_alone():
+    from pipeline.student.anchors import anchor_prior
+    from pipeline.student.prototypes import pseudo_labels
+
+    torch.manual_seed(0)
+    anchors = torch.eye(4, 8)  # background, circle, square, star
+    background = torch.tensor([True, False, False, False])
+    truth = torch.arange(1, 4).repeat(20)  # 60 object views, 20 of each shape
+    circle = F.one_hot(torch.tensor(1), 8).float()
+    views = 0.5 * F.one_hot(truth, 8).float() + 0.6 * circle + 0.02 * torch.randn(60, 8)  # the teacher leans to "circle" on every view
+    views = torch.cat([views, torch.eye(1, 8).expand(30, 8) + 0.02 * torch.randn(30, 8)])  # 30 background views
+    unit = F.normalize(views, dim=-1)
+    assert ((unit[:60] @ anchors.T).argmax(1) == 1).all()  # as cached: every shape called circle
+
+    prior = anchor_prior(views, anchors, background)
+    cosines = unit @ anchors.T  # [90, 4]
+    objects = cosines.argmax(1) > 0
+    expected = cosines[objects][:, 1:].mean(0)
+    assert prior[0] == 0 and torch.allclose(prior[1:], expected - expected.mean(), atol=1e-6)
+    balanced = (cosines - prior).argmax(1)
+    assert torch.equal(balanced[:60], truth)  # each shape is its own word again
+    assert (balanced[60:] == 0).all()  # and background is still background
+    labels = pseudo_labels(views, anchors, torch.zeros(8), 0.05, prior)
+    assert torch.allclose(labels, F.softmax((cosines - prior) / 0.05, dim=-1), atol=1e-6)
+    assert torch.equal(anchor_prior(views[60:], anchors, background), torch.zeros(4))  # no object view: no prior

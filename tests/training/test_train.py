@@ -86,6 +86,10 @@ def test_anchor_terms_train_on_the_cache_teachers_words_and_a_bad_vocabulary_sto
     summary = run_training(params_for(built_cache, *run), str(store), tmp_path / "a", progress=False)
     assert summary.first_losses["token_anchors"] > 0 and summary.first_losses["segment_anchors"] > 0
     assert (tmp_path / "a" / "checkpoint.pt").is_file()
+    balanced = run_training(params_for(built_cache, *run, "loss.anchor_prior=balance"), str(store), tmp_path / "p", progress=False)
+    assert balanced.first_losses["token_anchors"] > 0  # the targets' prior is taken from the cache sample:
+    assert balanced.first_losses["token_anchors"] != summary.first_losses["token_anchors"]  # other targets, same first step
+    assert balanced.first_losses["reconstruction"] == summary.first_losses["reconstruction"]
     words = tmp_path / "missing.txt"
     with pytest.raises(InputError, match="loss.anchor_vocabulary .*missing.txt"):
         run_training(params_for(built_cache, *run[:-1], f'loss.anchor_vocabulary="@{words}"'), str(store), tmp_path / "b", progress=False)
