@@ -20,16 +20,18 @@ terms' targets then are.
 from __future__ import annotations
 
 import numpy as np
-import torch
 import zarr
 
-import cache_schema as cs
 from bench.harness import emit, parser
-from bench.science.label_targets import cell_shares, class_text, training_masks
+from bench.science.label_targets import (
+    cell_shares,
+    class_text,
+    training_masks,
+    word_cosines,
+)
 from pipeline.cache.identity import find_store
 from pipeline.config import load_params
 from pipeline.demo.data import CLASSES
-from pipeline.student.anchors import anchor_prior
 
 
 def main() -> None:
@@ -48,15 +50,10 @@ def main() -> None:
     k = len(CLASSES)
     report: dict = {"cache": str(store), "scenes": len(masks), "classes": list(CLASSES), "prior": args.prior}
     for g in (int(x) for x in args.grids.split(",")):
-        views = group[cs.views_array(g)][:].astype(np.float32)  # [N, g*g, D]
-        prior = np.zeros(k, dtype=np.float32)
-        if args.prior == "balance":
-            background = torch.tensor([name == "background" for name in CLASSES])
-            prior = anchor_prior(torch.from_numpy(views).flatten(0, 1), torch.from_numpy(text), background).numpy()
+        cosines, prior = word_cosines(group, g, text, args.prior)  # [N, g*g, K], [K]
         confusion = np.zeros((k, k), dtype=np.int64)  # [true, predicted]
         for scene, mask in enumerate(masks):
-            unit = views[rows[scene]] / np.linalg.norm(views[rows[scene]], axis=1, keepdims=True)  # [g*g, D]
-            predicted = (unit @ text.T - prior).argmax(axis=1)  # [g*g]
+            predicted = cosines[rows[scene]].argmax(axis=1)  # [g*g]
             truth = cell_shares(mask, g, k).argmax(axis=1)
             np.add.at(confusion, (truth, predicted), 1)
         hits = np.diag(confusion)

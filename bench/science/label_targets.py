@@ -36,6 +36,7 @@ from pipeline.clip.text import ClassEmbedder, template_set
 from pipeline.config import load_params
 from pipeline.core.views import cell_edges
 from pipeline.demo.data import CLASSES, make_scene
+from pipeline.student.anchors import anchor_prior
 
 
 def cell_shares(mask: np.ndarray, g: int, num_classes: int) -> np.ndarray:
@@ -54,6 +55,18 @@ def class_text(params) -> np.ndarray:
     """[K, D] the teacher's unit text embeddings of the demo's classes, background first, prompt "a photo of a {}."."""
     with torch.inference_mode():
         return ClassEmbedder(Teacher.load(params.teacher))(list(CLASSES), template_set("single")).float().numpy()
+
+
+def word_cosines(group: zarr.Group, g: int, text: np.ndarray, prior: str = "none") -> tuple[np.ndarray, np.ndarray]:
+    """Every cache row's gxg views' cosines to the class words `text` [K, D]: [N, g*g, K], less
+    `loss.anchor_prior`'s [K] prior (`anchors.anchor_prior` over all rows, "background" the
+    background word) with prior "balance"; and that prior (zeros with "none")."""
+    views = torch.nn.functional.normalize(torch.from_numpy(group[cs.views_array(g)][:].astype(np.float32)), dim=-1)  # [N, g*g, D]
+    words = torch.from_numpy(text)
+    bias = torch.zeros(len(words))
+    if prior == "balance":
+        bias = anchor_prior(views.flatten(0, 1), words, torch.tensor([name == "background" for name in CLASSES]))
+    return (views @ words.T - bias).numpy(), bias.numpy()
 
 
 def training_masks(params, group: zarr.Group, store: str, scenes: int | None = None) -> tuple[list[np.ndarray], dict[int, int]]:

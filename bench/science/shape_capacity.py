@@ -36,20 +36,25 @@ from PIL import Image
 
 import cache_schema as cs
 from bench.harness import emit, parser
-from bench.science.label_targets import cell_shares, class_text, training_masks
+from bench.science.label_targets import (
+    cell_shares,
+    class_text,
+    training_masks,
+    word_cosines,
+)
 from pipeline.cache.identity import find_store
 from pipeline.config import load_params
 from pipeline.demo.data import CLASSES, make_scene
 from pipeline.student import ZeroSegStudent, student_arch
-from pipeline.student.anchors import anchor_prior
 from pipeline.student.normalize import normalize_images
 
 
-def scenes(n: int, seed: int, side: int, patch: int, full_res: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def scenes(n: int, seed: int, side: int, patch: int, full_res: bool = False, cells: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """n demo scenes at the student's side: uint8 images [n, 3, S, S] and patch labels [n, S/p, S/p]
-    (the majority class of each patch's pixels, from the full-resolution mask). `full_res`: instead
-    of the whole 128-px scene resized to S (as training sees it), one S-px quadrant of it at full
-    resolution (the scale of the evaluation's windows), the quadrants taken in turn."""
+    (the majority class of each patch's pixels, from the full-resolution mask; with `cells` G, each
+    GxG cell's label, `cell_labels`). `full_res`: instead of the whole 128-px scene resized to S (as
+    training sees it), one S-px quadrant of it at full resolution (the scale of the evaluation's
+    windows), the quadrants taken in turn."""
     rng = np.random.default_rng(seed)
     images, labels = [], []
     g = side // patch
@@ -59,6 +64,9 @@ def scenes(n: int, seed: int, side: int, patch: int, full_res: bool = False) -> 
             x, y = i % 2 * side, i // 2 % 2 * side
             img, mask = img.crop((x, y, x + side, y + side)), mask[y : y + side, x : x + side]
         images.append(np.asarray(img if full_res else img.resize((side, side), Image.BICUBIC)))
+        if cells:
+            labels.append(cell_labels(mask, cells, g))
+            continue
         cell = mask.shape[0] // g
         blocks = mask.reshape(g, cell, g, cell).transpose(0, 2, 1, 3).reshape(g, g, -1)
         labels.append(np.apply_along_axis(lambda b: np.bincount(b, minlength=len(CLASSES)).argmax(), 2, blocks))
@@ -81,14 +89,10 @@ def teacher_scenes(params, store: str, g: int, n: int, side: int, patches: int, 
     group = zarr.open_group(store, mode="r")
     if cs.images_array(side) not in group:
         raise SystemExit(f"{store}: no stored {side}-px student images ({cs.images_array(side)}); build the cache with cache.student_image_size {side}")
-    text = torch.from_numpy(class_text(params))  # [K, D]
-    masks, rows = training_masks(params, group, store, n)
-    idx = np.array([rows[i] for i in range(len(masks))])
-    views = F.normalize(torch.from_numpy(group[cs.views_array(g)][:].astype(np.float32)), dim=-1)  # [N, g*g, D]
-    cosines = views[idx] @ text.T  # [n, g*g, K]
-    if prior == "balance":
-        cosines = cosines - anchor_prior(views.flatten(0, 1), text, torch.tensor([c == "background" for c in CLASSES]))
-    labels = np.kron(cosines.argmax(-1).reshape(-1, g, g).numpy(), np.ones((1, patches // g, patches // g), dtype=np.int64))
+    _, rows = training_masks(params, group, store, 1)  # each scene's cache row (its mask is not needed)
+    idx = np.array([rows[i] for i in range(n)])
+    cosines, _ = word_cosines(group, g, class_text(params), prior)  # [N, g*g, K]
+    labels = np.kron(cosines[idx].argmax(-1).reshape(-1, g, g), np.ones((1, patches // g, patches // g), dtype=np.int64))
     return torch.from_numpy(group[cs.images_array(side)][:][idx]), torch.from_numpy(labels)
 
 
@@ -130,10 +134,7 @@ def main() -> None:
         store = args.cache or str(find_store(params, progress=False))
         x_train, y_train = teacher_scenes(params, store, int(grid), args.train, arch.img_size, patches, args.prior)
     else:
-        x_train, y_train = scenes(args.train, args.seed, arch.img_size, arch.patch_size, args.full_res)
-    if kind == "cells":  # the same scenes, regenerated for their masks
-        rng = np.random.default_rng(args.seed)
-        y_train = torch.from_numpy(np.stack([cell_labels(make_scene(rng, 128)[1], int(grid), patches) for _ in range(args.train)]))
+        x_train, y_train = scenes(args.train, args.seed, arch.img_size, arch.patch_size, args.full_res, int(grid) if kind == "cells" else 0)
     x_test, y_test = scenes(args.test, args.seed + 1000, arch.img_size, arch.patch_size, args.full_res)
     model = ZeroSegStudent(arch=arch, out_dim=8)
     head = torch.nn.Linear(arch.embed_dim, len(CLASSES))

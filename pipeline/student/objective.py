@@ -7,7 +7,7 @@ import torch
 from pipeline.config import Params
 from pipeline.core.errors import ConfigError
 from pipeline.core.views import view_layout
-from pipeline.student.anchors import anchor_logits
+from pipeline.student.anchors import anchor_logits, anchor_prior
 from pipeline.student.grouping import compose_assignments
 from pipeline.student.losses import (
     AssignmentInfoMaxLoss,
@@ -84,18 +84,19 @@ class StudentObjective(torch.nn.Module):
         self.prototypes = prototypes.to(self.local.device, torch.float32)
         self.view_mean = mean.to(self.local.device, torch.float32)
 
-    def set_anchors(self, anchors: torch.Tensor, prior: torch.Tensor | None = None) -> None:
-        """The anchor terms' [K, D] unit text embeddings (`anchors.text_anchors`) and, with
-        `loss.anchor_prior: balance`, the [K] prior taken out of their targets (`anchors.anchor_prior`)."""
+    def set_anchors(self, anchors: torch.Tensor, *, background: torch.Tensor | None = None, sample: torch.Tensor | None = None) -> None:
+        """The anchor terms' [K, D] unit text embeddings (`anchors.text_anchors`). With
+        `loss.anchor_prior: balance`, also their [K] prior (`anchors.anchor_prior`) from the views of
+        a cache sample [n, V, D] that the terms read (the local views of the region grids), the
+        words flagged in `background` [K] (bool) keeping a zero prior."""
         self.anchors = anchors.to(self.local.device, torch.float32)
         self.anchor_origin = self.anchors.new_zeros(self.anchors.shape[1])  # a residual around zero is the unit embedding
-        self.anchor_prior = (self.anchors.new_zeros(len(self.anchors)) if prior is None else prior.to(self.anchors))
-
-    def anchor_views(self, sample: torch.Tensor) -> torch.Tensor:
-        """[n * V_used, D]: the views of a cache sample [n, V, D] that the anchor terms read (the local
-        views of the region grids), for `anchors.anchor_prior`."""
-        used = self.local[self.region_views[self.local] > 0].cpu()
-        return sample[:, used].flatten(0, 1)
+        self.anchor_prior = self.anchors.new_zeros(len(self.anchors))
+        if self.cfg.anchor_prior == "balance":
+            if sample is None or background is None:
+                raise RuntimeError("loss.anchor_prior balance needs a cache sample and the background words (StudentObjective.set_anchors)")
+            used = self.local[self.region_views[self.local] > 0].cpu()
+            self.anchor_prior = anchor_prior(sample[:, used].flatten(0, 1), anchors, background).to(self.anchors)
 
     def _require_anchors(self, term: str) -> None:
         if not len(self.anchors):

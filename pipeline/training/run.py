@@ -154,7 +154,8 @@ def _train(params: Params, cache: str | None, out_dir: str | Path, *, resume: st
     objective = StudentObjective(params, grids).to(device)
     objective.fit_prototypes(sample, stat_mean, seed=cfg.seed)  # with loss.*_prototypes: the same on every rank and on resume
     if params.loss.segment_anchors or params.loss.token_anchors:
-        objective.set_anchors(*text_anchors(params, attrs, objective.anchor_views(sample)))
+        anchors, background = text_anchors(params, attrs)
+        objective.set_anchors(anchors, background=background, sample=sample)
     crops = crop_targets(params, attrs, device) if params.loss.segment_crop else None
 
     dataset, loader, sched = _data(params, cache, attrs, grids, arch.img_size, rank, world, device)

@@ -12,7 +12,7 @@ from pipeline.clip.model import Teacher
 from pipeline.clip.text import name_key
 from pipeline.config import Params
 from pipeline.core.errors import ConfigError
-from pipeline.student.anchors import anchor_names, anchor_prior
+from pipeline.student.anchors import anchor_names
 from pipeline.student.anchors import text_anchors as embed_anchors
 from pipeline.student.segment_crops import SegmentCropTargets
 
@@ -31,14 +31,10 @@ def crop_targets(params: Params, attrs: dict, device: torch.device):
     return SegmentCropTargets(cache_teacher(params, attrs, device, "loss.segment_crop"))
 
 
-def text_anchors(params: Params, attrs: dict, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The anchor terms' [K, D] text embeddings of `loss.anchor_vocabulary` by the cache's teacher, and
-    with `loss.anchor_prior: balance` their [K] prior from `views` [n, D], a sample of the cached
-    views the terms read (None otherwise). `eval.bg_words` in the vocabulary keep a zero prior."""
+def text_anchors(params: Params, attrs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The anchor terms' [K, D] text embeddings of `loss.anchor_vocabulary` by the cache's teacher,
+    and [K] bool: which of the words are `eval.bg_words` (they keep a zero `loss.anchor_prior`)."""
     names = anchor_names(params.loss.anchor_vocabulary)  # a bad vocabulary fails before the teacher loads
     teacher = cache_teacher(params, attrs, torch.device("cpu"), "loss.segment_anchors / loss.token_anchors")
-    anchors = embed_anchors(teacher, names)
-    if params.loss.anchor_prior == "none":
-        return anchors, None
     background = {name_key(w) for w in params.eval.bg_words}
-    return anchors, anchor_prior(views, anchors, torch.tensor([name_key(n) in background for n in names]))
+    return embed_anchors(teacher, names), torch.tensor([name_key(n) in background for n in names])
