@@ -211,6 +211,17 @@ class EvalConfig:
     # The dense-CLIP baselines' short side (0: short_side): a ViT teacher's windows slide over the
     # image at this side (at least its input size), a ResNet teacher sees the whole image at it.
     dense_short_side: int = bounded(0, at_least=0)
+    # The student's short side (0: short_side): its windows slide over the image resized to this
+    # side, so it can be evaluated at the scale it was trained at (the demo trains on whole 128-px
+    # scenes at 64 px; docs/demo.md). Its labels are resized to the image like every method's.
+    student_short_side: int = bounded(0, at_least=0)
+    # What names a student segment: segment (its group embedding, the paper's) or tokens (the
+    # assignment-weighted mean of its patch tokens through the segment projection).
+    student_naming: Literal["segment", "tokens"] = "segment"
+    # With tokens: 0 (each segment pools its own window's tokens) or N, the short side at which the
+    # student's tokens see the whole image and name its window segments (its training scale; the
+    # demo: 64; docs/evaluation.md "The student's naming").
+    token_short_side: int = bounded(0, at_least=0)
     topk_classes: int = bounded(0, at_least=0)  # keep only the image's top-k classes (by the global embedding); 0: all
     max_images: int = bounded(0, at_least=0)  # per dataset; 0: all
     baselines: tuple[str, ...] = ("training_free",)  # evaluated by the same harness beside the student

@@ -263,10 +263,11 @@ class StudentSegmenter:
             image has many).
         center: [D] eval.calibration's mean (`class_scores`); None: no calibration.
         protocol: `zeroseg` (below) or `groupvit` (`predict_groupvit`).
+        naming: what names a segment, `ZeroSegStudent.infer`'s `naming` (eval.student_naming).
     """
 
     def __init__(self, student: ZeroSegStudent, text: torch.Tensor, logit_scale: float, rule: BackgroundRule, *, short_side: int = 448, window: int = 448, stride: int = 224, topk_classes: int = 0, device: torch.device | str = "cpu", windows_per_forward: int = 32, center: torch.Tensor | None = None,
-                 protocol: str = "zeroseg"):
+                 protocol: str = "zeroseg", naming: str = "segment"):
         p = student.arch.patch_size
         for key, value in (("eval.short_side", short_side), ("eval.window", window)):
             if value < p:
@@ -283,6 +284,7 @@ class StudentSegmenter:
         self.windows_per_forward = max(1, windows_per_forward)
         self.center = center
         self.protocol = protocol
+        self.naming = naming
 
     @torch.inference_mode()
     def predict(self, image: np.ndarray) -> Prediction:
@@ -298,7 +300,7 @@ class StudentSegmenter:
         outs = []
         for a in range(0, len(crops), self.windows_per_forward):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                out = self.student.infer(normalize_images(crops[a : a + self.windows_per_forward]))
+                out = self.student.infer(normalize_images(crops[a : a + self.windows_per_forward]), naming=self.naming)
             outs.append((out.masks.float(), out.segments.float(), out.z.float()))
         masks, segments_emb, z = (torch.cat(parts) for parts in zip(*outs))  # [n, S, gh, gw], [n, S, D], [n, D]
         probs = class_scores(segments_emb.flatten(0, 1), self.text, self.scale, self.rule.mode, self.center).view(len(origins), -1, self.text.shape[0])  # [n, S, K]
@@ -356,7 +358,7 @@ class StudentSegmenter:
                 part = members[a : a + self.windows_per_forward]
                 crops = torch.stack([x[:, t : t + seen_h, l : l + seen_w] for t, l, _, _ in (boxes[i] for i in part)])
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                    out = self.student.infer(normalize_images(crops), pos_mode="interpolate")
+                    out = self.student.infer(normalize_images(crops), pos_mode="interpolate", naming=self.naming)
                 masks = F.interpolate(out.masks.float(), size=(rows, cols), mode="bilinear", align_corners=False)  # [n, S, rows, cols]
                 seg = masks.argmax(dim=1)  # [n, rows, cols]
                 S = masks.shape[1]

@@ -23,8 +23,8 @@ from pipeline.core.device import resolve_device
 from pipeline.core.errors import InputError
 from pipeline.core.files import output_folder
 from pipeline.evaluation import ConfusionMatrix, SegmentationScores, open_dataset
-from pipeline.evaluation.baselines import TeacherNamedSegmenter, teacher_segmenter
-from pipeline.evaluation.inference import StudentSegmenter, vocabulary
+from pipeline.evaluation.baselines import TeacherNamedSegmenter, student_segmenter, teacher_segmenter
+from pipeline.evaluation.inference import vocabulary
 from pipeline.evaluation.models import calibration_center, load_model
 from pipeline.evaluation.oracle import grid_regions, majority_labels
 from pipeline.evaluation.overlay import write_overlay
@@ -101,10 +101,9 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
     for name, dataset in datasets.items():
         classes = list(dataset.class_names[1:])  # index 0 is background, decided by the background rule
         text, rule = vocabulary(model.embedder, classes, templates, mode=e.bg_rule, threshold=e.bg_threshold.get(name, 0.0), bg_words=e.bg_words)
-        window = dict(short_side=e.short_side, window=e.window, stride=e.stride, topk_classes=e.topk_classes, device=device, center=center, protocol=e.protocol)
-        methods = {"student": StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, **window)}
+        methods = {"student": student_segmenter(model.student, text, model.embedder.logit_scale, rule, e, device, center)}
         if base is not None:
-            methods["base"] = StudentSegmenter(base.student, text, model.embedder.logit_scale, rule, **window)
+            methods["base"] = student_segmenter(base.student, text, model.embedder.logit_scale, rule, e, device, center)
         for alone in TEACHER_ALONE:
             if alone in e.baselines or f"grouped_{alone}" in e.baselines:
                 segmenter = teacher_segmenter(alone, model.teacher, text, model.embedder.logit_scale, rule, e, center)  # one per method: its pass is shared
@@ -122,7 +121,7 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
             student_segments = None
             for method, segmenter in methods.items():
                 # the grouped methods name the student's own segments (the student runs first)
-                pred = segmenter.predict(image, segments=student_segments) if isinstance(segmenter, TeacherNamedSegmenter) else segmenter.predict(image)
+                pred = segmenter.predict(image, segments=student_segments) if method.startswith("grouped_") else segmenter.predict(image)
                 matrices[method].update(pred.labels, sample.mask)
                 if method == "student":
                     student_segments = pred.segments

@@ -23,9 +23,10 @@ from pipeline.core.files import (
 from pipeline.evaluation.baselines import (
     DENSE_CLIP,
     TeacherNamedSegmenter,
+    student_segmenter,
     teacher_segmenter,
 )
-from pipeline.evaluation.inference import StudentSegmenter, vocabulary
+from pipeline.evaluation.inference import vocabulary
 from pipeline.evaluation.models import calibration_center, demo_model_note, load_model
 from pipeline.evaluation.overlay import class_table, write_mask, write_overlay
 
@@ -165,8 +166,7 @@ def run_segment(params: Params, checkpoint: str | Path, images: Sequence[str | P
     text, rule = vocabulary(model.embedder, list(classes), template_set(e.templates), mode=e.bg_rule, threshold=threshold, bg_words=e.bg_words)
     device = resolve_device(e.device, key="eval.device")
     center = calibration_center(params, model, checkpoint)
-    seg = StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, short_side=e.short_side, window=e.window, stride=e.stride, topk_classes=e.topk_classes, device=device, protocol=e.protocol,
-                           center=center)
+    seg = student_segmenter(model.student, text, model.embedder.logit_scale, rule, e, device, center)
     if naming != "student":
         seg = TeacherNamedSegmenter(seg, teacher_segmenter(naming, model.teacher, text, model.embedder.logit_scale, rule, e, center))
     (out_dir / "classes.txt").write_text(class_table(classes), encoding="utf-8")  # what the masks' values mean

@@ -119,6 +119,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
         decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
         head_depth=5, group_stages=((2, 16), (4, 4)),
     ),
+    # zeroseg_tiny with the paper's 8 final segments instead of 4: a whole demo scene holds up
+    # to 4 shapes and the background, which 4 segments cannot separate.
+    "zeroseg_tiny_g8": dict(
+        img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3,
+        decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
+        head_depth=5, group_stages=((2, 16), (4, 8)),
+    ),
     # Unit-test sized: 4x4 patch grid, a few tens of thousands of parameters.
     "zeroseg_micro": dict(
         img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,

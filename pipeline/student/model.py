@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from timm.layers import Mlp, PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
@@ -256,7 +257,7 @@ class ZeroSegStudent(nn.Module):
         )
 
     @torch.no_grad()
-    def infer(self, imgs: Tensor, pos_mode: str | None = None) -> SegmentPrediction:
+    def infer(self, imgs: Tensor, pos_mode: str | None = None, naming: str = "segment") -> SegmentPrediction:
         """Inference on all patches: soft masks of the final segments and their embeddings.
 
         Masks multiply the stages' noise-free soft assignments (GroupViT's evaluation), giving
@@ -266,6 +267,9 @@ class ZeroSegStudent(nn.Module):
         Args:
             imgs: [B, 3, H, W].
             pos_mode: position-table resizing for this call (None: the arch's).
+            naming: the segments' embeddings: `segment` (the group tokens', the paper's) or
+                `tokens` (the assignment-weighted mean of the unit patch tokens through the
+                segment projection, the space `loss.token_anchors` trains).
 
         Returns:
             `SegmentPrediction(masks [B, S, H/p, W/p], segments [B, S, D], z [B, D])`.
@@ -276,8 +280,24 @@ class ZeroSegStudent(nn.Module):
         latent, _, _ = self.forward_encoder(imgs, 0.0, pos_mode=pos_mode)  # all patches, patch order
         z, segments, soft, _ = self.forward_segments(latent[:, 1:])
         weights = compose_assignments(soft)  # [B, S, L]
+        if naming == "tokens":  # each segment's patch tokens, unit vectors, averaged under its weights
+            tokens = F.normalize(self.segment_proj(latent[:, 1:]), dim=-1)  # [B, L, D]
+            segments = torch.bmm(weights, tokens) / weights.sum(dim=2, keepdim=True).clamp_min(1e-6)  # [B, S, D]
+        elif naming != "segment":
+            raise ValueError(f"naming: expected segment or tokens, got {naming!r}")
         masks = weights.reshape(weights.shape[0], weights.shape[1], h, w)  # [B, S, h, w]
         return SegmentPrediction(masks=masks, segments=self.target_space.to_teacher(segments), z=self.target_space.to_teacher(z))
+
+    @torch.no_grad()
+    def token_embeddings(self, imgs: Tensor, pos_mode: str | None = None) -> Tensor:
+        """[B, 3, H, W] -> [B, H/p, W/p, D]: every patch token through the segment projection, as a
+        unit vector in the teacher's space (what `loss.token_anchors` trains; eval mode)."""
+        if self.training:
+            raise RuntimeError("token_embeddings needs eval mode (model.eval())")
+        h, w = self.grid_of(imgs)
+        latent, _, _ = self.forward_encoder(imgs, 0.0, pos_mode=pos_mode)
+        tokens = self.target_space.to_teacher(F.normalize(self.segment_proj(latent[:, 1:]), dim=-1))  # [B, L, D]
+        return tokens.reshape(len(imgs), h, w, -1)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """As nn.Module's; a checkpoint written before the target space gets the identity map (its space)."""

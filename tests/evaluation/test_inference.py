@@ -1,5 +1,6 @@
 """Zero-shot inference, the segment command, text embeddings and the evaluation harness."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -12,20 +13,24 @@ from PIL import Image
 
 from pipeline.config import load_params
 from pipeline.core.decode import load_rgb
-from pipeline.core.errors import InputError
+from pipeline.core.errors import ConfigError, InputError
 from pipeline.evaluation.baselines import (
     GridTeacherSegmenter,
     MaskCLIPSegmenter,
+    StudentTokenScores,
     TeacherNamedSegmenter,
 )
 from pipeline.evaluation.inference import (
     BackgroundRule,
     StudentSegmenter,
+    class_scores,
+    resize_short_side,
     vocabulary,
     window_origins,
 )
 from pipeline.evaluation.models import load_model
 from pipeline.evaluation.run import run_evaluation
+from pipeline.student.normalize import normalize_images
 from pipeline.clip.text import ClassEmbedder, template_set
 from pipeline.training.run import run_training
 
@@ -184,6 +189,43 @@ def test_evaluation_checks_every_dataset_before_evaluating_any(trained, tmp_path
         with pytest.raises(InputError, match=message):
             run_evaluation(params, ckpt, tmp_path / "metrics", None, progress=False, echo=lambda *_: None)
         assert not (tmp_path / "metrics").exists()  # the demo dataset, first in line, was not evaluated
+
+
+def test_the_student_can_be_evaluated_at_its_own_short_side_and_named_by_its_tokens(trained, tmp_path):
+    params, ckpt, _, _ = trained
+    e = params.eval
+
+    def student_figures(**overrides) -> dict:
+        p = dataclasses.replace(params, eval=dataclasses.replace(e, baselines=(), pictures=0, **overrides))
+        return run_evaluation(p, ckpt, tmp_path / str(len(overrides)) / "m", tmp_path / "pics", progress=False, echo=lambda *_: None)["demo"]
+
+    plain = student_figures()
+    same = student_figures(student_short_side=e.short_side)  # its own side, equal to the images': nothing changes
+    assert same["miou"] == plain["miou"] and same["oracle"] == plain["oracle"]
+    small = student_figures(student_short_side=e.window)  # one window over the whole image: at most 4 segments in it
+    assert small["segments_per_image"] <= 4 < plain["segments_per_image"]
+    assert small["oracle"]["grid"] == plain["oracle"]["grid"]  # the teacher's grid is scored where it was
+    tokens = student_figures(student_naming="tokens")
+    assert tokens["segments_per_window"] == plain["segments_per_window"]  # the same segments in every window ...
+    assert tokens["per_class_iou"]["student"] != plain["per_class_iou"]["student"] or tokens["miou"] != plain["miou"]  # ... other names
+    whole = student_figures(student_naming="tokens", token_short_side=e.window)  # named by the tokens of the whole image
+    assert whole["segments_per_window"] == plain["segments_per_window"]
+    assert whole["per_class_iou"]["student"] != tokens["per_class_iou"]["student"]
+    with pytest.raises(ConfigError, match="eval.token_short_side"):
+        student_figures(token_short_side=e.window)  # the segments' own embeddings name them: no tokens to take
+
+
+def test_the_students_token_scores_classify_every_patch_of_the_whole_image(model):
+    text = model.embedder(["circle", "square", "star"], template_set("single"))
+    rule = BackgroundRule("probability", 0.5)
+    image = np.random.default_rng(0).integers(0, 256, (40, 72, 3), dtype=np.uint8)
+    scores = StudentTokenScores(model.student, text, model.embedder.logit_scale, rule, short_side=32).scores(image)  # 32 x 57 px: 4 x 7 patches
+    x = resize_short_side(image, 32)[:, :32, :56].round().to(torch.uint8)[None]
+    tokens = model.student.token_embeddings(normalize_images(x), pos_mode="interpolate")[0]  # [4, 7, D]
+    assert scores.shape == (4, 7, 3)
+    torch.testing.assert_close(scores, class_scores(tokens.flatten(0, 1), text, model.embedder.logit_scale, "probability").view(4, 7, 3))
+    with pytest.raises(ConfigError, match="eval.token_short_side"):
+        StudentTokenScores(model.student, text, model.embedder.logit_scale, rule, short_side=4)
 
 
 def test_evaluation_writes_the_science_metrics(trained, tmp_path):

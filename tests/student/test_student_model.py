@@ -305,3 +305,23 @@ def test_every_norm_is_its_reference_implementations():
     assert rest and set(rest.values()) == {1e-6}, rest
     assert {"norm", "decoder_norm", "global_norm", "blocks.0.norm1", "decoder_blocks.0.norm2"} <= set(rest)
     assert {"seg_head.norm", "seg_head.blocks.0.norm1", "seg_head.grouping.0.norm_tokens", "seg_head.grouping.0.pre_assign_attn.norm_post"} <= set(head)
+
+
+def test_token_naming_averages_each_segments_unit_tokens_under_its_weights():
+    torch.manual_seed(0)
+    model = build("zeroseg_micro").eval()
+    imgs = torch.randn(2, 3, 32, 32)
+    named = model.infer(imgs, naming="tokens")
+    own = model.infer(imgs)
+    torch.testing.assert_close(named.masks, own.masks)  # the same segmentation, other names
+    torch.testing.assert_close(named.z, own.z)
+    latent = model.forward_encoder(imgs, 0.0)[0][:, 1:]
+    tokens = torch.nn.functional.normalize(model.segment_proj(latent), dim=-1)  # [B, L, D]
+    weights = own.masks.flatten(2)  # [B, S, L]
+    for b in range(2):
+        for s in range(model.arch.num_segments):
+            want = (weights[b, s, :, None] * tokens[b]).sum(0) / weights[b, s].sum()
+            torch.testing.assert_close(named.segments[b, s], model.target_space.to_teacher(want))
+    assert not torch.allclose(named.segments, own.segments)
+    with pytest.raises(ValueError, match="naming"):
+        model.infer(imgs, naming="pixels")
