@@ -25,7 +25,7 @@ from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import VisionTransformer
 
 from pipeline.clip.model import Teacher
-from pipeline.core.errors import ConfigError, InputError
+from pipeline.core.errors import InputError
 from pipeline.core.views import cell_edges
 from pipeline.evaluation.inference import (
     BackgroundRule,
@@ -38,7 +38,6 @@ from pipeline.evaluation.inference import (
     resize_short_side,
     window_origins,
 )
-from pipeline.student.normalize import normalize_images
 
 
 def _normalize(teacher: Teacher, pixels: torch.Tensor) -> torch.Tensor:
@@ -272,38 +271,6 @@ class MaskCLIPSegmenter(ScoreMapSegmenter):
         return _restrict(scores.permute(1, 2, 0), self.teacher, x, self.text, self.scale, self.rule, self.topk, self.center)  # [h, w, K]
 
 
-class StudentTokenScores(ScoreMapSegmenter):
-    """The student's own dense naming: every patch token of the whole image, resized to
-    `short_side`, classified by its cosine to the class words (`ZeroSegStudent.token_embeddings`).
-
-    With `eval.student_naming: tokens` and `eval.token_short_side` N, the student's window segments
-    are named by these scores (`TeacherNamedSegmenter`): each segment takes the class whose scores,
-    averaged over its pixels, are best. The demo student is trained on whole scenes at 64 px and
-    evaluated on 64-px windows of them at twice that scale; its tokens name the shapes at the
-    scale it was trained at, its grouping follows them best at the evaluation's (docs/demo.md).
-    """
-
-    def __init__(self, student, text: torch.Tensor, logit_scale: float, rule: BackgroundRule, *, short_side: int, topk_classes: int = 0,
-                 center: torch.Tensor | None = None, device: torch.device | str = "cpu"):
-        p = student.arch.patch_size
-        if short_side < p:
-            raise ConfigError(f"eval.token_short_side: {short_side} px is smaller than the student's patch size ({p} px)")
-        self.student, self.text, self.scale, self.rule = student.eval().to(device), text.to(device), logit_scale, rule
-        self.short_side, self.topk, self.center, self.device = short_side, topk_classes, center, torch.device(device)
-
-    def compute_scores(self, image: np.ndarray) -> torch.Tensor:
-        p = self.student.arch.patch_size
-        x = resize_short_side(image, self.short_side).to(self.device)  # [3, h, w]
-        h, w = x.shape[-2:]
-        x = x[:, : h - h % p, : w - w % p].round().to(torch.uint8)[None]  # what the patch embedding covers
-        tokens = self.student.token_embeddings(normalize_images(x), pos_mode="interpolate")[0].float()  # [gh, gw, D]
-        scores = class_scores(tokens.flatten(0, 1), self.text, self.scale, self.rule.mode, self.center)  # [gh*gw, K']
-        if self.topk:
-            image_emb = self.student.infer(normalize_images(x), pos_mode="interpolate").z.float()  # [1, D]
-            scores = keep_topk(scores, class_scores(image_emb, self.text, self.scale, self.rule.mode, self.center)[0], self.topk, self.rule.background_rows)
-        return scores.view(*tokens.shape[:2], -1)
-
-
 class TeacherNamedSegmenter:
     """The student groups, a score map names: the teacher's in `grouped_maskclip` (and
     `grouped_sclip`, `grouped_naclip`, `grouped_training_free`), or the student's own tokens at
@@ -348,15 +315,3 @@ def teacher_segmenter(method: str, teacher: Teacher, text: torch.Tensor, logit_s
         return GridTeacherSegmenter(teacher, text, logit_scale, rule, short_side=e.short_side, topk_classes=e.topk_classes, center=center)
     return MaskCLIPSegmenter(teacher, text, logit_scale, rule, short_side=e.dense_short_side or e.short_side, topk_classes=e.topk_classes, center=center, method=method)
 
-
-def student_segmenter(student, text: torch.Tensor, logit_scale: float, rule: BackgroundRule, e, device, center: torch.Tensor | None) -> StudentSegmenter | TeacherNamedSegmenter:
-    """The student as the `eval` section `e` sets it up: its windows at `student_short_side` (0:
-    `short_side`), its segments named by `student_naming`; with `token_short_side` N, by its own
-    tokens over the whole image at N px (`StudentTokenScores`)."""
-    if e.token_short_side and e.student_naming != "tokens":
-        raise ConfigError(f"eval.token_short_side: {e.token_short_side} names the segments by the student's tokens; it needs eval.student_naming: tokens")
-    windows = StudentSegmenter(student, text, logit_scale, rule, short_side=e.student_short_side or e.short_side, window=e.window, stride=e.stride, topk_classes=e.topk_classes,
-                               device=device, center=center, protocol=e.protocol, naming=e.student_naming)
-    if not e.token_short_side:
-        return windows
-    return TeacherNamedSegmenter(windows, StudentTokenScores(student, text, logit_scale, rule, short_side=e.token_short_side, topk_classes=e.topk_classes, center=center, device=device))

@@ -17,18 +17,19 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from pipeline.clip.text import template_set
 from pipeline.config import Params
 from pipeline.core.decode import load_rgb
 from pipeline.core.device import resolve_device
 from pipeline.core.errors import InputError
 from pipeline.core.files import output_folder
 from pipeline.evaluation import ConfusionMatrix, SegmentationScores, open_dataset
-from pipeline.evaluation.baselines import TeacherNamedSegmenter, student_segmenter, teacher_segmenter
+from pipeline.evaluation.baselines import TeacherNamedSegmenter, teacher_segmenter
 from pipeline.evaluation.inference import vocabulary
 from pipeline.evaluation.models import calibration_center, load_model
 from pipeline.evaluation.oracle import grid_regions, majority_labels
 from pipeline.evaluation.overlay import write_overlay
-from pipeline.clip.text import template_set
+from pipeline.evaluation.student_naming import student_segmenter
 
 TEACHER_ALONE = ("training_free", "maskclip", "sclip", "naclip")
 BASELINES = (*TEACHER_ALONE, *(f"grouped_{m}" for m in TEACHER_ALONE))

@@ -23,12 +23,12 @@ from pipeline.core.files import (
 from pipeline.evaluation.baselines import (
     DENSE_CLIP,
     TeacherNamedSegmenter,
-    student_segmenter,
     teacher_segmenter,
 )
 from pipeline.evaluation.inference import vocabulary
 from pipeline.evaluation.models import calibration_center, demo_model_note, load_model
 from pipeline.evaluation.overlay import class_table, write_mask, write_overlay
+from pipeline.evaluation.student_naming import student_segmenter
 
 log = logging.getLogger(__name__)
 

@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from conftest import run_cli
 from PIL import Image
 
+from pipeline.clip.text import ClassEmbedder, template_set
 from pipeline.config import load_params
 from pipeline.core.decode import load_rgb
 from pipeline.core.errors import ConfigError, InputError
 from pipeline.evaluation.baselines import (
     GridTeacherSegmenter,
     MaskCLIPSegmenter,
-    StudentTokenScores,
     TeacherNamedSegmenter,
 )
 from pipeline.evaluation.inference import (
@@ -30,8 +30,8 @@ from pipeline.evaluation.inference import (
 )
 from pipeline.evaluation.models import load_model
 from pipeline.evaluation.run import run_evaluation
+from pipeline.evaluation.student_naming import StudentTokenScores
 from pipeline.student.normalize import normalize_images
-from pipeline.clip.text import ClassEmbedder, template_set
 from pipeline.training.run import run_training
 
 EVAL = ["eval.short_side=64", "eval.window=32", "eval.stride=16", "eval.templates=single", "eval.pictures=2"]
