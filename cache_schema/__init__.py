@@ -49,8 +49,21 @@ def grid_name(g: int) -> str:
 
 
 def views_array(g: int) -> str:
-    """`views/GxG`: float16 [N, g*g, D], projected teacher embeddings, not normalized, NaN when not ok."""
+    """`views/GxG`: float16 [N, g*g, D], projected teacher embeddings, not normalized, NaN when not ok.
+
+    The array's `content` attribute says what a row's g*g embeddings are: `crops` (each cell's
+    crop through the teacher; stores written before the attribute existed hold crops) or
+    `dense` (the teacher's dense embeddings of the whole center square, averaged over each cell).
+    """
     return f"views/{grid_name(g)}"
+
+
+CROPS, DENSE = "crops", "dense"
+
+
+def grid_content(group: zarr.Group, g: int) -> str:
+    """`crops` or `dense`: what the `views/GxG` array of a store holds (see `views_array`)."""
+    return str(group[views_array(g)].attrs.get("content", CROPS))
 
 
 def progress_array(g: int) -> str:

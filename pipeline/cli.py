@@ -235,7 +235,8 @@ def cache_info(
         typer.echo(json.dumps(info, indent=2))
         return
     t, m, p = info["teacher"], info["manifest"], info.get("provenance", {})
-    grids_text = ", ".join(f"{g} ({'MISSING' if done is None else 'complete' if done else 'incomplete'})" for g, done in info["grid_complete"].items())
+    dense = {f"{g}x{g}" for g in info["dense_grids"]}
+    grids_text = ", ".join(f"{g}{' dense' if g in dense else ''} ({'MISSING' if done is None else 'complete' if done else 'incomplete'})" for g, done in info["grid_complete"].items())
     lines = [
         f"store        {path}",
         f"schema       {info['schema']} v{info['schema_version']}  fingerprint {info['fingerprint']}",

@@ -3,7 +3,7 @@
 `loss.token_anchors` asks each visible token for its cells' softmax over the teacher's text
 embeddings of a vocabulary; at a small `loss.anchor_tau` that is the argmax, a hard
 pseudo-label (MaskCLIP+'s, from dense features). This takes the cache's views of one grid (the
-8x8 dense grid of `bench.science.dense_targets`, or any cached grid), names each with its
+8x8 dense grid of `cache.dense_grids`, or any cached grid), names each with its
 argmax over the demo's class words ("background" among them), and compares with the majority
 class of the cell's pixels in the training scene, regenerated from `data.demo_seed` (the
 masks diagnose, they never train). It prints, per grid, the share of shape-majority cells named
@@ -14,7 +14,7 @@ often each word is predicted against how often it is the truth.
 every row of the grid, "background" the background word) out of the cosines, as the anchor
 terms' targets then are.
 
-    python -m bench.science.anchor_labels --cache caches/dense.zarr --grids 8,4,2 --scenes 600 [--prior balance]
+    python -m bench.science.anchor_labels --grids 8,4,2 --scenes 600 [--prior balance]
 """
 
 from __future__ import annotations

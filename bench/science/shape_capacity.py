@@ -27,7 +27,7 @@ sees). The two differ by the scale the encoder is asked to work at, which is wha
 are for: the teacher alone scores 0.247 on that split.
 
     python -m bench.science.shape_capacity --variant zeroseg_tiny --steps 552
-    python -m bench.science.shape_capacity --labels teacher:8 --cache caches/dense.zarr [--prior balance]
+    python -m bench.science.shape_capacity --labels teacher:8 [--prior balance]
     python -m bench.science.shape_capacity --split data/demo_val [--full-res] [--steps 1656]
 """
 

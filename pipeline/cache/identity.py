@@ -155,7 +155,11 @@ def check_manifest(store: str, attrs: dict, images: str, progress: bool = False)
 
 
 def params_grids(params: Params) -> tuple[int, ...]:
-    grids = canonical_grids(params.cache.grids)
+    """Every grid stage one writes: the crop grids (`cache.grids`) and the dense ones (`cache.dense_grids`)."""
+    both = sorted(set(params.cache.grids) & set(params.cache.dense_grids))
+    if both:
+        raise ConfigError(f"{params.source}: cache.dense_grids and cache.grids both have {both[0]}x{both[0]}: a grid's views are crops or dense embeddings, not both")
+    grids = canonical_grids([*params.cache.grids, *params.cache.dense_grids])
     size = params.cache.student_image_size
     if 0 < size < 8:  # negative sides are refused when params load
         raise ConfigError(f"{params.source}: cache.student_image_size={size}: use 0 (off) or the student's input side (e.g. 224)")

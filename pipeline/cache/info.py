@@ -38,6 +38,7 @@ def describe(store: str) -> dict:
         "grids": list(grids),
         "num_views": sum(g * g for g in grids),
         "grid_complete": complete,  # None: the array is missing
+        "dense_grids": [g for g in grids if complete[cs.grid_name(g)] is not None and cs.grid_content(group, g) == cs.DENSE],  # the rest are crops
         "student_images": {
             str(s): {"complete": bool(arr.attrs.get("complete", False)), "bytes_per_image": arr.nbytes_stored() / max(1, arr.shape[0])}
             for s in cs.store_image_sizes(group)

@@ -198,8 +198,17 @@ class CacheStore:
             self.group.attrs.update(image_sizes=sorted({*cs.store_image_sizes(self.group), size}), complete=False)
 
     def _ensure_grids(self, grids: Sequence[int], cfg: CacheConfig) -> None:
-        """Add arrays for grids the store lacks."""
+        """Add arrays for grids the store lacks; a grid it has must hold the kind of views asked for.
+
+        Raises:
+            InputError: a grid the store holds as crops is asked for as dense (`cache.dense_grids`), or the reverse.
+        """
         have = set(cs.store_grids(self.group))
+        for g in sorted(have & set(grids)):
+            stored, wanted = cs.grid_content(self.group, g), cs.DENSE if g in cfg.dense_grids else cs.CROPS
+            if stored != wanted:
+                raise InputError(f"{self.url}: its {cs.grid_name(g)} views are {stored}, but the params ask for {wanted} there "
+                                 f"(cache.dense_grids {list(cfg.dense_grids)}); use another grid, or --replace to rebuild the store")
         new = [g for g in grids if g not in have]
         if not new:
             return
@@ -216,7 +225,8 @@ class CacheStore:
                 compressors=codecs.compressors(cfg),
                 dimension_names=("image", "view", "feature"),
             )
-            arr.attrs.update(grid=g, boxes=[list(b) for b in grid_boxes(g)], box_format="top,left,bottom,right as fractions of the center square", complete=False)
+            arr.attrs.update(grid=g, boxes=[list(b) for b in grid_boxes(g)], box_format="top,left,bottom,right as fractions of the center square", complete=False,
+                             content=cs.DENSE if g in cfg.dense_grids else cs.CROPS)
             _create_array(self.group, cs.progress_array(g), shape=(self.n_shards,), dtype="uint8", chunks=(1,), fill_value=0, dimension_names=("shard",))
         self.group.attrs.update(grids=sorted(have | set(new)), complete=False)
 

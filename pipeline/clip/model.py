@@ -20,17 +20,19 @@ import json
 import logging
 import os
 import socket
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import open_clip
 import torch
 
 import cache_schema as cs
+from pipeline.clip.dense import dense_grid, dense_grid_side
 from pipeline.config import TeacherConfig
 from pipeline.core.device import resolve_device
 from pipeline.core.errors import InputError
-from pipeline.core.views import ViewSpec
+from pipeline.core.views import ViewSpec, make_views
 
 SHIPPED_CONFIGS = Path(__file__).parent / "model_configs"
 
@@ -170,6 +172,18 @@ class Teacher:
                 out.append(self._encode_image(chunk).float())  # [n, D]
         self.forward_views += views.shape[0]
         return torch.cat(out)  # [N, D]
+
+    @torch.inference_mode()
+    def encode_dense(self, squares: Sequence[torch.Tensor], grid: int) -> torch.Tensor:
+        """B uint8 [S_b, S_b, 3] center squares -> [B, grid * grid, D] float32: a dense grid's views
+        (`pipeline.clip.dense.dense_grid` of each square resized whole, as a view is, to `dense_grid_side`)."""
+        side = dense_grid_side(self.model.visual, self.spec.size, grid)
+        x = make_views(squares, (1,), replace(self.spec, size=side), self.device)[:, 0]  # [B, 3, side, side]
+        dtype = _AUTOCAST[self.precision]
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = dense_grid(self.model.visual, x.to(self.view_dtype), grid, self.spec.size).float()
+        self.forward_views += len(squares) * grid * grid
+        return out
 
 
 def state_dict_sha256(model: torch.nn.Module) -> str:

@@ -99,6 +99,10 @@ class CacheConfig:
     # 0: off. Else stage one also stores every image's center square resized to this side (set it
     # to the student's input size), uint8, lossless, so stage two reads it instead of decoding.
     student_image_size: int = bounded(0, at_least=0)
+    # Grids whose `views/GxG` hold the teacher's dense (MaskCLIP) embeddings of the whole center
+    # square averaged over each cell, instead of each cell's crop (pipeline/clip/dense.py): a
+    # target that follows every patch, for one forward per image. Not also in `grids`.
+    dense_grids: tuple[int, ...] = bounded((), at_least=1, at_most=64, may_be_empty=True)
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,17 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from open_clip.modified_resnet import ModifiedResNet
-from open_clip.transformer import VisionTransformer
 
+from pipeline.clip.dense import (  # noqa: F401 - re-exported: the baselines' building blocks
+    DENSE_CLIP,
+    NACLIP_STD,
+    check_dense_teacher,
+    dense_features,
+    last_block_attention,
+    neighbourhood_bias,
+    resnet_value_features,
+)
 from pipeline.clip.model import Teacher
-from pipeline.core.errors import InputError
 from pipeline.core.views import cell_edges
 from pipeline.evaluation.inference import (
     BackgroundRule,
@@ -120,66 +126,6 @@ class GridTeacherSegmenter(ScoreMapSegmenter):
         return _restrict(acc.permute(1, 2, 0), self.teacher, x, self.text, self.scale, self.rule, self.topk, self.center)  # [h, w, K]
 
 
-NACLIP_STD = 5.0  # NACLIP's Gaussian neighbourhood, in patches (its published setting)
-
-
-def neighbourhood_bias(grid: tuple[int, int], std: float = NACLIP_STD, prefix: int = 1) -> torch.Tensor:
-    """NACLIP's attention addition [prefix + h*w, prefix + h*w]: between patches at (r, c) and
-    (r', c'), exp(-((r - r')^2 + (c - c')^2) / (2 std^2)); 0 in the class token's row and column."""
-    h, w = grid
-    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
-    pos = torch.stack([rows.flatten(), cols.flatten()], dim=1)  # [N, 2]
-    bias = torch.exp(-torch.cdist(pos, pos).square() / (2 * std**2))  # [N, N]
-    return F.pad(bias, (prefix, 0, prefix, 0)).float()
-
-
-def last_block_attention(q: torch.Tensor, k: torch.Tensor, kind: str, grid: tuple[int, int] | None = None) -> torch.Tensor:
-    """Attention weights [n, heads, L, L] of the dense-CLIP variants from per-head q, k [n, heads, L, d].
-
-    `identity`: each token attends to itself only (MaskCLIP's value embeddings); `csa`: SCLIP's
-    correlative self-attention, softmax(q q^T) + softmax(k k^T); `neighbourhood`: NACLIP's,
-    softmax(k k^T + the Gaussian neighbourhood bias over the patch grid). Scaled by d^-1/2.
-    """
-    n, heads, L, d = q.shape
-    scale = d**-0.5
-    if kind == "identity":
-        return torch.eye(L, dtype=q.dtype, device=q.device).expand(n, heads, L, L)
-    if kind == "csa":
-        return (q @ q.transpose(-1, -2) * scale).softmax(dim=-1) + (k @ k.transpose(-1, -2) * scale).softmax(dim=-1)
-    if kind == "neighbourhood":
-        bias = neighbourhood_bias(grid, prefix=L - grid[0] * grid[1]).to(device=q.device, dtype=q.dtype)
-        return (k @ k.transpose(-1, -2) * scale + bias).softmax(dim=-1)
-    raise ValueError(f"unknown attention {kind!r}")
-
-
-# What each method changes in the last block of the teacher's ViT (nothing before it):
-# (attention, keep the residual, keep the feed-forward).
-DENSE_CLIP = {
-    "maskclip": ("identity", False, False),  # MaskCLIP: value embeddings, no residual, no FFN
-    "sclip": ("csa", True, True),  # SCLIP: correlative self-attention, residual and FFN kept
-    "naclip": ("neighbourhood", False, False),  # NACLIP: neighbourhood attention, "reduced" block
-}
-
-
-def resnet_value_features(visual: ModifiedResNet, x: torch.Tensor) -> torch.Tensor:
-    """MaskCLIP for a CLIP ResNet: [n, 3, H, W] normalized -> [n, gh, gw, D] per-location embeddings.
-
-    The attention pool would mix every location into one query (the mean token); MaskCLIP keeps
-    each location to itself: value projection then output projection of the feature map plus
-    the pool's position embedding, whose square table is interpolated bicubically to the map
-    (as open_clip resizes position tables). gh, gw = H / 32, W / 32 (rounded up).
-    """
-    pool = visual.attnpool
-    f = visual.layer4(visual.layer3(visual.layer2(visual.layer1(visual.stem(x)))))  # [n, C, gh, gw]
-    n, c, gh, gw = f.shape
-    table = pool.positional_embedding[1:]  # [G*G, C], the mean token's row dropped
-    side = round(len(table) ** 0.5)
-    if (gh, gw) != (side, side):
-        table = F.interpolate(table.T.reshape(1, c, side, side).float(), size=(gh, gw), mode="bicubic", align_corners=False).reshape(c, gh * gw).T
-    tokens = f.flatten(2).transpose(1, 2) + table.to(f.dtype)  # [n, gh*gw, C]
-    return pool.c_proj(pool.v_proj(tokens)).float().view(n, gh, gw, -1)
-
-
 class MaskCLIPSegmenter(ScoreMapSegmenter):
     """Dense CLIP from an open_clip teacher: one class decision per patch (ViT) or location (ResNet).
 
@@ -200,45 +146,14 @@ class MaskCLIPSegmenter(ScoreMapSegmenter):
 
     def __init__(self, teacher: Teacher, text: torch.Tensor, logit_scale: float, rule: BackgroundRule, *, short_side: int = 448, topk_classes: int = 0, center: torch.Tensor | None = None,
                  method: str = "maskclip"):
-        if method not in DENSE_CLIP:
-            raise InputError(f"eval.baselines: unknown dense-CLIP method {method!r} (known: {', '.join(DENSE_CLIP)})")
-        visual = teacher.model.visual
-        self.resnet = isinstance(visual, ModifiedResNet)
-        if self.resnet and method != "maskclip":
-            raise InputError(f"eval.baselines: {method} rewrites a ViT's last attention block; {teacher.identity.model} is a ResNet (maskclip runs on it)")
-        if not self.resnet:
-            if not isinstance(visual, VisionTransformer) or getattr(visual, "attn_pool", None) is not None or visual.proj is None:
-                raise InputError(f"eval.baselines: {method} needs an open_clip ViT teacher with a class token or a CLIP ResNet, not {teacher.identity.model}")
-            if not isinstance(visual.transformer.resblocks[-1].attn, torch.nn.MultiheadAttention):
-                raise InputError(f"eval.baselines: {method} does not know the attention of {teacher.identity.model}")
+        self.resnet = check_dense_teacher(teacher.model.visual, teacher.identity.model, method, "eval.baselines")
         self.teacher, self.text, self.scale, self.rule = teacher, text.to(teacher.device), logit_scale, rule
         self.short_side, self.topk, self.center = short_side, topk_classes, center
         self.method = method
 
     def dense_features(self, views: torch.Tensor) -> torch.Tensor:
         """[n, 3, H, W] normalized (H = W = T for a ViT) -> [n, gh, gw, D] embeddings in the text space."""
-        visual = self.teacher.model.visual
-        if self.resnet:
-            return resnet_value_features(visual, views.to(self.teacher.view_dtype))
-        x = visual._embeds(views.to(self.teacher.view_dtype))  # [n, 1 + N, C]
-        blocks = visual.transformer.resblocks
-        for block in blocks[:-1]:
-            x = block(x)
-        last = blocks[-1]
-        kind, residual, ffn = DENSE_CLIP[self.method]
-        n, L, c = x.shape
-        heads = last.attn.num_heads
-        side = int(round((L - 1) ** 0.5))
-        q, k, v = F.linear(last.ln_1(x), last.attn.in_proj_weight, last.attn.in_proj_bias).view(n, L, 3, heads, c // heads).permute(2, 0, 3, 1, 4)  # 3 x [n, h, L, d]
-        attn = last_block_attention(q, k, kind, (side, side))  # [n, h, L, L]
-        y = last.attn.out_proj((attn @ v).transpose(1, 2).reshape(n, L, c))  # [n, L, C]
-        ls_1, ls_2 = getattr(last, "ls_1", torch.nn.Identity()), getattr(last, "ls_2", torch.nn.Identity())
-        if residual:
-            y = x + ls_1(y)
-        if ffn:
-            y = y + ls_2(last.mlp(last.ln_2(y)))
-        feats = (visual.ln_post(y[:, 1:]) @ visual.proj).float()  # [n, N, D], class token dropped
-        return feats.view(n, side, side, -1)  # [n, gh, gw, D]
+        return dense_features(self.teacher.model.visual, views.to(self.teacher.view_dtype), self.method)
 
     def compute_scores(self, image: np.ndarray) -> torch.Tensor:
         return self.scores_whole(image) if self.resnet else self.scores_windows(image)

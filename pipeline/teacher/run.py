@@ -76,7 +76,7 @@ def run_teacher_cache(params: Params, out: str | None = None, *, replace: bool =
             raise ConfigError(f"{params.source}: data.images {params.data.images} names tar shards, so stage two reads the student's images "
                               f"from the store: set cache.student_image_size (the student's input side, e.g. 224)")
         teacher_identity, spec = executor.teacher()
-        _check_draft(params, grids, spec)
+        _check_draft(params, canonical_grids(params.cache.grids), spec)  # a dense grid's square is resized whole
         identity = identity_sections(teacher_identity, spec, manifest, params.data.min_side, params.teacher.jpeg_draft_side)
         url = out or default_store_url(params.cache.root, identity)
         store = open_or_create(url, identity, manifest.paths, grids, params.cache, replace=replace)

@@ -34,6 +34,7 @@ import torch
 
 import cache_schema as cs
 from pipeline.cache.store import CacheStore, ShardResult, ShardWork
+from pipeline.clip.dense import check_dense_teacher
 from pipeline.clip.model import Teacher
 from pipeline.config import Params
 from pipeline.core.decode import Decoded, decode_center_square, student_input
@@ -115,6 +116,10 @@ def compute_shards(
     views_on_decode_thread = teacher.device.type == "cpu"
     workers = params.teacher.decode_workers or os.cpu_count() or 1
     advance = advance or (lambda n: None)
+    # The store says which of its grids are dense (a repair recomputes them whatever params say).
+    dense = {g for g in cs.store_grids(store.group) if cs.grid_content(store.group, g) == cs.DENSE}
+    if dense & {g for work in todo.values() for g in work.computed}:
+        check_dense_teacher(teacher.model.visual, teacher.identity.model, "maskclip", f"{store.url}: dense grids {sorted(dense)} (cache.dense_grids)")  # before any work
     writer = _ShardWriter(store, stats)
 
     def decode(row: int, work: ShardWork) -> _Item:
@@ -122,13 +127,14 @@ def compute_shards(
         decoded = decode_center_square(root / paths[row], min_side=params.data.min_side, max_pixels=params.data.max_pixels, draft_side=params.teacher.jpeg_draft_side)
         views = image = None
         if decoded.square is not None:
-            if views_on_decode_thread and work.grids:
-                views = make_views([torch.from_numpy(decoded.square)], work.computed, teacher.spec)[0]
+            crops = tuple(g for g in work.computed if g not in dense)
+            if views_on_decode_thread and crops:
+                views = make_views([torch.from_numpy(decoded.square)], crops, teacher.spec)[0]
             if work.image_size:
                 image = student_input(decoded.square, work.image_size)
         return _Item(row, decoded, views, image, time.perf_counter() - t0)
 
-    embedder = _Embedder(teacher, writer, stats)
+    embedder = _Embedder(teacher, writer, stats, dense)
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
             for shard, work, items in _decoded_shards(pool, decode, store, todo, lookahead=2 * batch_size):
@@ -226,8 +232,9 @@ class _Embedder:
     the GPU idle while the following batch's views are cut.
     """
 
-    def __init__(self, teacher: Teacher, writer: _ShardWriter, stats: RunStats):
+    def __init__(self, teacher: Teacher, writer: _ShardWriter, stats: RunStats, dense: set[int] = frozenset()):
         self.teacher, self.writer, self.stats = teacher, writer, stats
+        self.dense = dense  # the grids whose views are dense embeddings of the whole square (`Teacher.encode_dense`)
         self.depth = 1 if teacher.device.type == "cuda" else 0
         self.inflight: deque[tuple[_Fetch, list[int], tuple[int, ...], ShardResult]] = deque()
         self.open: dict[int, list] = {}  # shard -> [result, batches in flight, all batches launched]
@@ -237,13 +244,23 @@ class _Embedder:
 
     def launch(self, batch: list[_Item], grids: tuple[int, ...], result: ShardResult, row0: int) -> None:
         t0 = time.perf_counter()
-        if batch[0].views is not None:
-            views = torch.stack([item.views for item in batch])  # [B, V_s, 3, T, T]
-        else:
-            views = make_views([torch.from_numpy(item.decoded.square) for item in batch], grids, self.teacher.spec, self.teacher.device)
-        t1 = time.perf_counter()
-        b, v = views.shape[:2]
-        feats = self.teacher.encode(views.flatten(0, 1)).view(b, v, -1).to(torch.float16)  # [B, V_s, D], async on GPU
+        crops = tuple(g for g in grids if g not in self.dense)
+        squares = [torch.from_numpy(item.decoded.square) for item in batch]
+        parts: dict[int, torch.Tensor] = {}  # grid -> [B, g*g, D]
+        t1 = t0
+        if crops:
+            if batch[0].views is not None:
+                views = torch.stack([item.views for item in batch])  # [B, V_c, 3, T, T]
+            else:
+                views = make_views(squares, crops, self.teacher.spec, self.teacher.device)
+            t1 = time.perf_counter()
+            b, v = views.shape[:2]
+            feats = self.teacher.encode(views.flatten(0, 1)).view(b, v, -1)  # [B, V_c, D], async on GPU
+            parts.update(zip(crops, feats.split([g * g for g in crops], dim=1)))
+        for g in grids:
+            if g in self.dense:
+                parts[g] = self.teacher.encode_dense(squares, g)  # resized on the device, like the views
+        feats = torch.cat([parts[g] for g in grids], dim=1).to(torch.float16)  # [B, V_s, D], canonical order
         fetch = _Fetch(feats)
         self.stats.views_s += t1 - t0
         self.stats.model_s += time.perf_counter() - t1
