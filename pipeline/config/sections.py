@@ -226,6 +226,9 @@ class EvalConfig:
     # student's tokens see the whole image and name its window segments (its training scale; the
     # demo: 64; docs/evaluation.md "The student's naming").
     token_short_side: int = bounded(0, at_least=0)
+    # With token_short_side N: the tokens at each round(N x ratio) px, their class scores resized to
+    # the image and averaged (multi-scale inference, as mmseg's img_ratios); (1.0,): N alone.
+    token_ratios: tuple[float, ...] = bounded((1.0,), at_least=0.1, at_most=4.0)
     topk_classes: int = bounded(0, at_least=0)  # keep only the image's top-k classes (by the global embedding); 0: all
     max_images: int = bounded(0, at_least=0)  # per dataset; 0: all
     baselines: tuple[str, ...] = ("training_free",)  # evaluated by the same harness beside the student

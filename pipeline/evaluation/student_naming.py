@@ -7,8 +7,11 @@ grouped baselines use (`TeacherNamedSegmenter`). No teacher runs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pipeline.core.errors import ConfigError
 from pipeline.evaluation.baselines import ScoreMapSegmenter, TeacherNamedSegmenter
@@ -33,24 +36,35 @@ class StudentTokenScores(ScoreMapSegmenter):
     scale it was trained at, its grouping follows them best at the evaluation's (docs/demo.md).
     """
 
-    def __init__(self, student, text: torch.Tensor, logit_scale: float, rule: BackgroundRule, *, short_side: int, topk_classes: int = 0,
-                 center: torch.Tensor | None = None, device: torch.device | str = "cpu"):
+    def __init__(self, student, text: torch.Tensor, logit_scale: float, rule: BackgroundRule, *, short_side: int, ratios: Sequence[float] = (1.0,),
+                 topk_classes: int = 0, center: torch.Tensor | None = None, device: torch.device | str = "cpu"):
         p = student.arch.patch_size
-        if short_side < p:
-            raise ConfigError(f"eval.token_short_side: {short_side} px is smaller than the student's patch size ({p} px)")
+        self.short_sides = [round(short_side * r) for r in ratios]  # eval.token_ratios
+        if min(self.short_sides) < p:
+            raise ConfigError(f"eval.token_short_side: {min(self.short_sides)} px (x eval.token_ratios) is smaller than the student's patch size ({p} px)")
         self.student, self.text, self.scale, self.rule = student.eval().to(device), text.to(device), logit_scale, rule
-        self.short_side, self.topk, self.center, self.device = short_side, topk_classes, center, torch.device(device)
+        self.topk, self.center, self.device = topk_classes, center, torch.device(device)
 
     def compute_scores(self, image: np.ndarray) -> torch.Tensor:
+        """[gh, gw, K] at one scale (the token grid); with several, [H, W, K]: each scale's scores
+        resized bilinearly to the image and averaged."""
+        if len(self.short_sides) == 1:
+            return self.scores_at(image, self.short_sides[0])
+        size = image.shape[:2]
+        total = sum(F.interpolate(self.scores_at(image, side).permute(2, 0, 1)[None], size=size, mode="bilinear", align_corners=False)[0] for side in self.short_sides)
+        return (total / len(self.short_sides)).permute(1, 2, 0)  # [H, W, K]
+
+    def scores_at(self, image: np.ndarray, short_side: int) -> torch.Tensor:
+        """[gh, gw, K]: the class scores of the student's tokens of the whole image at `short_side`."""
         p = self.student.arch.patch_size
-        x = resize_short_side(image, self.short_side).to(self.device)  # [3, h, w]
+        x = resize_short_side(image, short_side).to(self.device)  # [3, h, w]
         h, w = x.shape[-2:]
         x = x[:, : h - h % p, : w - w % p].round().to(torch.uint8)[None]  # what the patch embedding covers
-        tokens = self.student.token_embeddings(normalize_images(x), pos_mode="interpolate")[0].float()  # [gh, gw, D]
+        tokens, image_emb = self.student.token_embeddings(normalize_images(x), pos_mode="interpolate", with_image=True)  # [1, gh, gw, D], [1, D]
+        tokens = tokens[0].float()
         scores = class_scores(tokens.flatten(0, 1), self.text, self.scale, self.rule.mode, self.center)  # [gh*gw, K']
         if self.topk:
-            image_emb = self.student.infer(normalize_images(x), pos_mode="interpolate").z.float()  # [1, D]
-            scores = keep_topk(scores, class_scores(image_emb, self.text, self.scale, self.rule.mode, self.center)[0], self.topk, self.rule.background_rows)
+            scores = keep_topk(scores, class_scores(image_emb.float(), self.text, self.scale, self.rule.mode, self.center)[0], self.topk, self.rule.background_rows)
         return scores.view(*tokens.shape[:2], -1)
 
 
@@ -64,4 +78,5 @@ def student_segmenter(student, text: torch.Tensor, logit_scale: float, rule: Bac
                                device=device, center=center, protocol=e.protocol, naming=e.student_naming)
     if not e.token_short_side:
         return windows
-    return TeacherNamedSegmenter(windows, StudentTokenScores(student, text, logit_scale, rule, short_side=e.token_short_side, topk_classes=e.topk_classes, center=center, device=device))
+    tokens = StudentTokenScores(student, text, logit_scale, rule, short_side=e.token_short_side, ratios=e.token_ratios, topk_classes=e.topk_classes, center=center, device=device)
+    return TeacherNamedSegmenter(windows, tokens)

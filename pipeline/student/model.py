@@ -281,7 +281,7 @@ class ZeroSegStudent(nn.Module):
         z, segments, soft, _ = self.forward_segments(latent[:, 1:])
         weights = compose_assignments(soft)  # [B, S, L]
         if naming == "tokens":  # each segment's patch tokens, unit vectors, averaged under its weights
-            tokens = F.normalize(self.segment_proj(latent[:, 1:]), dim=-1)  # [B, L, D]
+            tokens = self._unit_tokens(latent)  # [B, L, D]
             segments = torch.bmm(weights, tokens) / weights.sum(dim=2, keepdim=True).clamp_min(1e-6)  # [B, S, D]
         elif naming != "segment":
             raise ValueError(f"naming: expected segment or tokens, got {naming!r}")
@@ -289,15 +289,21 @@ class ZeroSegStudent(nn.Module):
         return SegmentPrediction(masks=masks, segments=self.target_space.to_teacher(segments), z=self.target_space.to_teacher(z))
 
     @torch.no_grad()
-    def token_embeddings(self, imgs: Tensor, pos_mode: str | None = None) -> Tensor:
-        """[B, 3, H, W] -> [B, H/p, W/p, D]: every patch token through the segment projection, as a
-        unit vector in the teacher's space (what `loss.token_anchors` trains; eval mode)."""
+    def token_embeddings(self, imgs: Tensor, pos_mode: str | None = None, *, with_image: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """[B, 3, H, W] -> [B, H/p, W/p, D]: every patch token through the segment projection, as a unit vector
+        in the teacher's space (what `loss.token_anchors` trains; eval mode); `with_image`: and z [B, D] as `infer`'s."""
         if self.training:
             raise RuntimeError("token_embeddings needs eval mode (model.eval())")
         h, w = self.grid_of(imgs)
         latent, _, _ = self.forward_encoder(imgs, 0.0, pos_mode=pos_mode)
-        tokens = self.target_space.to_teacher(F.normalize(self.segment_proj(latent[:, 1:]), dim=-1))  # [B, L, D]
-        return tokens.reshape(len(imgs), h, w, -1)
+        tokens = self.target_space.to_teacher(self._unit_tokens(latent)).reshape(len(imgs), h, w, -1)  # [B, h, w, D]
+        if not with_image:
+            return tokens
+        return tokens, self.target_space.to_teacher(self.forward_segments(latent[:, 1:])[0])
+
+    def _unit_tokens(self, latent: Tensor) -> Tensor:
+        """[B, 1 + L, C] encoder output -> [B, L, D] patch tokens through the segment projection, unit vectors."""
+        return F.normalize(self.segment_proj(latent[:, 1:]), dim=-1)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """As nn.Module's; a checkpoint written before the target space gets the identity map (its space)."""

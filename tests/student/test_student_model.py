@@ -325,3 +325,7 @@ def test_token_naming_averages_each_segments_unit_tokens_under_its_weights():
     assert not torch.allclose(named.segments, own.segments)
     with pytest.raises(ValueError, match="naming"):
         model.infer(imgs, naming="pixels")
+    dense, z = model.token_embeddings(imgs, with_image=True)  # one forward gives the tokens and the image embedding
+    torch.testing.assert_close(z, own.z)
+    torch.testing.assert_close(dense.flatten(1, 2), model.target_space.to_teacher(tokens))
+    torch.testing.assert_close(model.token_embeddings(imgs), dense)
