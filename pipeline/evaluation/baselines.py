@@ -22,15 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.clip.dense import (  # noqa: F401 - re-exported: the baselines' building blocks
-    DENSE_CLIP,
-    NACLIP_STD,
-    check_dense_teacher,
-    dense_features,
-    last_block_attention,
-    neighbourhood_bias,
-    resnet_value_features,
-)
+from pipeline.clip.dense import check_dense_teacher, dense_features
 from pipeline.clip.model import Teacher
 from pipeline.core.views import cell_edges
 from pipeline.evaluation.inference import (
@@ -229,4 +221,3 @@ def teacher_segmenter(method: str, teacher: Teacher, text: torch.Tensor, logit_s
     if method == "training_free":
         return GridTeacherSegmenter(teacher, text, logit_scale, rule, short_side=e.short_side, topk_classes=e.topk_classes, center=center)
     return MaskCLIPSegmenter(teacher, text, logit_scale, rule, short_side=e.dense_short_side or e.short_side, topk_classes=e.topk_classes, center=center, method=method)
-

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from pipeline.clip.dense import DENSE_CLIP
 from pipeline.clip.text import parse_vocabulary, template_set
 from pipeline.config import Params, threshold_problem
 from pipeline.core.decode import load_rgb
@@ -20,11 +21,7 @@ from pipeline.core.files import (
     list_images,
     output_folder,
 )
-from pipeline.evaluation.baselines import (
-    DENSE_CLIP,
-    TeacherNamedSegmenter,
-    teacher_segmenter,
-)
+from pipeline.evaluation.baselines import TeacherNamedSegmenter, teacher_segmenter
 from pipeline.evaluation.inference import vocabulary
 from pipeline.evaluation.models import calibration_center, demo_model_note, load_model
 from pipeline.evaluation.overlay import class_table, write_mask, write_overlay

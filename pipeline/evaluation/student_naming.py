@@ -60,7 +60,8 @@ class StudentTokenScores(ScoreMapSegmenter):
         x = resize_short_side(image, short_side).to(self.device)  # [3, h, w]
         h, w = x.shape[-2:]
         x = x[:, : h - h % p, : w - w % p].round().to(torch.uint8)[None]  # what the patch embedding covers
-        tokens, image_emb = self.student.token_embeddings(normalize_images(x), pos_mode="interpolate", with_image=True)  # [1, gh, gw, D], [1, D]
+        out = self.student.token_embeddings(normalize_images(x), pos_mode="interpolate", with_image=bool(self.topk))  # [1, gh, gw, D] (and z [1, D] for top-k)
+        tokens, image_emb = out if self.topk else (out, None)
         tokens = tokens[0].float()
         scores = class_scores(tokens.flatten(0, 1), self.text, self.scale, self.rule.mode, self.center)  # [gh*gw, K']
         if self.topk:

@@ -123,9 +123,10 @@ def test_maskclip_on_a_clip_resnet_keeps_every_location_to_itself_in_the_attenti
     """The ResNet path against the pool's own attention restricted to the diagonal: torch's
     multi-head attention with open_clip's weights, where every location may attend only to itself,
     gives each location value projection then output projection, which is MaskCLIP's embedding."""
+    from pipeline.clip.dense import resnet_value_features
     from pipeline.clip.model import Teacher
     from pipeline.config import TeacherConfig
-    from pipeline.evaluation.baselines import MaskCLIPSegmenter, resnet_value_features
+    from pipeline.evaluation.baselines import MaskCLIPSegmenter
 
     teacher = Teacher.load(TeacherConfig(model="zeroseg-demo-rn", pretrained="", device="cpu", precision="fp32"))
     visual = teacher.model.visual.eval()
@@ -158,12 +159,8 @@ def test_maskclip_on_a_clip_resnet_keeps_every_location_to_itself_in_the_attenti
 
 
 def test_dense_clip_baselines_change_only_the_last_block_as_their_papers_do():
-    from pipeline.evaluation.baselines import (
-        DENSE_CLIP,
-        MaskCLIPSegmenter,
-        last_block_attention,
-        neighbourhood_bias,
-    )
+    from pipeline.clip.dense import DENSE_CLIP, last_block_attention, neighbourhood_bias
+    from pipeline.evaluation.baselines import MaskCLIPSegmenter
 
     teacher = _tiny_vit_teacher()
     text = torch.nn.functional.normalize(torch.randn(3, teacher.identity.embed_dim, generator=torch.Generator().manual_seed(0)), dim=-1)
