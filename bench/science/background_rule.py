@@ -24,14 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.harness import emit, parser
+from bench.harness import emit
+from bench.science.split import open_split
 from pipeline.clip.text import template_set
-from pipeline.config import load_params
 from pipeline.core.decode import load_rgb
 from pipeline.evaluation.baselines import teacher_segmenter
-from pipeline.evaluation.datasets import open_dataset
 from pipeline.evaluation.inference import vocabulary
-from pipeline.evaluation.models import load_model
 from pipeline.evaluation.student_naming import StudentTokenScores
 
 METHODS = ("student", "training_free", "maskclip")
@@ -69,15 +67,8 @@ def summary(score: np.ndarray, is_object: np.ndarray, *, higher_means_object: bo
 
 
 def main() -> None:
-    ap = parser(__doc__)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--checkpoint", default="models/student/checkpoint.pt")
-    ap.add_argument("--data", default="data/demo_val", help="a split with masks in the demo's (VOC) layout")
-    args = ap.parse_args()
-    params = load_params(args.params)
+    args, params, model, dataset = open_split(__doc__)
     e = params.eval
-    model = load_model(params, args.checkpoint)
-    dataset = open_dataset("demo", args.data)
     templates, scale, n_bg = template_set(e.templates), model.embedder.logit_scale, len(e.bg_words)
     classes = list(dataset.class_names[1:])
     rules = {mode: vocabulary(model.embedder, classes, templates, mode=mode, threshold=0.5, bg_words=e.bg_words) for mode in ("probability", "class")}

@@ -16,11 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.harness import emit, parser
-from pipeline.config import load_params
+from bench.harness import emit
+from bench.science.split import open_split
 from pipeline.core.decode import load_rgb
 from pipeline.evaluation.baselines import MaskCLIPSegmenter, _normalize
-from pipeline.evaluation.datasets import open_dataset
 from pipeline.evaluation.inference import (
     StudentSegmenter,
     class_scores,
@@ -28,20 +27,12 @@ from pipeline.evaluation.inference import (
     vocabulary,
 )
 from pipeline.evaluation.metrics import ConfusionMatrix
-from pipeline.evaluation.models import load_model
 from pipeline.clip.text import template_set
 
 
 def main() -> None:
-    ap = parser(__doc__)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--checkpoint", default="models/student/checkpoint.pt")
-    ap.add_argument("--data", default="data/demo_val", help="a split with masks in the demo's (VOC) layout")
-    args = ap.parse_args()
-    params = load_params(args.params)
+    args, params, model, dataset = open_split(__doc__)
     e = params.eval
-    model = load_model(params, args.checkpoint)
-    dataset = open_dataset("demo", args.data)
     text, rule = vocabulary(model.embedder, list(dataset.class_names[1:]), template_set(e.templates), mode=e.bg_rule,
                             threshold=e.bg_threshold.get("demo", 0.0), bg_words=e.bg_words)
     scale = model.embedder.logit_scale

@@ -24,12 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.harness import emit, parser
-from pipeline.config import load_params
+from bench.harness import emit
+from bench.science.split import open_split
 from pipeline.core.decode import load_rgb
 from pipeline.demo.data import CLASSES
-from pipeline.evaluation.datasets import open_dataset
-from pipeline.evaluation.models import load_model
 from pipeline.student.grouping import compose_assignments
 from pipeline.student.normalize import normalize_images
 
@@ -50,20 +48,15 @@ def probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_
 
 
 def main() -> None:
-    ap = parser(__doc__)
-    ap.add_argument("--checkpoint", default="models/student/checkpoint.pt")
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--data", default="data/demo_val", help="a demo split with masks (eval/)")
-    args = ap.parse_args()
+    args, _, loaded, dataset = open_split(__doc__)
     torch.manual_seed(0)
-    loaded = load_model(load_params(args.params), args.checkpoint)
     student = loaded.student
     size, patch = student.arch.img_size, student.arch.patch_size
     names = list(CLASSES)
     k = len(names)
     text = loaded.embedder(names, ["a photo of a {}."])  # [K, D]; "background" among them, as the demo's class rule
     tokens, token_y, pooled, seg_emb, seg_y = [], [], [], [], []
-    samples = list(open_dataset("demo", args.data))
+    samples = list(dataset)
     half = len(samples) // 2
     split_tok, split_seg = [], []
     with torch.no_grad():
