@@ -7,6 +7,7 @@ describes the layout for readers who use plain zarr or dask.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import warnings
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+import zarr.core.sync
 
 # `images/S` uses numcodecs' Delta filter (zarr-python reads it through numcodecs, a dependency of
 # zarr itself); zarr warns on every open that other zarr implementations may lack it. Said once,
@@ -198,6 +200,7 @@ def validate(store: str | zarr.Group, expected: Mapping[str, Any] | None = None,
         try:
             status = group[STATUS][:]
         except Exception as exc:  # noqa: BLE001 - each codec raises its own error type
+            settle_reads()
             status = None
             if not damaged_ok:
                 problems.append(f"status: does not decode ({type(exc).__name__}); cache validate --deep names the damaged shards")
@@ -249,6 +252,24 @@ def chunk_checksums(array: zarr.Array) -> bool:
     return any(type(c).__name__ == "Crc32cCodec" for c in (inner if inner is not None else codecs))
 
 
+def settle_reads(timeout: float = 30.0) -> None:
+    """Wait (up to `timeout` s) for the reads a failed zarr read left running on zarr's event loop.
+
+    zarr decodes a shard's inner chunks concurrently (asyncio.gather): when one fails, its error
+    reaches the caller while its siblings still run, and a process that exits right after (as
+    `zeroseg cache validate` does, with its report) prints "Task was destroyed but it is
+    pending!" for each on stderr. Waiting for them keeps stderr to the report.
+    """
+
+    async def others_done() -> None:
+        me = asyncio.current_task()
+        pending = [task for task in asyncio.all_tasks() if task is not me and not task.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+
+    zarr.core.sync.sync(others_done())
+
+
 def find_damage(store: str | zarr.Group, grids: tuple[int, ...] | None = None, sizes: tuple[int, ...] | None = None,
                 on_rows: Callable[[int], None] | None = None) -> list[Damage]:
     """Read every written shard of the per-row, views and images arrays; list every damaged one.
@@ -283,6 +304,7 @@ def find_damage(store: str | zarr.Group, grids: tuple[int, ...] | None = None, s
         try:
             return group[name][rows]
         except Exception as exc:  # noqa: BLE001 - each codec raises its own error type
+            settle_reads()
             why = read_error(exc)
             damage.append(Damage(name, shard, rows.start, rows.stop - 1,
                                  f"{why} (its bytes changed after writing)" if why == CHECKSUM_MISMATCH else f"does not decode ({why})"))
@@ -309,6 +331,7 @@ def find_damage(store: str | zarr.Group, grids: tuple[int, ...] | None = None, s
         try:
             blank = int(np.sum(paths[rows] == ""))
         except Exception as exc:  # noqa: BLE001 - each codec raises its own error type
+            settle_reads()
             damage.append(Damage(PATHS, chunk, rows.start, rows.stop - 1, f"does not decode ({type(exc).__name__})"))
             continue
         if blank:  # a manifest has no empty path: a chunk never written (its writer stopped while creating the store)

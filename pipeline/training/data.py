@@ -220,11 +220,13 @@ def _decoding(store: str, arrays: list, a: int, b: int, shard_rows: int):
     try:
         yield
     except Exception as exc:  # noqa: BLE001 - each codec raises its own error type
+        cs.settle_reads()
         name = "the cache"
         for array in arrays:  # which array: read each alone (the error path only)
             try:
                 array[a:b]
             except Exception:  # noqa: BLE001
+                cs.settle_reads()
                 name = array.path
                 break
         raise InputError(f"{store}: {name} rows {a}-{b - 1} (shard {a // shard_rows}) do not decode ({cs.read_error(exc)}); "
