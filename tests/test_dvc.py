@@ -90,3 +90,16 @@ def test_the_recipe_sweep_runs_as_dvc_experiments_and_tabulates_them_over_seeds(
     other = subprocess.run([*sweep[:3], "run", "--repo", str(project), "--recipes", "default", "--seeds", "1", "--set", "train.epochs=2"],
                            cwd=REPO, capture_output=True, text=True, timeout=600)
     assert other.returncode == 1 and "experiment default-s1 exists with other params (train.epochs=2 differ)" in other.stderr
+
+
+def test_sweep_quotes_a_value_with_commas_for_dvc():
+    """DVC reads `-S` in Hydra's grammar, where "a, b" is a sweep of two runs: a vocabulary must be quoted."""
+    from bench.science.sweep import _holds, dvc_override
+
+    assert dvc_override("loss.anchor_vocabulary=circle, square, ring") == "loss.anchor_vocabulary='circle, square, ring'"
+    for kept in ("loss.grids=[1,2,3]", "loss.anchor_vocabulary='a, b'", "train.epochs=2", "loss.anchor_vocabulary=@data/demo/classes.txt"):
+        assert dvc_override(kept) == kept
+    # either spelling is found in the params an experiment recorded
+    recorded = {"loss": {"anchor_vocabulary": "circle, square, ring"}}
+    assert _holds(recorded, "loss.anchor_vocabulary=circle, square, ring")
+    assert _holds(recorded, dvc_override("loss.anchor_vocabulary=circle, square, ring"))

@@ -120,9 +120,20 @@ def run(repo: Path, recipes: list[str], seeds: list[int], tag: str, sets: list[s
                              f"`dvc exp remove {name}` first, or pass another --tag")
                 print(f"{name}: already there, skipped", flush=True)
                 continue
-            flags = [arg for kv in overrides for arg in ("-S", kv)]
+            flags = [arg for kv in overrides for arg in ("-S", dvc_override(kv))]
             dvc(repo, "exp", "run", "--queue" if queue else "--temp", "-n", name, *flags)
             print(f"{name}: {'queued' if queue else 'done'} ({' '.join(overrides)})", flush=True)
+
+
+def dvc_override(override: str) -> str:
+    """`KEY=VALUE` as `dvc exp run -S` must see it: DVC reads -S in Hydra's grammar, where a bare
+    comma makes a sweep ("a, b" would be two runs, refused without --queue), so a VALUE with a
+    comma that is not already a list, a dict or quoted is single-quoted (a vocabulary "a, b, c")."""
+    key, _, value = override.partition("=")
+    text = value.strip()
+    if "," not in text or text[:1] in "[{'\"":
+        return override
+    return f"{key}='" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _holds(params: dict, override: str) -> bool:
