@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import zarr
-import zarr.core.sync
 
 # `images/S` uses numcodecs' Delta filter (zarr-python reads it through numcodecs, a dependency of
 # zarr itself); zarr warns on every open that other zarr implementations may lack it. Said once,
@@ -261,13 +260,18 @@ def settle_reads(timeout: float = 30.0) -> None:
     pending!" for each on stderr. Waiting for them keeps stderr to the report.
     """
 
+    try:  # zarr 3's own loop; not a public module, hence the guard
+        from zarr.core.sync import sync
+    except ImportError:  # another zarr layout: nothing of its loop to wait for
+        return
+
     async def others_done() -> None:
         me = asyncio.current_task()
         pending = [task for task in asyncio.all_tasks() if task is not me and not task.done()]
         if pending:
             await asyncio.wait(pending, timeout=timeout)
 
-    zarr.core.sync.sync(others_done())
+    sync(others_done())
 
 
 def find_damage(store: str | zarr.Group, grids: tuple[int, ...] | None = None, sizes: tuple[int, ...] | None = None,
