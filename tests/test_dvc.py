@@ -90,6 +90,15 @@ def test_the_recipe_sweep_runs_as_dvc_experiments_and_tabulates_them_over_seeds(
     other = subprocess.run([*sweep[:3], "run", "--repo", str(project), "--recipes", "default", "--seeds", "1", "--set", "train.epochs=2"],
                            cwd=REPO, capture_output=True, text=True, timeout=600)
     assert other.returncode == 1 and "experiment default-s1 exists with other params (train.epochs=2 differ)" in other.stderr
+    # A new commit is a new baseline: its table is empty until --all-commits reads the earlier one's.
+    (project / "NOTES.md").write_text("a commit after the sweep\n")
+    subprocess.run(["git", "add", "NOTES.md"], cwd=project, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t.invalid", "commit", "-qm", "later"], cwd=project, check=True)
+    table = [*sweep[:3], "table", *sweep[3:5], *sweep[5:7]]
+    now = subprocess.run(table, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert now.returncode == 0 and "| default |" not in now.stdout
+    earlier = subprocess.run([*table, "--all-commits"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert earlier.returncode == 0 and "| default | 0,1 |" in earlier.stdout
 
 
 def test_sweep_quotes_a_value_with_commas_for_dvc():

@@ -19,6 +19,7 @@ mean is shown last, for the record only.
     dvc repro                                                              # the baseline
     python -m bench.science.sweep run --recipes default,standardize --seeds 0,1,2
     python -m bench.science.sweep table --recipes default,standardize
+    python -m bench.science.sweep table --recipes default --all-commits     # experiments of earlier commits too
     python -m bench.science.sweep run --recipes default --seeds 0,1,2 --tag e36 --set train.epochs=36
 """
 
@@ -86,14 +87,15 @@ def dvc(repo: Path, *args: str) -> str:
     return proc.stdout
 
 
-def experiments(repo: Path) -> dict[str, dict]:
-    """The finished experiments of the workspace's commit, by name: {"metrics": {file: data}, "params": params.yaml}.
+def experiments(repo: Path, all_commits: bool = False) -> dict[str, dict]:
+    """The finished experiments of the workspace's commit (`all_commits`: of every commit, the
+    newest of a name kept), by name: {"metrics": {file: data}, "params": params.yaml}.
 
     One still running or queued (it has an executor) is left out: until it ends, `dvc exp show`
     reads its figures from the files its baseline had.
     """
     found = {}
-    for commit in json.loads(dvc(repo, "exp", "show", "--json")):
+    for commit in json.loads(dvc(repo, "exp", "show", "--json", *(["--all-commits"] if all_commits else []))):  # newest commit first
         for exp in commit.get("experiments") or []:
             if exp.get("executor"):
                 continue
@@ -101,8 +103,8 @@ def experiments(repo: Path) -> dict[str, dict]:
                 data = rev.get("data") or {}
                 name = rev.get("name") or exp.get("name")
                 if name and not rev.get("error"):
-                    found[name] = {"metrics": {f: (m or {}).get("data", {}) for f, m in (data.get("metrics") or {}).items()},
-                                   "params": ((data.get("params") or {}).get("params.yaml") or {}).get("data", {})}
+                    found.setdefault(name, {"metrics": {f: (m or {}).get("data", {}) for f, m in (data.get("metrics") or {}).items()},
+                                            "params": ((data.get("params") or {}).get("params.yaml") or {}).get("data", {})})
     return found
 
 
@@ -147,10 +149,10 @@ def _holds(params: dict, override: str) -> bool:
     return node == yaml.safe_load(value)
 
 
-def rows(repo: Path, recipes: list[str], tag: str) -> list[dict]:
+def rows(repo: Path, recipes: list[str], tag: str, all_commits: bool = False) -> list[dict]:
     """One row per experiment of `recipes` (named RECIPE-sSEED[-TAG]) with its figures."""
     out = []
-    for name, exp in experiments(repo).items():
+    for name, exp in experiments(repo, all_commits).items():
         recipe, _, rest = name.rpartition("-s")
         seed, _, exp_tag = rest.partition("-")
         if recipe not in recipes or exp_tag != tag or not seed.isdigit() or VAL not in exp["metrics"]:
@@ -201,6 +203,8 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="appended to the experiment names (a sweep with other --set values)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra KEY=VALUE for every experiment (e.g. train.epochs=36)")
     ap.add_argument("--queue", action="store_true", help="queue the experiments (then `dvc queue start -j N`) instead of running them")
+    ap.add_argument("--all-commits", action="store_true",
+                    help="table: also the experiments of earlier commits (the newest of a name); run always looks at this commit's only")
     args = ap.parse_args()
     recipes = args.recipes.split(",")
     unknown = [r for r in recipes if r not in RECIPES]
@@ -208,7 +212,7 @@ def main() -> None:
         ap.error(f"unknown recipe(s) {', '.join(unknown)}; known: {', '.join(RECIPES)}")
     if args.action == "run":
         run(args.repo, recipes, [int(s) for s in args.seeds.split(",")], args.tag, args.overrides, args.queue)
-    found = rows(args.repo, recipes, args.tag)
+    found = rows(args.repo, recipes, args.tag, args.all_commits)
     if args.action == "table" or not args.queue:
         print(table(found))
         if args.json:
