@@ -94,7 +94,7 @@ def test_the_recipe_sweep_runs_as_dvc_experiments_and_tabulates_them_over_seeds(
     (project / "NOTES.md").write_text("a commit after the sweep\n")
     subprocess.run(["git", "add", "NOTES.md"], cwd=project, check=True)
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t.invalid", "commit", "-qm", "later"], cwd=project, check=True)
-    table = [*sweep[:3], "table", *sweep[3:5], *sweep[5:7]]
+    table = [sys.executable, "-m", "bench.science.sweep", "table", "--repo", str(project), "--recipes", "default"]
     now = subprocess.run(table, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert now.returncode == 0 and "| default |" not in now.stdout
     earlier = subprocess.run([*table, "--all-commits"], cwd=REPO, capture_output=True, text=True, timeout=600)

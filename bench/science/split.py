@@ -7,7 +7,7 @@ import argparse
 
 from bench.harness import parser
 from pipeline.config import Params, load_params
-from pipeline.evaluation.datasets import open_dataset
+from pipeline.evaluation.datasets import SegmentationDataset, open_dataset
 from pipeline.evaluation.models import LoadedModel, load_model
 
 
@@ -20,9 +20,8 @@ def split_parser(doc: str | None) -> argparse.ArgumentParser:
     return ap
 
 
-def open_split(doc: str | None):
+def open_split(doc: str | None) -> tuple[argparse.Namespace, Params, LoadedModel, SegmentationDataset]:
     """(args, params, the loaded model, the split as a `demo` dataset) from the command line."""
     args = split_parser(doc).parse_args()
-    params: Params = load_params(args.params)
-    model: LoadedModel = load_model(params, args.checkpoint)
-    return args, params, model, open_dataset("demo", args.data)
+    params = load_params(args.params)
+    return args, params, load_model(params, args.checkpoint), open_dataset("demo", args.data)
