@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.evaluation.inference import BackgroundRule, StudentSegmenter
+from pipeline.evaluation.protocol import StudentSegmenter
+from pipeline.evaluation.vocabulary import Namer
 from pipeline.student import ZeroSegStudent, student_arch
 from bench.harness import emit, parser
 
@@ -36,15 +37,16 @@ def main() -> None:
     torch.manual_seed(0)
     student = ZeroSegStudent(arch=student_arch(args.variant), out_dim=args.dim).eval()
     text = F.normalize(torch.randn(args.classes, args.dim), dim=-1)
-    seg = StudentSegmenter(student, text, 100.0, BackgroundRule("probability", 0.5), short_side=args.short_side, window=args.window, stride=args.stride, device=args.device)
+    seg = StudentSegmenter(student, short_side=args.short_side, window=args.window, stride=args.stride, device=args.device)
+    namer = Namer("probability", text, 100.0, 0.5)
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (375, 500, 3), dtype=np.uint8) for _ in range(args.images)]
-    seg.predict(images[0])  # warm-up
+    seg.predict(images[0], namer)  # warm-up
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for image in images:
-        seg.predict(image)  # returns numpy: synchronizes
+        seg.predict(image, namer)  # returns numpy: synchronizes
     dt = time.perf_counter() - t0
     emit({"variant": args.variant, "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                       "short_side": args.short_side, "window": args.window, "stride": args.stride, "classes": args.classes,

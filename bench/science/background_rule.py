@@ -29,8 +29,8 @@ from bench.science.split import open_split
 from pipeline.clip.text import template_set
 from pipeline.core.decode import load_rgb
 from pipeline.evaluation.baselines import teacher_segmenter
-from pipeline.evaluation.inference import vocabulary
 from pipeline.evaluation.student_naming import StudentTokenScores
+from pipeline.evaluation.vocabulary import namers
 
 METHODS = ("student", "training_free", "maskclip")
 
@@ -69,17 +69,11 @@ def summary(score: np.ndarray, is_object: np.ndarray, *, higher_means_object: bo
 def main() -> None:
     args, params, model, dataset = open_split(__doc__)
     e = params.eval
-    templates, scale, n_bg = template_set(e.templates), model.embedder.logit_scale, len(e.bg_words)
-    classes = list(dataset.class_names[1:])
-    rules = {mode: vocabulary(model.embedder, classes, templates, mode=mode, threshold=0.5, bg_words=e.bg_words) for mode in ("probability", "class")}
-
-    def scorer(method: str, mode: str):
-        text, rule = rules[mode]
-        if method == "student":
-            return StudentTokenScores(model.student, text, scale, rule, short_side=e.token_short_side or e.short_side, ratios=e.token_ratios)
-        return teacher_segmenter(method, model.teacher, text, scale, rule, e, None)
-
-    scorers = {(m, mode): scorer(m, mode) for m in METHODS for mode in rules}
+    n_bg = len(e.bg_words)
+    rules = namers(model.embedder, list(dataset.class_names[1:]), template_set(e.templates), rules=["probability", "class"], thresholds={"probability": 0.5},
+                   logit_scale=model.embedder.logit_scale, bg_words=e.bg_words)
+    scorers = {m: StudentTokenScores(model.student, short_side=e.token_short_side or e.short_side, ratios=e.token_ratios) if m == "student"
+               else teacher_segmenter(m, model.teacher, e) for m in METHODS}
     gathered: dict[str, dict[str, list[np.ndarray]]] = {m: {"best": [], "bg": [], "right": []} for m in METHODS}
     object_pixels = []
     with torch.inference_mode():
@@ -91,8 +85,8 @@ def main() -> None:
             object_pixels.append(is_object)
 
             for m in METHODS:
-                fg = at_pixels(scorers[m, "probability"].compute_scores(image), mask.shape, keep)  # softmax over the class words
-                both = at_pixels(scorers[m, "class"].compute_scores(image), mask.shape, keep)  # background words first
+                fg = at_pixels(scorers[m].scores(image, rules["probability"]), mask.shape, keep)  # softmax over the class words
+                both = at_pixels(scorers[m].scores(image, rules["class"]), mask.shape, keep)  # background words first
                 gathered[m]["best"].append(fg.max(-1))
                 gathered[m]["bg"].append(both[:, :n_bg].sum(-1))
                 gathered[m]["right"].append(fg.argmax(-1)[is_object] + 1 == mask[keep][is_object])

@@ -1,4 +1,4 @@
-"""Zero-shot evaluation: benchmark readers and segmentation scores."""
+"""Zero-shot evaluation: benchmark readers, segmentation scores, and `Segmenter`, a trained student from Python."""
 
 from pipeline.evaluation.datasets import (
     COCO_OBJECT,
@@ -41,3 +41,13 @@ __all__ = [
     "open_voc_layout",
     "read_class_names",
 ]
+
+
+def __getattr__(name: str):
+    """`from pipeline.evaluation import Segmenter`: imported on first use, after the package itself
+    (`segmenter.py` reads the modules this package's readers live beside)."""
+    if name in ("Segmenter", "Segmentation"):
+        from pipeline.evaluation import segmenter
+
+        return getattr(segmenter, name)
+    raise AttributeError(f"module 'pipeline.evaluation' has no attribute {name!r}")

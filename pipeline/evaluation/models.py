@@ -7,7 +7,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from pipeline.clip.model import Teacher, teacher_candidates
 from pipeline.config import Params
@@ -15,6 +14,7 @@ from pipeline.core.checkpoint import load_checkpoint
 from pipeline.core.errors import InputError
 from pipeline.clip.text import ClassEmbedder
 from pipeline.student import StudentArch, ZeroSegStudent
+from pipeline.student.legacy import upgrade_arch
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def load_model(params: Params, checkpoint: str | Path) -> LoadedModel:
     """
     ckpt = load_checkpoint(checkpoint)
     try:
-        arch = StudentArch(**ckpt["arch"])
+        arch = StudentArch(**upgrade_arch(ckpt["arch"], StudentArch))
         student = ZeroSegStudent(arch=arch, out_dim=int(ckpt["cache"]["embed_dim"]))
         student.load_state_dict(ckpt["model"])
     except (KeyError, TypeError, RuntimeError) as exc:
@@ -92,27 +92,15 @@ def load_teacher_of(params: Params, ckpt: dict, checkpoint: str | Path) -> Teach
     )
 
 
-def demo_model_note(model: LoadedModel) -> str:
-    """A line for users of the demo model (its teacher knows only the demo's shapes); "" otherwise."""
+def demo_model_note(model: LoadedModel, classes=()) -> str:
+    """A line for users of the demo model asking it for words it does not know (its teacher knows
+    only the demo's shapes and background); "" for any other model, or for the demo's own words."""
+    from pipeline.clip.text import name_key
     from pipeline.demo.data import CLASSES
     from pipeline.demo.teacher import MODEL
 
-    if model.teacher.identity.model != MODEL:
+    if model.teacher.identity.model != MODEL or {name_key(c) for c in classes} <= set(CLASSES):
         return ""
     return (f"this is the demo model: its teacher ({MODEL}) was trained on synthetic scenes and knows only "
             f"{', '.join(CLASSES[1:])} and background; other words get the nearest of those, so train on your own images "
             "for other classes (README: 'Switching to the paper's setup')")
-
-
-def calibration_center(params: Params, model: LoadedModel, checkpoint: str | Path) -> torch.Tensor | None:
-    """eval.calibration's mean: the teacher's dataset mean from the student's checkpoint (None when off).
-
-    Raises:
-        InputError: calibration is on and the checkpoint predates the statistics.
-    """
-    if params.eval.calibration == "none":
-        return None
-    stats = model.checkpoint.get("teacher_stats")
-    if stats is None:
-        raise InputError(f"{checkpoint}: eval.calibration={params.eval.calibration} needs the teacher's statistics, which this checkpoint predates; retrain it or set eval.calibration=none")
-    return torch.tensor(stats["mean"], dtype=torch.float32)

@@ -69,10 +69,12 @@ def overlay(image: np.ndarray, labels: np.ndarray, names: Sequence[str], *, alph
     legend = [names[k - 1] for k in order]
     if legend:
         draw = ImageDraw.Draw(out)
-        font = legend_font(max(11, min(32, out.height // 40)), cjk=any(ord(ch) >= CJK_START for name in legend for ch in name))
-        line = max(10, draw.textbbox((0, 0), "Ag", font=font)[3] + 3)
-        rows = (out.height - 4) // line
-        if rows >= 1 and out.height >= 3 * line:  # else the legend would hide the picture; the PNG's text chunk still lists it
+        font = legend_font(max(8, min(32, out.height // 40)), cjk=any(ord(ch) >= CJK_START for name in legend for ch in name))
+        line = max(8, draw.textbbox((0, 0), "Ag", font=font)[3] + 3)
+        # The legend keeps to the picture's lower quarter (one line on a picture at least three lines
+        # tall); else it would hide the picture. The PNG's text chunk lists every class either way.
+        rows = max(int(out.height >= 3 * line), (out.height // LEGEND_SHARE - 4) // line)
+        if rows >= 1:
             shown = legend_lines(legend, rows)
             width = max(draw.textlength(n, font=font) for n in shown) + line + 8
             top = out.height - 4 - line * len(shown)
@@ -83,6 +85,9 @@ def overlay(image: np.ndarray, labels: np.ndarray, names: Sequence[str], *, alph
                     draw.rectangle([5, y + 1, 5 + line - 4, y + line - 3], fill=colour(k), outline=(0, 0, 0))
                 draw.text((8 + line, y), name, fill=(0, 0, 0), font=font)
     return out, legend
+
+
+LEGEND_SHARE = 4  # the legend's box is at most 1/LEGEND_SHARE of the picture's height
 
 
 def legend_lines(legend: Sequence[str], rows: int) -> list[str]:

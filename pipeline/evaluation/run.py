@@ -1,16 +1,19 @@
-"""Zero-shot evaluation: the student and the training-free baseline, same images, same protocol.
+"""Zero-shot evaluation: the student, its ablations and the teacher-alone baselines, same images,
+same protocol, under the headline background rule and GroupViT's probability rule.
 
-For each dataset in `eval.datasets`, every segmenter sees the same images at the same
-resolution, the same class embeddings (the dataset's background class is not in the
-vocabulary: the background rule decides it, by a threshold or by `eval.bg_words`), the same
-rule and threshold, the same top-k restriction, and is scored by the same confusion matrix
-(255 ignored). Results go to one metrics JSON per dataset (`dvc metrics show` reads
-them), a per-class table in the terminal, and overlay pictures of the first `eval.pictures`
-images.
+For each dataset in `eval.datasets`, every method sees the same images, the same class
+embeddings, the same rule and threshold, the same top-k restriction, and is scored by the same
+confusion matrix (255 ignored). Each method's model runs once per image; both rules name its
+output. Per image, every method's confusion matrix is kept (`Scoreboard`), so the headline can
+carry the student's mIoU over the objects alone and paired bootstrap intervals of its
+differences to the baselines. Results go to one headline metrics JSON per dataset (few numbers:
+`dvc metrics show` reads them), the whole scoreboard beside it (`details_dir`), a table in the
+terminal, and overlays of the first `eval.pictures` images.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -24,59 +27,89 @@ from pipeline.core.device import resolve_device
 from pipeline.core.errors import InputError
 from pipeline.core.files import output_folder
 from pipeline.evaluation import ConfusionMatrix, SegmentationScores, open_dataset
-from pipeline.evaluation.baselines import TeacherNamedSegmenter, teacher_segmenter
-from pipeline.evaluation.inference import vocabulary
-from pipeline.evaluation.models import calibration_center, load_model
-from pipeline.evaluation.oracle import grid_regions, majority_labels
+from pipeline.evaluation.baselines import NamedSegments, teacher_segmenter
+from pipeline.evaluation.models import load_model
+from pipeline.evaluation.oracle import BoundaryScore, majority_labels, matched_grid, slic_regions
 from pipeline.evaluation.overlay import write_overlay
-from pipeline.evaluation.student_naming import student_segmenter
+from pipeline.evaluation.scoreboard import Scoreboard
+from pipeline.evaluation.student_naming import StudentTokenScores, student_segmenter
+from pipeline.evaluation.vocabulary import namers
 
 TEACHER_ALONE = ("training_free", "maskclip", "sclip", "naclip")
 BASELINES = (*TEACHER_ALONE, *(f"grouped_{m}" for m in TEACHER_ALONE))
+PAPER_RULE = "probability"  # GroupViT's, the paper's benchmarks': always scored beside eval.bg_rule
+PARTITIONS = ("student", "grid", "slic")  # the grouping oracles: the student's regions, and as many content-blind / superpixel ones
 
 
-def side_by_side(names: list[str], columns: dict[str, SegmentationScores]) -> str:
-    """Per-class IoU (%) of every method in one table, with mIoU and pixel accuracy last."""
+def side_by_side(names: list[str], scores: dict) -> str:
+    """Per-class IoU (%) of every method of one rule's scoreboard in one table, with mIoU, mIoU over
+    the objects and pixel accuracy last."""
+    columns = list(scores["miou"])
     width = max(12, *(len(n) for n in names))
-    head = f"{'class':<{width}} " + " ".join(f"{m:>14}" for m in columns)
+    col = max(10, *(len(m) for m in columns))
+    head = f"{'class':<{width}} " + " ".join(f"{m:>{col}}" for m in columns)
     rows = [head, "-" * len(head)]
 
-    def pct(x: float) -> str:
-        return f"{100 * x:14.1f}" if x == x else f"{'-':>14}"
+    def pct(x: float | None) -> str:
+        return f"{100 * x:{col}.1f}" if x is not None and x == x else f"{'-':>{col}}"
 
-    for k, name in enumerate(names):
-        rows.append(f"{name:<{width}} " + " ".join(pct(s.iou[k]) for s in columns.values()))
+    for name in names:
+        rows.append(f"{name:<{width}} " + " ".join(pct(scores["per_class_iou"][m][name]) for m in columns))
     rows.append("-" * len(head))
-    rows.append(f"{'mIoU':<{width}} " + " ".join(pct(s.miou) for s in columns.values()))
-    rows.append(f"{'pixel acc.':<{width}} " + " ".join(pct(s.pixel_accuracy) for s in columns.values()))
+    for key, title in (("miou", "mIoU"), ("miou_fg", "mIoU objects"), ("pixel_accuracy", "pixel acc.")):
+        rows.append(f"{title:<{width}} " + " ".join(pct(scores[key][m]) for m in columns))
     return "\n".join(rows)
 
 
-HEADLINE = ("miou", "oracle", "segments_per_image", "segments_per_window", "images")  # the registered metrics
+def strongest_baseline(miou: dict[str, float]) -> str | None:
+    """The teacher-alone method with the highest mIoU (the bar a trained student must clear)."""
+    alone = [m for m in TEACHER_ALONE if m in miou]
+    return max(alone, key=lambda m: miou[m]) if alone else None
 
 
-DETAIL = ("pixel_accuracy", "per_class_iou", "images")  # beside them, not registered: 42 more columns on the demo
+def headline(detail: dict, rule: str) -> dict:
+    """The few numbers `dvc metrics show` prints (a terminal's width for two splits): under the
+    headline rule, the mIoU and the mIoU over the objects of the student and of the strongest
+    teacher-alone method, and the 95% interval of the student's difference to it (`diff_ci95_lo`,
+    `diff_ci95_hi`). Every method, both rules and every interval are in the detail file."""
+    scores = detail["rules"][rule]
+    bar = scores["strongest_baseline"]
+    methods = ["student", *([bar] if bar else [])]
+    out = {"miou": {m: scores["miou"][m] for m in methods}, "miou_fg": {m: scores["miou_fg"][m] for m in methods}}
+    if bar:
+        ci = scores["ci95"][bar]
+        out["diff_ci95_lo"] = {"miou": ci["miou"]["lo"], "miou_fg": ci["miou_fg"]["lo"]}
+        out["diff_ci95_hi"] = {"miou": ci["miou"]["hi"], "miou_fg": ci["miou_fg"]["hi"]}
+    return out
 
 
-def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Path, pictures_dir: str | Path | None = None, *, base_checkpoint: str | Path | None = None, progress: bool = True, echo=print,
+def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Path, pictures_dir: str | Path | None = None, *,
+                   base_checkpoint: str | Path | None = None, ablations: dict[str, str | Path] | None = None, progress: bool = True, echo=print,
                    details_dir: str | Path | None = None) -> dict:
     """Evaluate the student (and the baselines in `eval.baselines`) on every dataset of `eval.datasets`.
 
-    Writes the headline `metrics_dir/DATASET.json` per dataset (what DVC registers as metrics):
-    `miou.{student, base, training_free, maskclip, sclip, naclip, grouped_*, trivial}` (those that ran; `grouped_maskclip`
-    is the student's segments named by the teacher's MaskCLIP, `grouped_training_free` by its grid cells: `TeacherNamedSegmenter`), `oracle.{student,
-    grid}` (segments labelled by their majority true class: the grouping alone, beside a
-    content-blind 3x3 grid), `segments_per_image` (distinct student segments per image),
-    `segments_per_window` (segments owning at least 1% of a window, averaged: 1 means the
-    grouping collapsed) and `images`. The detail goes to `details_dir/DATASET.json` when given:
-    `pixel_accuracy.*` and `per_class_iou.*` (of all of them, the oracles as `oracle_student`
-    and `oracle_grid`, as the printed table shows them) and `images`.
+    Methods: `student`; `student_1scale` (its tokens at `eval.token_short_side` alone, when
+    `eval.token_ratios` has several scales: the share of its multi-scale averaging); `base`
+    (the paper's Base ablation, named as the paper names segments, by their group embeddings);
+    each of `ablations`, evaluated as the student is; the teacher-alone methods and the student's
+    segments named by them (`grouped_*`); `trivial` (everything background). Under `eval.bg_rule`
+    and, when that is another, GroupViT's probability rule.
+
+    Writes `metrics_dir/DATASET.json` (`headline`) and, when `details_dir` is given, the whole
+    scoreboard to `details_dir/DATASET.json`: per rule, every method's `miou`, `miou_fg` (the
+    object classes alone), `pixel_accuracy`, `per_class_iou`, and `ci95` (the paired bootstrap
+    interval of the student's difference to each other method, 1,000 resamples of the images, seed
+    0); the grouping oracles (`oracle`: the student's regions, a grid and SLIC superpixels with as
+    many regions per image, each labelled by its majority class; `boundary`: their edges' precision,
+    recall and F against the truth's); `regions_per_image`, `segments_per_window` (the student's
+    segments owning at least 1% of a window; 1 means the grouping collapsed) and `images`.
 
     Args:
-        base_checkpoint: a second student (the paper's "Base" ablation), evaluated beside.
-        details_dir: folder for the per-class detail (None: not written).
+        base_checkpoint: the paper's Base ablation, evaluated beside.
+        ablations: {name: checkpoint} more students, evaluated as the student is.
+        details_dir: folder for the whole scoreboard (None: not written).
     Returns:
-        {dataset: headline and detail together}.
+        {dataset: the whole scoreboard}.
     """
     e = params.eval
     unknown = [b for b in e.baselines if b not in BASELINES]
@@ -90,69 +123,107 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
     for folder, option in ((metrics_dir, "--metrics-dir"), (details_dir, "--details-dir"), (pictures_dir, "--pictures")):  # not found after the work
         if folder is not None:
             output_folder(folder, option)
-    missing = [name for name in datasets if name not in e.bg_threshold]
-    if missing and e.bg_rule != "class":
-        raise InputError(f"eval.bg_threshold: no threshold for dataset {missing[0]!r} (have: {', '.join(e.bg_threshold)})")
+    rules = [e.bg_rule, *([PAPER_RULE] if e.bg_rule != PAPER_RULE else [])]
+    thresholds = {name: e.bg_threshold.get(name, e.bg_threshold.get("default")) for name in datasets}  # GroupViT's rule is always scored
+    missing = [name for name, t in thresholds.items() if t is None]
+    if missing:
+        raise InputError(f"eval.bg_threshold: no threshold for dataset {missing[0]!r} and no default (have: {', '.join(e.bg_threshold)})")
     model = load_model(params, checkpoint)
-    base = load_model(params, base_checkpoint) if base_checkpoint else None
     device = resolve_device(e.device, key="eval.device")
-    center = calibration_center(params, model, checkpoint)  # one mean for every method: the teacher's
+    paper_naming = dataclasses.replace(e, student_naming="segment", token_short_side=0)
+    methods = {"student": student_segmenter(model.student, e, device)}
+    student = methods["student"]
+    if isinstance(student, NamedSegments) and len(e.token_ratios) > 1:
+        methods["student_1scale"] = NamedSegments(student.student, StudentTokenScores(model.student, short_side=e.token_short_side, device=device))
+    if base_checkpoint:
+        methods["base"] = student_segmenter(load_model(params, base_checkpoint).student, paper_naming, device)
+    for name, path in (ablations or {}).items():
+        methods[name] = student_segmenter(load_model(params, path).student, e, device)
+    for alone in TEACHER_ALONE:
+        if alone in e.baselines or f"grouped_{alone}" in e.baselines:
+            segmenter = teacher_segmenter(alone, model.teacher, e)  # one per method: its pass is shared
+            if alone in e.baselines:
+                methods[alone] = segmenter
+            if f"grouped_{alone}" in e.baselines:
+                methods[f"grouped_{alone}"] = NamedSegments(student.student if isinstance(student, NamedSegments) else student, segmenter)
+    windows = student.student if isinstance(student, NamedSegments) else student
     templates = template_set(e.templates)
     results: dict[str, dict] = {}
     for name, dataset in datasets.items():
         classes = list(dataset.class_names[1:])  # index 0 is background, decided by the background rule
-        text, rule = vocabulary(model.embedder, classes, templates, mode=e.bg_rule, threshold=e.bg_threshold.get(name, 0.0), bg_words=e.bg_words)
-        methods = {"student": student_segmenter(model.student, text, model.embedder.logit_scale, rule, e, device, center)}
-        if base is not None:
-            methods["base"] = student_segmenter(base.student, text, model.embedder.logit_scale, rule, e, device, center)
-        for alone in TEACHER_ALONE:
-            if alone in e.baselines or f"grouped_{alone}" in e.baselines:
-                segmenter = teacher_segmenter(alone, model.teacher, text, model.embedder.logit_scale, rule, e, center)  # one per method: its pass is shared
-                if alone in e.baselines:
-                    methods[alone] = segmenter
-                if f"grouped_{alone}" in e.baselines:
-                    methods[f"grouped_{alone}"] = TeacherNamedSegmenter(methods["student"], segmenter)
-        scored = [*methods, "trivial", "oracle_student", "oracle_grid"]
-        matrices = {m: ConfusionMatrix(dataset.num_classes, dataset.ignore_index) for m in scored}
+        vocab = namers(model.embedder, classes, templates, rules=rules, thresholds={r: thresholds[name] for r in rules if r != "class"},
+                       logit_scale=model.embedder.logit_scale, bg_words=e.bg_words, topk=e.topk_classes)
+        boards = {rule: Scoreboard(dataset.num_classes) for rule in rules}
+        oracles = {p: ConfusionMatrix(dataset.num_classes, dataset.ignore_index) for p in PARTITIONS}
+        boundaries = {p: BoundaryScore() for p in PARTITIONS}
         n = len(dataset) if not e.max_images else min(e.max_images, len(dataset))
-        segments_used, per_window = 0, 0.0
+        regions_total, per_window = 0, 0.0
         for i in tqdm(range(n), desc=f"evaluate {name}", unit="img", disable=not progress):
             sample = dataset[i]
             image = load_rgb(sample.image_path, max_pixels=params.data.max_pixels, exif=False)
-            student_segments = None
-            for method, segmenter in methods.items():
-                # the grouped methods name the student's own segments (the student runs first)
-                pred = segmenter.predict(image, segments=student_segments) if method.startswith("grouped_") else segmenter.predict(image)
-                matrices[method].update(pred.labels, sample.mask)
-                if method == "student":
-                    student_segments = pred.segments
-                    matrices["oracle_student"].update(majority_labels(pred.segments, sample.mask, dataset.num_classes, dataset.ignore_index), sample.mask)
-                    segments_used += len(np.unique(pred.segments))
-                    per_window += pred.segments_per_window
-                if pictures_dir is not None and i < e.pictures:
-                    picture = Path(pictures_dir) / name / f"{sample.image_id}_{method}.png"
-                    picture.parent.mkdir(parents=True, exist_ok=True)  # split ids may hold sub-folders
-                    write_overlay(picture, image, pred.labels, classes)
-            matrices["trivial"].update(np.zeros_like(sample.mask), sample.mask)
-            grid = grid_regions(*sample.mask.shape, g=3)
-            matrices["oracle_grid"].update(majority_labels(grid, sample.mask, dataset.num_classes, dataset.ignore_index), sample.mask)
-        scores = {m: cm.scores() for m, cm in matrices.items()}
+            for rule in rules:
+                namer = vocab[rule]
+                grouped = windows.predict(image, namer)  # the student's segments under this rule
+                student_segments = grouped.segments
+                for method, segmenter in methods.items():
+                    if segmenter is windows:
+                        pred = grouped
+                    elif isinstance(segmenter, NamedSegments) and segmenter.student is windows:  # names the student's own segments
+                        pred = segmenter.predict(image, namer, segments=student_segments)
+                    else:
+                        pred = segmenter.predict(image, namer)
+                    boards[rule].add(method, _matrix(pred.labels, sample.mask, dataset))
+                    if pictures_dir is not None and i < e.pictures and rule == rules[0]:
+                        picture = Path(pictures_dir) / name / f"{sample.image_id}_{method}.png"
+                        picture.parent.mkdir(parents=True, exist_ok=True)  # split ids may hold sub-folders
+                        write_overlay(picture, image, pred.labels, classes)
+                boards[rule].add("trivial", _matrix(np.zeros_like(sample.mask), sample.mask, dataset))
+                if rule == rules[0]:  # the grouping, under the headline rule (the rule only picks which overlapping window wins a pixel)
+                    regions = len(np.unique(student_segments))
+                    regions_total += regions
+                    per_window += windows.windows(image).per_window
+                    h, w = sample.mask.shape
+                    for part, ids in (("student", student_segments), ("grid", matched_grid(h, w, regions)), ("slic", slic_regions(image, regions))):
+                        oracles[part].update(majority_labels(ids, sample.mask, dataset.num_classes, dataset.ignore_index), sample.mask)
+                        boundaries[part].update(ids, sample.mask)
         names = list(dataset.class_names)
-        ran = [m for m in scored if not m.startswith("oracle")]
-        results[name] = {
-            "miou": {m: scores[m].as_dict(names)["miou"] for m in ran},
-            "oracle": {"student": scores["oracle_student"].as_dict(names)["miou"], "grid": scores["oracle_grid"].as_dict(names)["miou"]},
-            "pixel_accuracy": {m: scores[m].as_dict(names)["pixel_accuracy"] for m in scored},
-            "per_class_iou": {m: scores[m].as_dict(names)["per_class_iou"] for m in scored},
-            "segments_per_image": segments_used / max(1, n),
-            "segments_per_window": per_window / max(1, n),
-            "images": n,
-        }
-        how = f"background words {', '.join(e.bg_words)} in the vocabulary" if rule.mode == "class" else f"threshold {rule.threshold} on {rule.mode}"
-        echo(f"\n{name} ({n} images, {len(classes)} classes + background, {how})")
-        echo(side_by_side(names, {m: scores[m] for m in scored}))
-        echo(f"student segments per image: {segments_used / max(1, n):.1f}, per window: {per_window / max(1, n):.2f} (1 means the grouping collapsed)")
-        (Path(metrics_dir) / f"{name}.json").write_text(json.dumps({k: results[name][k] for k in HEADLINE}, indent=2))
+        detail = {"images": n, "rules": {rule: _rule_scores(boards[rule], names) for rule in rules},
+                  "oracle": {p: oracles[p].scores().miou for p in PARTITIONS}, "boundary": {p: boundaries[p].scores() for p in PARTITIONS},
+                  "regions_per_image": regions_total / max(1, n), "segments_per_window": per_window / max(1, n)}
+        results[name] = detail
+        for rule in rules:
+            how = f"background words {', '.join(e.bg_words)} in the vocabulary" if rule == "class" else f"threshold {vocab[rule].threshold} on {rule}"
+            echo(f"\n{name} ({n} images, {len(classes)} classes + background, {how})")
+            echo(side_by_side(names, detail["rules"][rule]))
+        echo(f"grouping oracle (regions labelled by their majority class; {detail['regions_per_image']:.1f} regions per image): "
+             + ", ".join(f"{p} {detail['oracle'][p]:.3f} (boundary F {detail['boundary'][p]['f']:.3f})" for p in PARTITIONS)
+             + f"; student segments per window {detail['segments_per_window']:.2f} (1 means the grouping collapsed)")
+        (Path(metrics_dir) / f"{name}.json").write_text(json.dumps(headline(detail, rules[0]), indent=2))
         if details_dir is not None:
-            (Path(details_dir) / f"{name}.json").write_text(json.dumps({k: results[name][k] for k in DETAIL}, indent=2))
+            (Path(details_dir) / f"{name}.json").write_text(json.dumps(detail, indent=2))
     return results
+
+
+def _matrix(pred: np.ndarray, target: np.ndarray, dataset) -> np.ndarray:
+    cm = ConfusionMatrix(dataset.num_classes, dataset.ignore_index)
+    cm.update(pred, target)
+    return cm.matrix
+
+
+def _rule_scores(board: Scoreboard, names: list[str]) -> dict:
+    """One rule's scoreboard: every method's figures, the strongest teacher-alone method and the
+    student's intervals against every other method."""
+    scores = {m: SegmentationScores.from_matrix(board.stacked(m).sum(axis=0)).as_dict(names) for m in board.matrices}
+    miou = {m: s["miou"] for m, s in scores.items()}
+    return {
+        "miou": miou,
+        "miou_fg": {m: _json_float(board.miou_fg(m)) for m in scores},
+        "pixel_accuracy": {m: s["pixel_accuracy"] for m, s in scores.items()},
+        "per_class_iou": {m: s["per_class_iou"] for m, s in scores.items()},
+        "strongest_baseline": strongest_baseline(miou),
+        "ci95": board.intervals("student", [m for m in scores if m != "student"]),
+    }
+
+
+def _json_float(x: float) -> float | None:
+    return None if x != x else x

@@ -10,22 +10,18 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from pipeline.clip.dense import DENSE_CLIP
-from pipeline.clip.text import parse_vocabulary, template_set
-from pipeline.config import Params, threshold_problem
+from pipeline.clip.text import parse_vocabulary
+from pipeline.config import Params
 from pipeline.core.decode import load_rgb
-from pipeline.core.device import resolve_device
 from pipeline.core.errors import InputError
 from pipeline.core.files import (
     IMAGE_EXTENSIONS,
     list_images,
     output_folder,
 )
-from pipeline.evaluation.baselines import TeacherNamedSegmenter, teacher_segmenter
-from pipeline.evaluation.inference import vocabulary
-from pipeline.evaluation.models import calibration_center, demo_model_note, load_model
+from pipeline.evaluation.models import load_model
 from pipeline.evaluation.overlay import class_table, write_mask, write_overlay
-from pipeline.evaluation.student_naming import student_segmenter
+from pipeline.evaluation.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
 
@@ -128,44 +124,31 @@ def parse_classes(text: str) -> list[str]:
 
 
 def run_segment(params: Params, checkpoint: str | Path, images: Sequence[str | Path], classes: Sequence[str], out_dir: str | Path, *, threshold: float | None = None, progress: bool = True, on_result: Callable[[dict], None] | None = None,
-                include_globs: Sequence[str] = (), exclude_globs: Sequence[str] = (), naming: str = "student") -> list[dict]:
+                include_globs: Sequence[str] = (), exclude_globs: Sequence[str] = (), naming: str = "student", on_note: Callable[[str], None] | None = None) -> list[dict]:
     """Segment `images` with vocabulary `classes`; writes NAME_mask.png and NAME_overlay.png.
 
     `naming`: `student` (each segment by its own embedding), or a method of the teacher alone
     (`training_free`: its grid cells; `maskclip`, `sclip`, `naclip`: dense CLIP) whose scores,
-    averaged over each student segment, name it (`TeacherNamedSegmenter`: the teacher runs too).
+    averaged over each student segment, name it (`NamedSegments`: the teacher runs too).
 
     An image that cannot be read is skipped with its reason; the others are still segmented.
-    Images under `out_dir` are not inputs. `on_result` gets each image's entry as it is done.
+    Images under `out_dir` are not inputs. `on_result` gets each image's entry as it is done;
+    `on_note` (default: the log) the lines a user should read before the results: that a
+    background word among `classes` is the background under the class rule, or that the demo
+    model does not know some of the words.
 
     Returns:
         per image: its path and either the two outputs and the legend (classes present,
         largest first) or, for a skipped image, "error".
     """
-    e = params.eval
-    if naming not in ("student", "training_free", *DENSE_CLIP):
-        raise InputError(f"--naming: expected student, training_free, {', '.join(DENSE_CLIP)}; got {naming!r}")
-    if threshold is not None:
-        if e.bg_rule == "class":
-            raise InputError(f"--threshold {threshold}: eval.bg_rule is class, where background is wherever a bg_words entry wins; "
-                             "the threshold applies to bg_rule probability or cosine")
-        problem = threshold_problem(e.bg_rule, threshold)
-        if problem:
-            raise InputError(f"--threshold {threshold}: {problem}")
     out_dir = output_folder(out_dir, "--out")  # before the model loads: an unusable --out is found at once
     inputs = expand_images(images, exclude=out_dir, include_globs=include_globs, exclude_globs=exclude_globs)
     stems = output_stems([name for _, name in inputs])
-    model = load_model(params, checkpoint)
-    note = demo_model_note(model)
-    if note:
-        log.warning("%s", note)
-    threshold = threshold if threshold is not None else e.bg_threshold.get("default", 0.5)
-    text, rule = vocabulary(model.embedder, list(classes), template_set(e.templates), mode=e.bg_rule, threshold=threshold, bg_words=e.bg_words)
-    device = resolve_device(e.device, key="eval.device")
-    center = calibration_center(params, model, checkpoint)
-    seg = student_segmenter(model.student, text, model.embedder.logit_scale, rule, e, device, center)
-    if naming != "student":
-        seg = TeacherNamedSegmenter(seg, teacher_segmenter(naming, model.teacher, text, model.embedder.logit_scale, rule, e, center))
+    try:
+        segmenter = Segmenter(load_model(params, checkpoint), params, naming=naming, threshold=threshold, on_note=on_note)
+    except InputError as exc:  # the options of the command line
+        raise InputError(f"--{exc}") from None
+    classes, _ = segmenter.vocabulary(classes)
     (out_dir / "classes.txt").write_text(class_table(classes), encoding="utf-8")  # what the masks' values mean
     results = []
 
@@ -180,10 +163,10 @@ def run_segment(params: Params, checkpoint: str | Path, images: Sequence[str | P
         except InputError as exc:
             done({"image": str(path), "error": str(exc)})
             continue
-        pred = seg.predict(image)
+        result = segmenter(image, classes)
         mask_path, overlay_path = (out_dir / f"{stem}{suffix}" for suffix in OUTPUT_SUFFIXES)
         mask_path.parent.mkdir(parents=True, exist_ok=True)
-        write_mask(mask_path, pred.labels, classes)
-        legend = write_overlay(overlay_path, image, pred.labels, classes)
+        write_mask(mask_path, result.mask, classes)
+        legend = write_overlay(overlay_path, image, result.mask, classes)
         done({"image": str(path), "mask": str(mask_path), "overlay": str(overlay_path), "legend": legend})
     return results

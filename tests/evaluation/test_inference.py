@@ -18,23 +18,24 @@ from pipeline.core.errors import ConfigError, InputError
 from pipeline.evaluation.baselines import (
     GridTeacherSegmenter,
     MaskCLIPSegmenter,
-    TeacherNamedSegmenter,
-)
-from pipeline.evaluation.inference import (
-    BackgroundRule,
-    StudentSegmenter,
-    class_scores,
-    resize_short_side,
-    vocabulary,
-    window_origins,
+    NamedSegments,
 )
 from pipeline.evaluation.models import load_model
+from pipeline.evaluation.protocol import StudentSegmenter
 from pipeline.evaluation.run import run_evaluation
 from pipeline.evaluation.student_naming import StudentTokenScores
+from pipeline.evaluation.vocabulary import Namer, namers
+from pipeline.evaluation.windows import resize_short_side, window_origins
 from pipeline.student.normalize import normalize_images
 from pipeline.training.run import run_training
 
-EVAL = ["eval.short_side=64", "eval.window=32", "eval.stride=16", "eval.templates=single", "eval.pictures=2"]
+EVAL = ["eval.short_side=64", "eval.window=32", "eval.stride=16", "eval.templates=single", "eval.pictures=2", "eval.baselines=[training_free]"]
+
+
+def namer(model, classes, rule="probability", threshold=0.5, bg_words=("background",), topk=0) -> Namer:
+    """The vocabulary `classes` under one background rule, with the model's teacher."""
+    return namers(model.embedder, classes, template_set("single"), rules=[rule], thresholds={rule: threshold}, logit_scale=model.embedder.logit_scale,
+                  bg_words=bg_words, topk=topk)[rule]
 
 
 @pytest.fixture(scope="module")
@@ -64,52 +65,52 @@ def test_window_origins_cover_the_image():
 
 @pytest.mark.parametrize("shape", [(64, 64), (50, 90), (120, 40), (33, 47)])
 def test_student_predicts_every_pixel_at_any_size(model, shape):
-    text = model.embedder(["circle", "square", "star"], template_set("single"))
     image = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
-    for threshold, expect_background in ((-1.0, False), (2.0, True)):
-        seg = StudentSegmenter(model.student, text, model.embedder.logit_scale, BackgroundRule("probability", threshold), short_side=64, window=32, stride=16)
-        pred = seg.predict(image)
-        assert pred.labels.shape == shape and pred.score.shape == shape
-        if expect_background:
-            assert (pred.labels == 0).all()  # nothing reaches a probability of 2
-        else:
-            assert (pred.labels >= 1).all() and pred.labels.max() <= 3  # every pixel gets a class
-            assert (pred.score > 0).all()
+    seg = StudentSegmenter(model.student, short_side=64, window=32, stride=16)
+    everything = seg.predict(image, namer(model, ["circle", "square", "star"], threshold=-1.0))
+    assert everything.labels.shape == shape and everything.score.shape == shape
+    assert (everything.labels >= 1).all() and everything.labels.max() <= 3  # every pixel gets a class
+    assert (everything.score > 0).all()
+    capped = seg.predict(image, namer(model, ["circle", "square", "star"], threshold=2.0))  # above every probability
+    assert (capped.labels == 0).any()  # groups under the threshold are background ...
+    assert (capped.labels > 0).any()  # ... but GroupViT caps it at each window's best score: no window is emptied
 
 
 def test_training_free_baseline_paints_cells(model):
-    text = model.embedder(["circle", "square"], template_set("single"))
     image = np.random.default_rng(1).integers(0, 256, (40, 70, 3), dtype=np.uint8)
-    pred = GridTeacherSegmenter(model.teacher, text, model.embedder.logit_scale, BackgroundRule("cosine", -2.0), short_side=48).predict(image)
+    pred = GridTeacherSegmenter(model.teacher, short_side=48).predict(image, namer(model, ["circle", "square"], "cosine", -2.0))
     assert pred.labels.shape == (40, 70) and set(np.unique(pred.labels)) <= {1, 2}
     assert (pred.score >= -1).all() and (pred.score <= 1).all()  # cosine scores
 
 
 def test_class_rule_makes_background_words_compete_with_the_classes():
-    rule = BackgroundRule("class", float("-inf"), background_rows=2)
+    text = F.normalize(torch.randn(4, 8), dim=-1)
+    rule = Namer("class", text, 100.0, float("-inf"), background_rows=2)
     scores = torch.tensor([[0.5, 0.1, 0.2, 0.2], [0.1, 0.4, 0.3, 0.2], [0.1, 0.1, 0.7, 0.1], [0.1, 0.1, 0.2, 0.6]])
     best, label = rule.decide(scores)  # rows 0-1 are background words, rows 2-3 classes 1-2
     assert label.tolist() == [0, 0, 1, 2] and best.tolist() == pytest.approx([0.5, 0.4, 0.7, 0.6])
-    best, label = BackgroundRule("probability", 0.5).decide(scores[:, 2:])
+    best, label = Namer("probability", text[2:], 100.0, 0.5).decide(scores[:, 2:])
     assert label.tolist() == [1, 1, 1, 2]  # without them, the threshold alone decides background
     with pytest.raises(ValueError):
-        BackgroundRule("probability", 0.5, background_rows=1)
+        Namer("probability", text, 100.0, 0.5, background_rows=1)
 
 
 def test_class_rule_through_the_segmenters(model):
     classes = ["circle", "square", "star"]
-    text, rule = vocabulary(model.embedder, classes, template_set("single"), mode="class", threshold=0.9, bg_words=("background", "wall"))
+    both = namers(model.embedder, classes, template_set("single"), rules=["class", "probability"], thresholds={"probability": 0.9},
+                  logit_scale=model.embedder.logit_scale, bg_words=("background", "wall"))
+    rule = both["class"]
     plain = model.embedder(classes, template_set("single"))
-    assert text.shape[0] == 5 and torch.allclose(text[2:], plain, atol=1e-5) and rule.threshold == float("-inf")
+    assert rule.text.shape[0] == 5 and torch.allclose(rule.text[2:], plain, atol=1e-5) and rule.threshold == float("-inf")
+    assert torch.equal(both["probability"].text, rule.text[2:]) and both["probability"].threshold == 0.9  # one vocabulary, two rules
     image = np.random.default_rng(3).integers(0, 256, (48, 48, 3), dtype=np.uint8)
-    for seg in (StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, short_side=48, window=32, stride=16),
-                GridTeacherSegmenter(model.teacher, text, model.embedder.logit_scale, rule, short_side=48)):
-        pred = seg.predict(image)
+    for seg in (StudentSegmenter(model.student, short_side=48, window=32, stride=16), GridTeacherSegmenter(model.teacher, short_side=48)):
+        pred = seg.predict(image, rule)
         assert pred.labels.min() >= 0 and pred.labels.max() <= 3
         assert (pred.score > 0).all() and (pred.score <= 1).all()  # probabilities over all five rows
     # with the background words' rows equal to a class's row, that class can never win
-    text_dup = torch.cat([plain[:1], plain])
-    pred = GridTeacherSegmenter(model.teacher, text_dup, model.embedder.logit_scale, BackgroundRule("class", float("-inf"), 1), short_side=48).predict(image)
+    dup = Namer("class", torch.cat([plain[:1], plain]), model.embedder.logit_scale, float("-inf"), background_rows=1)
+    pred = GridTeacherSegmenter(model.teacher, short_side=48).predict(image, dup)
     assert not (pred.labels == 1).any()
 
 
@@ -201,65 +202,107 @@ def test_the_student_can_be_evaluated_at_its_own_short_side_and_named_by_its_tok
 
     plain = student_figures()
     same = student_figures(student_short_side=e.short_side)  # its own side, equal to the images': nothing changes
-    assert same["miou"] == plain["miou"] and same["oracle"] == plain["oracle"]
+    assert same["rules"] == plain["rules"] and same["oracle"] == plain["oracle"]
     small = student_figures(student_short_side=e.window)  # one window over the whole image: at most 4 segments in it
-    assert small["segments_per_image"] <= 4 < plain["segments_per_image"]
-    assert small["oracle"]["grid"] == plain["oracle"]["grid"]  # the teacher's grid is scored where it was
+    assert small["regions_per_image"] <= 4 < plain["regions_per_image"]
     tokens = student_figures(student_naming="tokens")
     assert tokens["segments_per_window"] == plain["segments_per_window"]  # the same segments in every window ...
-    assert tokens["per_class_iou"]["student"] != plain["per_class_iou"]["student"]  # ... other names
+    assert tokens["rules"]["probability"]["per_class_iou"]["student"] != plain["rules"]["probability"]["per_class_iou"]["student"]  # ... other names
     whole = student_figures(student_naming="tokens", token_short_side=e.window)  # named by the tokens of the whole image
     assert whole["segments_per_window"] == plain["segments_per_window"]
-    assert whole["per_class_iou"]["student"] != tokens["per_class_iou"]["student"]
+    assert whole["rules"]["probability"]["per_class_iou"]["student"] != tokens["rules"]["probability"]["per_class_iou"]["student"]
     with pytest.raises(ConfigError, match="eval.token_short_side"):
         student_figures(token_short_side=e.window)  # the segments' own embeddings name them: no tokens to take
 
 
 def test_the_students_token_scores_classify_every_patch_of_the_whole_image(model):
-    text = model.embedder(["circle", "square", "star"], template_set("single"))
-    rule = BackgroundRule("probability", 0.5)
+    rule = namer(model, ["circle", "square", "star"])
     image = np.random.default_rng(0).integers(0, 256, (40, 72, 3), dtype=np.uint8)
-    scores = StudentTokenScores(model.student, text, model.embedder.logit_scale, rule, short_side=32).scores(image)  # 32 x 57 px: 4 x 7 patches
+    scores = StudentTokenScores(model.student, short_side=32).scores(image, rule)  # 32 x 57 px: 4 x 7 patches
     x = resize_short_side(image, 32)[:, :32, :56].round().to(torch.uint8)[None]
     tokens = model.student.token_embeddings(normalize_images(x), pos_mode="interpolate")[0]  # [4, 7, D]
     assert scores.shape == (4, 7, 3)
-    torch.testing.assert_close(scores, class_scores(tokens.flatten(0, 1), text, model.embedder.logit_scale, "probability").view(4, 7, 3))
+    torch.testing.assert_close(scores, rule.scores(tokens.flatten(0, 1)).view(4, 7, 3))
     with pytest.raises(ConfigError, match="eval.token_short_side"):
-        StudentTokenScores(model.student, text, model.embedder.logit_scale, rule, short_side=4)
+        StudentTokenScores(model.student, short_side=4)
     # Several scales (eval.token_ratios): each scale's scores resized to the image, then averaged.
-    ratios = (0.75, 1.0, 1.25)  # 24, 32 and 40 px
-    multi = StudentTokenScores(model.student, text, model.embedder.logit_scale, rule, short_side=32, ratios=ratios)
-    single = StudentTokenScores(model.student, text, model.embedder.logit_scale, rule, short_side=32)
-    resized = [torch.nn.functional.interpolate(single.scores_at(image, side).permute(2, 0, 1)[None], size=(40, 72), mode="bilinear", align_corners=False)[0]
-               for side in (24, 32, 40)]
-    assert [single.scores_at(image, side).shape[:2] for side in (24, 32, 40)] == [(3, 5), (4, 7), (5, 9)]
-    torch.testing.assert_close(multi.scores(image), torch.stack(resized).mean(0).permute(1, 2, 0))
-    with pytest.raises(ConfigError, match="x eval.token_ratios"):
-        StudentTokenScores(model.student, text, model.embedder.logit_scale, rule, short_side=32, ratios=(0.2, 1.0))
+    multi = StudentTokenScores(model.student, short_side=32, ratios=(0.75, 1.0, 1.25)).scores(image, rule)  # 24, 32 and 40 px
+    alone = {side: StudentTokenScores(model.student, short_side=side).scores(image, rule) for side in (24, 32, 40)}
+    assert [alone[side].shape[:2] for side in (24, 32, 40)] == [(3, 5), (4, 7), (5, 9)]
+    resized = [F.interpolate(alone[side].permute(2, 0, 1)[None], size=(40, 72), mode="bilinear", align_corners=False)[0] for side in (24, 32, 40)]
+    torch.testing.assert_close(multi, torch.stack(resized).mean(0).permute(1, 2, 0))
+    with pytest.raises(ConfigError, match="x its ratios"):
+        StudentTokenScores(model.student, short_side=32, ratios=(0.2, 1.0))
 
 
 def test_evaluation_writes_the_science_metrics(trained, tmp_path):
     params, ckpt, _, _ = trained
-    results = run_evaluation(params, ckpt, tmp_path / "metrics", tmp_path / "pics", base_checkpoint=ckpt, progress=False, echo=lambda *_: None, details_dir=tmp_path / "detail")
+    params = dataclasses.replace(params, eval=dataclasses.replace(params.eval, bg_rule="class", baselines=("training_free", "maskclip")))
+    results = run_evaluation(params, ckpt, tmp_path / "metrics", tmp_path / "pics", base_checkpoint=ckpt, ablations={"again": ckpt}, progress=False,
+                             echo=lambda *_: None, details_dir=tmp_path / "detail")
     headline = json.loads((tmp_path / "metrics" / "demo.json").read_text())
     detail = json.loads((tmp_path / "detail" / "demo.json").read_text())
-    # the registered metrics stay narrow (9 values); the per-class detail sits beside them
-    assert set(headline) == {"miou", "oracle", "segments_per_image", "segments_per_window", "images"}
-    assert set(detail) == {"pixel_accuracy", "per_class_iou", "images"}
-    saved = {**headline, **detail}
-    assert saved == results["demo"] and saved["images"] == 4
-    assert set(saved["miou"]) == {"student", "base", "training_free", "trivial"} and set(saved["oracle"]) == {"student", "grid"}
-    assert saved["miou"]["base"] == saved["miou"]["student"]  # the same checkpoint twice
-    for value in [*saved["miou"].values(), *saved["oracle"].values()]:
-        assert 0 <= value <= 1
-    classes = {"background", "circle", "square", "triangle", "star", "cross", "ring"}
-    assert set(saved["per_class_iou"]["student"]) == classes
-    # everything background scores the background IoU over 7 classes seen in ground truth (at most)
-    assert saved["miou"]["trivial"] == pytest.approx(saved["per_class_iou"]["trivial"]["background"] / sum(v is not None for v in saved["per_class_iou"]["trivial"].values()))
-    assert saved["oracle"]["grid"] > saved["miou"]["trivial"]  # majority labels beat all-background
-    assert saved["segments_per_image"] >= 1
-    assert 1 <= saved["segments_per_window"] <= 4  # the micro student's last stage has 4 segments
-    assert len(list((tmp_path / "pics" / "demo").glob("*.png"))) == 2 * 3
+    assert detail == results["demo"] and detail["images"] == 4
+    assert list(detail["rules"]) == ["class", "probability"]  # the headline rule, then GroupViT's
+    methods = {"student", "base", "again", "training_free", "maskclip", "trivial"}
+    for rule, scores in detail["rules"].items():
+        assert set(scores["miou"]) == set(scores["miou_fg"]) == set(scores["per_class_iou"]) == methods
+        assert scores["miou"]["again"] == scores["miou"]["student"]  # the same checkpoint, evaluated as the student
+        for value in [*scores["miou"].values(), *(v for v in scores["miou_fg"].values() if v is not None)]:
+            assert 0 <= value <= 1
+        iou = scores["per_class_iou"]["student"]
+        shapes = [iou[c] for c in ("circle", "square", "triangle", "star", "cross", "ring") if iou[c] is not None]
+        assert scores["miou_fg"]["student"] == pytest.approx(sum(shapes) / len(shapes))  # the objects' mean, background left out
+        trivial = scores["per_class_iou"]["trivial"]
+        assert scores["miou"]["trivial"] == pytest.approx(trivial["background"] / sum(v is not None for v in trivial.values()))
+        assert scores["miou_fg"]["trivial"] == 0.0  # everything background names no object
+        assert scores["strongest_baseline"] == max(("training_free", "maskclip"), key=scores["miou"].get)
+        ci = scores["ci95"]
+        assert set(ci) == methods - {"student"}
+        assert ci["again"]["miou"] == {"diff": 0.0, "lo": 0.0, "hi": 0.0}  # paired resamples of the same predictions
+        for other, both in ci.items():
+            for key in ("miou", "miou_fg"):
+                if both[key]["diff"] == both[key]["diff"]:
+                    assert both[key]["lo"] <= both[key]["hi"]
+                    if both[key]["diff"] != 0:
+                        assert scores[key]["student"] - scores[key][other] == pytest.approx(both[key]["diff"])
+    # the registered headline: the student and the strongest teacher-alone method, and the interval of their difference
+    bar, scores = detail["rules"]["class"]["strongest_baseline"], detail["rules"]["class"]
+    assert headline == {
+        "miou": {"student": scores["miou"]["student"], bar: scores["miou"][bar]},
+        "miou_fg": {"student": scores["miou_fg"]["student"], bar: scores["miou_fg"][bar]},
+        "diff_ci95_lo": {"miou": scores["ci95"][bar]["miou"]["lo"], "miou_fg": scores["ci95"][bar]["miou_fg"]["lo"]},
+        "diff_ci95_hi": {"miou": scores["ci95"][bar]["miou"]["hi"], "miou_fg": scores["ci95"][bar]["miou_fg"]["hi"]},
+    }
+    # the grouping: the student's regions against a grid and SLIC superpixels of as many regions
+    assert set(detail["oracle"]) == set(detail["boundary"]) == {"student", "grid", "slic"}
+    assert detail["oracle"]["grid"] > detail["rules"]["class"]["miou"]["trivial"]  # majority labels beat all-background
+    for part in detail["boundary"].values():
+        assert 0 <= part["precision"] <= 1 and 0 <= part["recall"] <= 1
+    assert detail["regions_per_image"] >= 1
+    assert 1 <= detail["segments_per_window"] <= 4  # the micro student's last stage has 4 segments
+    assert len(list((tmp_path / "pics" / "demo").glob("*.png"))) == 2 * len(methods - {"trivial"})
+
+
+def test_the_bootstrap_resamples_images_in_pairs_and_holds_its_seed():
+    from pipeline.evaluation.scoreboard import Scoreboard, miou_of
+
+    rng = np.random.default_rng(0)
+    board = Scoreboard(3)
+    for _ in range(30):
+        truth = rng.integers(0, 3, 50)
+        good, noisy = truth.copy(), np.where(rng.random(50) < 0.4, rng.integers(0, 3, 50), truth)
+        good[rng.random(50) < 0.1] = 0
+        for name, pred in (("student", good), ("other", noisy)):
+            board.add(name, np.bincount(truth * 3 + pred, minlength=9).reshape(3, 3))
+    ci = board.intervals("student", ["other"])["other"]
+    assert ci == board.intervals("student", ["other"])["other"]  # the seed is fixed
+    assert ci["miou"]["diff"] == pytest.approx(board.miou("student") - board.miou("other"))
+    assert 0 < ci["miou"]["lo"] < ci["miou"]["diff"] < ci["miou"]["hi"]  # clearly better, with an interval around it
+    # the objects' mIoU leaves class 0 out
+    total = board.stacked("student").sum(axis=0)
+    assert board.miou_fg("student") == pytest.approx(float(miou_of(total[None], slice(1, None))[0]))
+    assert board.miou_fg("student") == pytest.approx(np.mean([total[k, k] / (total[k].sum() + total[:, k].sum() - total[k, k]) for k in (1, 2)]))
 
 
 def test_majority_labels_and_grid_regions():
@@ -288,59 +331,71 @@ def test_load_rgb_names_the_bad_file(tmp_path):
 
 
 def test_maskclip_dense_features_pool_to_the_teacher_embedding_shape(model):
-    seg = MaskCLIPSegmenter(model.teacher, model.embedder(["circle", "square"], template_set("single")), model.embedder.logit_scale, BackgroundRule("cosine", -2.0), short_side=40)
+    seg = MaskCLIPSegmenter(model.teacher, short_side=40)
     views = torch.randn(2, 3, 32, 32)
     feats = seg.dense_features(views)
     assert feats.shape == (2, 4, 4, model.teacher.identity.embed_dim)  # 32 px / patch 8
-    pred = seg.predict(np.random.default_rng(3).integers(0, 256, (40, 70, 3), dtype=np.uint8))
+    image = np.random.default_rng(3).integers(0, 256, (40, 70, 3), dtype=np.uint8)
+    rule = namer(model, ["circle", "square"], "cosine", -2.0)
+    pred = seg.predict(image, rule)
     assert pred.labels.shape == (40, 70) and set(np.unique(pred.labels)) <= {1, 2}
+    # several scales (eval.dense_ratios): each scale's scores resized to the image, then averaged
+    multi = MaskCLIPSegmenter(model.teacher, short_side=40, ratios=(1.0, 1.5)).scores(image, rule)
+    alone = [MaskCLIPSegmenter(model.teacher, short_side=side).scores(image, rule) for side in (40, 60)]
+    resized = [F.interpolate(a.permute(2, 0, 1)[None], size=(40, 70), mode="bilinear", align_corners=False)[0] for a in alone]
+    torch.testing.assert_close(multi, torch.stack(resized).mean(0).permute(1, 2, 0))
 
 
 def test_grouped_naming_gives_each_student_segment_the_class_of_its_mean_dense_scores(model):
-    text = model.embedder(["circle", "square", "star"], template_set("single"))
-    rule = BackgroundRule("probability", 0.0)  # no pixel thresholded away
-    student = StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, short_side=64, window=32, stride=16, protocol="groupvit")
-    dense = MaskCLIPSegmenter(model.teacher, text, model.embedder.logit_scale, rule, short_side=40)
-    grouped = TeacherNamedSegmenter(student, dense)
+    rule = namer(model, ["circle", "square", "star"], threshold=0.0)  # no pixel thresholded away
+    student = StudentSegmenter(model.student, short_side=64, window=32, stride=16)
+    dense = MaskCLIPSegmenter(model.teacher, short_side=40)
+    grouped = NamedSegments(student, dense)
     image = np.random.default_rng(5).integers(0, 256, (40, 70, 3), dtype=np.uint8)
-    own = student.predict(image)
-    pred = grouped.predict(image)
+    own = student.predict(image, rule)
+    pred = grouped.predict(image, rule)
     # the reference, written out: the dense scores at the image's pixels, averaged per segment, best class
-    scores = F.interpolate(dense.scores(image).permute(2, 0, 1)[None], size=(40, 70), mode="bilinear", align_corners=False)[0].numpy()  # [K, H, W]
+    scores = F.interpolate(dense.scores(image, rule).permute(2, 0, 1)[None], size=(40, 70), mode="bilinear", align_corners=False)[0].numpy()  # [K, H, W]
     expected = np.zeros((40, 70), dtype=np.int64)
     for s in np.unique(own.segments):
         where = own.segments == s
         expected[where] = 1 + scores[:, where].mean(axis=1).argmax()
     np.testing.assert_array_equal(pred.segments, own.segments)  # the student's grouping, kept
     np.testing.assert_array_equal(pred.labels, expected)
-    np.testing.assert_array_equal(grouped.predict(image, segments=own.segments).labels, expected)  # segments given: the same
+    np.testing.assert_array_equal(grouped.predict(image, rule, segments=own.segments).labels, expected)  # segments given: the same
     # any grouping: two halves, one class each; one segment over the image takes the image's mean scores
     halves = np.zeros((40, 70), dtype=np.int64)
     halves[:, 35:] = 7
-    split = grouped.predict(image, segments=halves).labels
+    split = grouped.predict(image, rule, segments=halves).labels
     assert len(np.unique(split[:, :35])) == 1 and len(np.unique(split[:, 35:])) == 1
-    whole = grouped.predict(image, segments=np.zeros((40, 70), dtype=np.int64)).labels
+    whole = grouped.predict(image, rule, segments=np.zeros((40, 70), dtype=np.int64)).labels
     assert (whole == 1 + scores.reshape(3, -1).mean(axis=1).argmax()).all()
-    # the dense method on its own reuses the pass it made for this image
-    first = dense.scores(image)
-    assert dense.scores(image) is first and dense.scores(image.copy()) is not first
+    # the dense method reuses its pass over this image, under every rule
+    first = dense.scores(image, rule)
+    assert dense.scores(image, rule) is first and dense.scores(image.copy(), rule) is not first
+    embedded = dense._embedded
+    other = namer(model, ["circle", "square", "star"], "class")
+    assert dense.scores(image.copy(), other).shape[-1] == 4 and dense._embedded is not embedded  # a new image: a new pass
+    embedded = dense._embedded
+    dense.scores(dense._image, rule)
+    assert dense._embedded is embedded  # another rule, the same image: no new pass
     # the grid teacher names the same way, from its cells' averaged scores
-    cells = GridTeacherSegmenter(model.teacher, text, model.embedder.logit_scale, rule, short_side=40)
-    by_cells = TeacherNamedSegmenter(student, cells).predict(image, segments=halves).labels
-    grid_scores = F.interpolate(cells.scores(image).permute(2, 0, 1)[None], size=(40, 70), mode="bilinear", align_corners=False)[0].numpy()
+    cells = GridTeacherSegmenter(model.teacher, short_side=40)
+    by_cells = NamedSegments(student, cells).predict(image, rule, segments=halves).labels
+    grid_scores = F.interpolate(cells.scores(image, rule).permute(2, 0, 1)[None], size=(40, 70), mode="bilinear", align_corners=False)[0].numpy()
     assert (by_cells[:, :35] == 1 + grid_scores[:, :, :35].reshape(3, -1).mean(axis=1).argmax()).all()
     assert (by_cells[:, 35:] == 1 + grid_scores[:, :, 35:].reshape(3, -1).mean(axis=1).argmax()).all()
-    np.testing.assert_array_equal(cells.predict(image).labels, 1 + grid_scores.argmax(axis=0))  # at 40 px, the image's own size
+    np.testing.assert_array_equal(cells.predict(image, rule).labels, 1 + grid_scores.argmax(axis=0))  # at 40 px, the image's own size
 
 
 def test_grouped_naming_in_evaluate_and_segment(trained, tmp_path, demo_dir):
     _, ckpt, params_path, overrides = trained
     both = load_params(params_path, [*overrides, "eval.baselines=[maskclip, grouped_maskclip, grouped_training_free]", "eval.max_images=2"])
-    results = run_evaluation(both, ckpt, tmp_path / "metrics", None, progress=False, echo=lambda *_: None)
-    assert set(results["demo"]["miou"]) == {"student", "maskclip", "grouped_maskclip", "grouped_training_free", "trivial"}
-    assert 0 <= results["demo"]["miou"]["grouped_maskclip"] <= 1 and 0 <= results["demo"]["miou"]["grouped_training_free"] <= 1
+    miou = run_evaluation(both, ckpt, tmp_path / "metrics", None, progress=False, echo=lambda *_: None)["demo"]["rules"]["probability"]["miou"]
+    assert set(miou) == {"student", "maskclip", "grouped_maskclip", "grouped_training_free", "trivial"}
+    assert 0 <= miou["grouped_maskclip"] <= 1 and 0 <= miou["grouped_training_free"] <= 1
     alone = load_params(params_path, [*overrides, "eval.baselines=[grouped_maskclip]", "eval.max_images=2"])  # without maskclip's own column
-    assert run_evaluation(alone, ckpt, tmp_path / "m2", None, progress=False, echo=lambda *_: None)["demo"]["miou"]["grouped_maskclip"] == results["demo"]["miou"]["grouped_maskclip"]
+    assert run_evaluation(alone, ckpt, tmp_path / "m2", None, progress=False, echo=lambda *_: None)["demo"]["rules"]["probability"]["miou"]["grouped_maskclip"] == miou["grouped_maskclip"]
     image = min((demo_dir / "eval" / "JPEGImages").glob("*.jpg"))
     sets = [a for kv in overrides for a in ("--set", kv)]
     base = ["segment", str(image), "--classes", "circle,square", "--checkpoint", str(ckpt), "--params", str(params_path), "-q", *sets]
@@ -373,65 +428,52 @@ def test_the_legend_is_drawn_in_a_font_that_scales_with_the_image():
 
 
 def test_topk_keeps_the_image_classes_for_every_method_and_drops_the_rest_under_any_rule(model):
-    from pipeline.evaluation.inference import keep_topk
-
     # cosine scores can be negative: a dropped class must lose to them, not win with a 0
+    text = torch.eye(3, 8)
     scores = torch.tensor([[-0.2, -0.5, 0.0], [-0.9, -0.1, -0.3]])
-    kept = keep_topk(scores, torch.tensor([0.3, 0.1, 0.2]), 1)
+    kept = Namer("cosine", text, 100.0, -1.0, topk=1).keep_topk(scores, torch.tensor([0.3, 0.1, 0.2, 0, 0, 0, 0, 0]))
     assert torch.equal(kept[:, 0], scores[:, 0]) and torch.isinf(kept[:, 1:]).all()
-    assert torch.equal(keep_topk(scores, torch.tensor([0.3, 0.1, 0.2]), 0), scores)  # 0: all
-    kept = keep_topk(scores, torch.tensor([9.0, 0.1, 0.2]), 1, background_rows=1)  # background words always stay
-    assert torch.isfinite(kept[:, 0]).all() and torch.isfinite(kept[:, 2]).all() and torch.isinf(kept[:, 1]).all()
+    assert torch.equal(Namer("cosine", text, 100.0, -1.0).keep_topk(scores, torch.ones(8)), scores)  # 0: all
+    kept = Namer("class", text, 100.0, float("-inf"), background_rows=1, topk=1).keep_topk(scores, torch.tensor([9.0, 0.1, 0.2, 0, 0, 0, 0, 0]))
+    assert torch.isfinite(kept[:, 0]).all() and torch.isfinite(kept[:, 2]).all() and torch.isinf(kept[:, 1]).all()  # background words always stay
 
     classes = ["circle", "square", "triangle", "star", "cross"]
-    text = model.embedder(classes, template_set("single"))
-    rule = BackgroundRule("cosine", -1.0)  # no pixel is background
+    free = namer(model, classes, "cosine", -1.0)  # no pixel is background
+    grid = GridTeacherSegmenter(model.teacher, short_side=32)
 
-    def window_winners(image):  # each window's own top class, which a per-window top-k would keep
-        from pipeline.evaluation.inference import (
-            class_scores,
-            resize_short_side,
-            window_origins,
-        )
-        from pipeline.student.normalize import normalize_images
+    def cell_winners(image):  # each cell's own top class, which a top-k per cell would keep
+        return set(free.scores(grid.embed(image)["cells"]).argmax(dim=-1).tolist())
 
-        x = resize_short_side(image, 32)
-        crops = torch.stack([x[:, :, l : l + 32] for l in window_origins(x.shape[-1], 32, 16)])
-        with torch.inference_mode():
-            z = model.student.infer(normalize_images(crops)).z
-        return set(class_scores(z, text, model.embedder.logit_scale, "cosine").argmax(dim=-1).tolist())
-
-    # a wide image of colour bands whose windows disagree on their top class
+    # an image whose cells disagree on their top class
     rng = np.random.default_rng(4)
-    candidates = (np.repeat(rng.integers(0, 256, (1, 6, 3), dtype=np.uint8), 25, axis=1).repeat(40, axis=0) for _ in range(40))
-    image = next((im for im in candidates if len(window_winners(im)) > 1), None)
-    assert image is not None, "no test image whose windows disagree"
-    for seg in (StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, short_side=32, window=32, stride=16, topk_classes=1),
-                GridTeacherSegmenter(model.teacher, text, model.embedder.logit_scale, rule, short_side=32, topk_classes=1)):
-        labels = seg.predict(image).labels
-        assert len(np.unique(labels)) == 1 and labels.min() >= 1  # one class for the whole image, not one per window
+    candidates = (rng.integers(0, 256, (4, 4, 3), dtype=np.uint8).repeat(10, axis=0).repeat(10, axis=1) for _ in range(40))
+    image = next((im for im in candidates if len(cell_winners(im)) > 1), None)
+    assert image is not None, "no test image whose cells disagree"
+    one = namer(model, classes, "cosine", -1.0, topk=1)
+    labels = grid.predict(image, one).labels
+    assert len(np.unique(labels)) == 1 and labels.min() >= 1  # one class for the whole image, not one per cell
+    tokens = StudentTokenScores(model.student, short_side=32)
+    assert len(np.unique(tokens.predict(image, one).labels)) == 1  # the student's tokens keep the class of its own image embedding
 
 
 def test_windows_go_through_the_model_in_batches_with_the_same_result(model):
-    text = model.embedder(["circle", "square"], template_set("single"))
+    rule = namer(model, ["circle", "square"])
     image = np.random.default_rng(5).integers(0, 256, (40, 200, 3), dtype=np.uint8)
-    rule = BackgroundRule("probability", 0.5)
-    one = StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, short_side=32, window=32, stride=16).predict(image)
-    few = StudentSegmenter(model.student, text, model.embedder.logit_scale, rule, short_side=32, window=32, stride=16, windows_per_forward=3).predict(image)
+    one = StudentSegmenter(model.student, short_side=32, window=32, stride=16).predict(image, rule)
+    few = StudentSegmenter(model.student, short_side=32, window=32, stride=16, windows_per_forward=3).predict(image, rule)
     np.testing.assert_array_equal(one.labels, few.labels)
     np.testing.assert_allclose(one.score, few.score, atol=1e-5)
 
 
 def test_protocol_values_the_model_cannot_use_are_one_line_errors(model):
-    from pipeline.core.errors import ConfigError
-
-    text = model.embedder(["circle"], template_set("single"))
     for kwargs, message in (({"window": 4}, "eval.window: 4 px is smaller than the student's patch size"),
                             ({"short_side": 4}, "eval.short_side: 4 px is smaller than the student's patch size")):
         with pytest.raises(ConfigError, match=message):
-            StudentSegmenter(model.student, text, model.embedder.logit_scale, BackgroundRule(), **kwargs)
+            StudentSegmenter(model.student, **kwargs)
     with pytest.raises(ConfigError, match="class 'Background' is also a background word"):
-        vocabulary(model.embedder, ["circle", "Background"], template_set("single"), mode="class", threshold=0.5, bg_words=("background",))
+        namer(model, ["circle", "Background"], "class")
+    with pytest.raises(ConfigError, match="the class rule needs at least one background word"):
+        namer(model, ["circle"], "class", bg_words=())
 
 
 def test_class_lists_refuse_names_the_text_encoder_cannot_tell_apart(tmp_path):
@@ -490,7 +532,7 @@ def test_evaluation_checks_its_output_folders_first_and_keeps_split_sub_folders(
     params = load_params(params_path, [*overrides, f"eval.datasets={{voc_layout: {root}}}", "eval.bg_threshold.voc_layout=0.5"])
     saved = run_evaluation(params, ckpt, tmp_path / "m", tmp_path / "pics", progress=False, echo=lambda *_: None)["voc_layout"]
     assert saved["images"] == 2 and (tmp_path / "pics" / "voc_layout" / "sub" / "eval_000000_student.png").is_file()
-    assert set(saved["pixel_accuracy"]) == {"student", "training_free", "trivial", "oracle_student", "oracle_grid"}
+    assert set(saved["rules"]["probability"]["pixel_accuracy"]) == {"student", "training_free", "trivial"}
 
 
 def test_legends_say_what_they_leave_out_and_stay_off_tiny_pictures():
@@ -502,11 +544,15 @@ def test_legends_say_what_they_leave_out_and_stay_off_tiny_pictures():
     assert legend == ["a", "b", "c", "d"] and (np.asarray(wide)[:, :20] == 255).all(axis=-1).any()  # the box is drawn
     tiny, _ = overlay(np.full((10, 10, 3), 128, np.uint8), np.ones((10, 10), np.int64), ["a"])
     assert not (np.asarray(tiny) == 255).all(axis=-1).any()  # no white legend box over a 10x10 picture
+    scene = np.repeat(np.arange(1, 5), 32)[None].repeat(128, axis=0)  # a demo scene's size, four classes
+    small, legend = overlay(np.full((128, 128, 3), 128, np.uint8), scene, ["circle", "square", "star", "ring"])
+    box = (np.asarray(small) == 255).all(axis=-1)
+    assert legend == ["circle", "square", "star", "ring"] and box.any()
+    assert box.any(axis=1).sum() <= 128 // 4  # the legend keeps to the lower quarter; the PNG's text chunk lists every class
     assert colour(256) != (0, 0, 0) and colour(256) == colour(1) and colour(0) == (0, 0, 0)
 
 
-def test_a_window_shrunk_to_a_small_image_leaves_no_strip_between_windows(model):
-    text = model.embedder(["circle", "square"], template_set("single"))
-    image = np.random.default_rng(6).integers(0, 256, (40, 150, 3), dtype=np.uint8)  # resized to 32 x 120: the window shrinks to 32
-    seg = StudentSegmenter(model.student, text, model.embedder.logit_scale, BackgroundRule("cosine", -1.0), short_side=32, window=64, stride=48)
-    assert (seg.predict(image).labels >= 1).all()  # every pixel was classified: none left to background
+def test_windows_larger_than_a_small_image_are_clipped_to_it_and_cover_every_pixel(model):
+    image = np.random.default_rng(6).integers(0, 256, (40, 150, 3), dtype=np.uint8)  # resized to 32 x 120: windows of 32 x 64
+    seg = StudentSegmenter(model.student, short_side=32, window=64, stride=48)
+    assert (seg.predict(image, namer(model, ["circle", "square"], threshold=0.0)).labels >= 1).all()  # every pixel was classified

@@ -1,4 +1,4 @@
-"""GroupViT's evaluation protocol (eval.protocol: groupvit), pinned by hand-computed cases."""
+"""GroupViT's evaluation protocol, pinned by hand-computed cases."""
 
 from __future__ import annotations
 
@@ -9,13 +9,9 @@ import pytest
 import torch
 
 from pipeline.core.errors import ConfigError
-from pipeline.evaluation.inference import (
-    BackgroundRule,
-    StudentSegmenter,
-    WindowAverage,
-    groupvit_group_logits,
-    slide_boxes,
-)
+from pipeline.evaluation.protocol import StudentSegmenter, group_logits
+from pipeline.evaluation.vocabulary import Namer
+from pipeline.evaluation.windows import WindowAverage, slide_boxes
 from pipeline.student import ZeroSegStudent, student_arch
 from pipeline.student.pos_embed import resize_sincos_pos_embed, sincos_2d
 
@@ -44,6 +40,10 @@ def _axes(*rows):
     return torch.tensor(rows, dtype=torch.float32)
 
 
+def _namer(rule, text, scale, threshold, background_rows=0):
+    return Namer(rule, text, scale, threshold, background_rows=background_rows)
+
+
 def test_group_scores_go_through_the_windows_top_classes_and_the_background_is_capped():
     e1, e2, e3 = [1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]
     scale = math.log(3)  # cosine 1 vs 0 -> odds 3:1 in a softmax
@@ -52,18 +52,18 @@ def test_group_scores_go_through_the_windows_top_classes_and_the_background_is_c
     # group 0: prior softmax [ln3, 0, 0] = [.6, .2, .2]; restricted softmax [1, 0, 0] -> scores [.6, 0, 0]
     # group 1: prior [.2, .6, .2]; restricted [1, 0, 0] -> scores [.2, 0, 0]
     # threshold 0.95 is capped at the window's best score .6: group 0 stays, group 1 is background
-    out = groupvit_group_logits(groups, window, _axes(e1, e2, e3), scale, BackgroundRule("probability", 0.95), topk=1)
+    out = group_logits(groups, window, _namer("probability", _axes(e1, e2, e3), scale, 0.95), topk=1)
     np.testing.assert_allclose(out.numpy(), [[0, 0.6, 0, 0], [1, 0.2, 0, 0]], atol=1e-6)
     # class rule, background word e3 first: group 0's prior [.2, .6, .2] over (bg, e1, e2); the window
     # keeps bg and its top-1 class e1; restricted softmax [1, 3] / 4 -> [.25, .75, 0]; times the prior
-    out = groupvit_group_logits(groups[:1], window, _axes(e3, e1, e2), scale, BackgroundRule("class", -math.inf, background_rows=1), topk=1)
+    out = group_logits(groups[:1], window, _namer("class", _axes(e3, e1, e2), scale, -math.inf, background_rows=1), topk=1)
     np.testing.assert_allclose(out.numpy(), [[0.05, 0.45, 0.0]], atol=1e-6)
     # the logit scale is clamped at 100, as CLIP's
-    a = groupvit_group_logits(groups, window, _axes(e1, e2, e3), 100.0, BackgroundRule("probability", 0.5), topk=2)
-    b = groupvit_group_logits(groups, window, _axes(e1, e2, e3), 1000.0, BackgroundRule("probability", 0.5), topk=2)
+    a = group_logits(groups, window, _namer("probability", _axes(e1, e2, e3), 100.0, 0.5), topk=2)
+    b = group_logits(groups, window, _namer("probability", _axes(e1, e2, e3), 1000.0, 0.5), topk=2)
     torch.testing.assert_close(a, b)
     with pytest.raises(ConfigError, match="use eval.bg_rule probability or class"):
-        groupvit_group_logits(groups, window, _axes(e1, e2, e3), scale, BackgroundRule("cosine", 0.2))
+        group_logits(groups, window, _namer("cosine", _axes(e1, e2, e3), scale, 0.2))
 
 
 def test_interpolated_position_tables_are_bicubic_resizes_of_the_trained_one():
@@ -86,17 +86,12 @@ def micro():
 def test_groupvit_protocol_segments_any_window_and_never_thresholds_a_whole_window_away(micro):
     text = torch.nn.functional.normalize(torch.randn(4, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
     image = np.random.default_rng(0).integers(0, 256, (50, 75, 3), dtype=np.uint8)
-    rule = BackgroundRule("probability", 1.0)  # above every score
-    common = dict(short_side=40, window=36, stride=16)  # 36 px: not a multiple of the 8-px patch
-    ours = StudentSegmenter(micro, text, 50.0, rule, **common).predict(image)
-    theirs = StudentSegmenter(micro, text, 50.0, rule, protocol="groupvit", **common).predict(image)
-    assert ours.labels.shape == theirs.labels.shape == (50, 75)
-    assert (ours.labels == 0).all()  # a plain threshold of 1 makes everything background
-    assert (theirs.labels > 0).any()  # GroupViT's cap keeps each window's best group
-    with pytest.raises(ConfigError, match="eval.protocol: expected zeroseg or groupvit"):
-        StudentSegmenter(micro, text, 50.0, rule, protocol="mmseg", **common)
+    seg = StudentSegmenter(micro, short_side=40, window=36, stride=16)  # 36 px: not a multiple of the 8-px patch
+    pred = seg.predict(image, _namer("probability", text, 50.0, 1.0))  # a threshold above every score
+    assert pred.labels.shape == (50, 75)
+    assert (pred.labels > 0).any()  # GroupViT's cap keeps each window's best group
     with pytest.raises(ConfigError, match="use eval.bg_rule probability or class"):
-        StudentSegmenter(micro, text, 50.0, BackgroundRule("cosine", 0.1), protocol="groupvit", **common)
+        seg.predict(image, _namer("cosine", text, 50.0, 0.1))
 
 
 def _tiny_vit_teacher():
@@ -150,12 +145,12 @@ def test_maskclip_on_a_clip_resnet_keeps_every_location_to_itself_in_the_attenti
 
     # Larger images: a larger map, the position table interpolated to it; whole images, any shape.
     text = torch.nn.functional.normalize(torch.randn(3, teacher.identity.embed_dim, generator=torch.Generator().manual_seed(2)), dim=-1)
-    seg = MaskCLIPSegmenter(teacher, text, 50.0, BackgroundRule("cosine", -2.0), short_side=128)
+    seg = MaskCLIPSegmenter(teacher, short_side=128)
     assert seg.dense_features(torch.randn(1, 3, 128, 192)).shape == (1, 4, 6, teacher.identity.embed_dim)
-    pred = seg.predict(np.random.default_rng(3).integers(0, 256, (50, 90, 3), dtype=np.uint8))
+    pred = seg.predict(np.random.default_rng(3).integers(0, 256, (50, 90, 3), dtype=np.uint8), _namer("cosine", text, 50.0, -2.0))
     assert pred.labels.shape == (50, 90) and set(np.unique(pred.labels)) <= {1, 2, 3}
     with pytest.raises(Exception, match="sclip rewrites a ViT's last attention block; zeroseg-demo-rn is a ResNet"):
-        MaskCLIPSegmenter(teacher, text, 50.0, BackgroundRule("cosine", -2.0), method="sclip")
+        MaskCLIPSegmenter(teacher, method="sclip")
 
 
 def test_dense_clip_baselines_change_only_the_last_block_as_their_papers_do():
@@ -163,9 +158,8 @@ def test_dense_clip_baselines_change_only_the_last_block_as_their_papers_do():
     from pipeline.evaluation.baselines import MaskCLIPSegmenter
 
     teacher = _tiny_vit_teacher()
-    text = torch.nn.functional.normalize(torch.randn(3, teacher.identity.embed_dim, generator=torch.Generator().manual_seed(0)), dim=-1)
     views = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    feats = {m: MaskCLIPSegmenter(teacher, text, 50.0, BackgroundRule("cosine", -2.0), short_side=40, method=m).dense_features(views) for m in DENSE_CLIP}
+    feats = {m: MaskCLIPSegmenter(teacher, short_side=40, method=m).dense_features(views) for m in DENSE_CLIP}
     for m, f in feats.items():
         assert f.shape == (2, 4, 4, teacher.identity.embed_dim), m  # 32 px / patch 8
     torch.testing.assert_close(feats["maskclip"].reshape(2, 16, -1), _values_only_reference(teacher, views), rtol=1e-4, atol=1e-5)
@@ -184,4 +178,4 @@ def test_dense_clip_baselines_change_only_the_last_block_as_their_papers_do():
     na = last_block_attention(q, k, "neighbourhood", (2, 2))
     torch.testing.assert_close(na, (k @ k.transpose(-1, -2) * 8**-0.5 + bias).softmax(dim=-1))
     with pytest.raises(Exception, match="unknown dense-CLIP method"):
-        MaskCLIPSegmenter(teacher, text, 50.0, BackgroundRule("cosine", -2.0), method="clipsurgery")
+        MaskCLIPSegmenter(teacher, method="clipsurgery")

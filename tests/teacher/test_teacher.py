@@ -13,7 +13,6 @@ from pipeline.cache.reader import load_targets
 from pipeline.clip.model import Teacher
 from pipeline.config import TeacherConfig, load_params
 from pipeline.evaluation.baselines import MaskCLIPSegmenter
-from pipeline.evaluation.inference import BackgroundRule
 from pipeline.clip.text import ClassEmbedder, template_set
 from pipeline.teacher.run import run_teacher_cache
 
@@ -33,7 +32,7 @@ def test_pure_bf16_casts_the_image_tower_only_and_is_a_different_cache(tmp_path,
     assert F.cosine_similarity(a, b).min() > 0.99
     words = ClassEmbedder(fp32, tmp_path / "t1")(["cat", "dog"], template_set("single"))
     assert torch.equal(words, ClassEmbedder(pure, tmp_path / "t2")(["cat", "dog"], template_set("single")))
-    seg = MaskCLIPSegmenter(pure, words, 10.0, BackgroundRule("cosine", -2.0), short_side=40)
+    seg = MaskCLIPSegmenter(pure, short_side=40)
     assert seg.dense_features(x[:2]).dtype == torch.float32  # the dense baseline feeds the bf16 tower too
 
     params = write_params(tmp_path / "params.yaml", demo_dir / "images", tmp_path / "caches", cache={"grids": [1, 2]})
