@@ -99,32 +99,58 @@ def make_scene(rng: np.random.Generator, size: int = 128, max_objects: int = 4) 
     return img, np.asarray(mask), objects
 
 
-def write_demo_dataset(out: str | Path, *, n_train: int, n_eval: int, size: int = 128, seed: int = 0) -> dict[str, int]:
-    """Write `n_train` training scenes to out/images and `n_eval` held-out scenes to out/eval."""
+# Each split's random stream: demo_seed + this offset. The training scenes share seed 0's stream
+# with the demo teacher's training crops (`pipeline/demo/teacher.py`, both training data); the
+# validation and held-out splits each have a stream that nothing else draws from, so no scene of
+# one is a scene of another (tests/demo/test_demo.py checks it pixel for pixel).
+SPLITS = {"train": 0, "val": 1, "test": 2}
+
+
+def split_scenes(split: str, n: int, *, size: int = 128, seed: int = 0):
+    """The first `n` scenes of a split's stream: (image, mask, objects) each, as `make_scene` draws them."""
+    rng = np.random.default_rng(seed + SPLITS[split])
+    for _ in range(n):
+        yield make_scene(rng, size)
+
+
+def write_demo_split(out: str | Path, split: str, n: int, *, size: int = 128, seed: int = 0) -> int:
+    """Write `n` scenes of `split`: training scenes into `out` itself (JPEG, no masks: a folder of
+    images, as a user's would be), validation and held-out scenes with their masks to out/eval in
+    the PASCAL VOC layout, with the class names in out/classes.txt."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown demo split {split!r} ({', '.join(SPLITS)})")
     out = Path(out)
-    rng = np.random.default_rng(seed)
-    images = out / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    for i in range(n_train):
-        img, _, _ = make_scene(rng, size)
-        img.save(images / f"scene_{i:06d}.jpg", quality=92)
-    ev = out / "eval"
-    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-        (ev / sub).mkdir(parents=True, exist_ok=True)
     names = []
-    for i in range(n_eval):
-        img, mask, _ = make_scene(rng, size)
-        name = f"eval_{i:06d}"
-        img.save(ev / "JPEGImages" / f"{name}.jpg", quality=92)
-        m = Image.fromarray(mask, "P")
-        m.putpalette(voc_palette())
-        m.save(ev / "SegmentationClass" / f"{name}.png")
-        names.append(name)
-    (ev / "ImageSets/Segmentation/val.txt").write_text("".join(f"{n}\n" for n in names))
-    (out / "classes.txt").write_text("".join(f"{c}\n" for c in CLASSES))
+    if split == "train":
+        folder, prefix = out, "scene_"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, (img, _, _) in enumerate(split_scenes(split, n, size=size, seed=seed)):
+            img.save(folder / f"{prefix}{i:06d}.jpg", quality=92)
+        stale = [(folder, prefix)]
+    else:
+        ev = out / "eval"
+        for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+            (ev / sub).mkdir(parents=True, exist_ok=True)
+        for i, (img, mask, _) in enumerate(split_scenes(split, n, size=size, seed=seed)):
+            name = f"eval_{i:06d}"
+            img.save(ev / "JPEGImages" / f"{name}.jpg", quality=92)
+            m = Image.fromarray(mask, "P")
+            m.putpalette(voc_palette())
+            m.save(ev / "SegmentationClass" / f"{name}.png")
+            names.append(name)
+        (ev / "ImageSets/Segmentation/val.txt").write_text("".join(f"{n}\n" for n in names))
+        stale = [(ev / "JPEGImages", "eval_"), (ev / "SegmentationClass", "eval_")]
+        (out / "classes.txt").write_text("".join(f"{c}\n" for c in CLASSES))
     # Scenes of an earlier, larger run would still be found by the manifest (which lists the folder).
-    for folder, prefix, n in ((images, "scene_", n_train), (ev / "JPEGImages", "eval_", n_eval), (ev / "SegmentationClass", "eval_", n_eval)):
-        for stale in folder.glob(f"{prefix}[0-9][0-9][0-9][0-9][0-9][0-9].*"):
-            if int(stale.stem[len(prefix):]) >= n:
-                stale.unlink()
+    for folder, prefix in stale:
+        for old in folder.glob(f"{prefix}[0-9][0-9][0-9][0-9][0-9][0-9].*"):
+            if int(old.stem[len(prefix):]) >= n:
+                old.unlink()
+    return n
+
+
+def write_demo_dataset(out: str | Path, *, n_train: int, n_eval: int, size: int = 128, seed: int = 0) -> dict[str, int]:
+    """Training scenes to out/images and `n_eval` held-out scenes to out/eval (the test split), in one folder."""
+    write_demo_split(Path(out) / "images", "train", n_train, size=size, seed=seed)
+    write_demo_split(out, "test", n_eval, size=size, seed=seed)
     return {"train": n_train, "eval": n_eval}

@@ -10,7 +10,8 @@ import torch
 
 from pipeline.clip.model import Teacher
 from pipeline.config import TeacherConfig
-from pipeline.demo.data import CLASSES, write_demo_dataset
+from pipeline.config import load_params
+from pipeline.demo.data import CLASSES, SPLITS, split_scenes, write_demo_dataset, write_demo_split
 from pipeline.demo.teacher import (
     class_positive_loss,
     dominant_label,
@@ -35,6 +36,38 @@ def test_scenes_are_deterministic_from_the_seed(tmp_path):
     write_demo_dataset(tmp_path / "b", n_train=5, n_eval=2, size=64, seed=3)
     write_demo_dataset(tmp_path / "c", n_train=5, n_eval=2, size=64, seed=4)
     assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b") != tree_digest(tmp_path / "c")
+
+
+def test_no_held_out_scene_is_a_training_or_validation_scene():
+    """The demo's own sizes and seeds (params.yaml): every held-out scene differs, pixel for pixel,
+    from every training and validation scene, and its stream is no other split's nor the demo
+    teacher's (seed 0, `zeroseg demo-teacher`'s default)."""
+    d = load_params(REPO / "params.yaml").data
+    assert d.demo_test >= 256 and d.demo_val >= 128
+    seeds = {split: d.demo_seed + offset for split, offset in SPLITS.items()}
+    assert len(set(seeds.values())) == 3 and seeds["test"] != 0 and seeds["val"] != 0
+
+    def digests(split: str, n: int) -> set[str]:
+        return {hashlib.sha256(np.asarray(img).tobytes()).hexdigest() for img, _, _ in split_scenes(split, n, size=d.demo_size, seed=d.demo_seed)}
+
+    test = digests("test", d.demo_test)
+    assert len(test) == d.demo_test  # no scene twice within the split either
+    assert not test & digests("train", d.demo_train)
+    assert not test & digests("val", d.demo_val)
+
+
+def test_each_split_is_written_from_its_own_stream(tmp_path):
+    write_demo_split(tmp_path / "val", "val", 3, size=48, seed=0)
+    write_demo_split(tmp_path / "test", "test", 3, size=48, seed=0)
+    for split in ("val", "test"):
+        ev = tmp_path / split / "eval"
+        assert (ev / "ImageSets/Segmentation/val.txt").read_text().split() == ["eval_000000", "eval_000001", "eval_000002"]
+        assert (tmp_path / split / "classes.txt").read_text().split() == list(CLASSES)
+    assert (tmp_path / "val/eval/JPEGImages/eval_000000.jpg").read_bytes() != (tmp_path / "test/eval/JPEGImages/eval_000000.jpg").read_bytes()
+    write_demo_split(tmp_path / "val", "val", 2, size=48, seed=0)  # a smaller split leaves no scene of the larger one behind
+    assert sorted(p.name for p in (tmp_path / "val/eval/JPEGImages").iterdir()) == ["eval_000000.jpg", "eval_000001.jpg"]
+    with pytest.raises(ValueError, match="unknown demo split"):
+        write_demo_split(tmp_path / "x", "holdout", 1)
 
 
 def test_crops_are_labelled_by_the_shape_that_dominates():
