@@ -36,7 +36,7 @@ def training_step(args, device: torch.device):
     model = ZeroSegStudent(arch=arch, out_dim=args.dim).to(device)
     params = load_params(None, [f"loss.grids=[{args.grids}]"])
     grids = tuple(int(g) for g in args.grids.split(","))
-    objective = StudentObjective(params, grids).to(device)
+    objective = StudentObjective(params.loss, grids).to(device)
     opt = torch.optim.AdamW(param_groups_for_weight_decay(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
     step_model = torch.compile(model) if args.compile else model
     v = sum(g * g for g in grids)
@@ -47,7 +47,7 @@ def training_step(args, device: torch.device):
     def step(m=step_model):
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             out = m(images, args.mask_ratio)
-            total, _ = objective(out, targets, model.patchify(images), model.target_space)
+            total, _ = objective(out, targets, model.patchify(images))
         total.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

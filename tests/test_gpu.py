@@ -102,7 +102,7 @@ def test_a_training_step_queues_without_waiting_for_the_gpu(built_cache):
     params = load_params(params_file, ["loss.region_match=1.0", "loss.infomax=0.5", "loss.bidirectional_matching=true"])
     grids = (1, 2, 3, 4)
     model = ZeroSegStudent(arch=student_arch("zeroseg_micro"), out_dim=32).cuda()
-    objective = StudentObjective(params, grids).cuda()
+    objective = StudentObjective(params.loss, grids).cuda()
     size = model.arch.img_size
     host_images = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8).pin_memory()  # as the DataLoader gives them
     host_targets = torch.randn(4, 30, 32).half().pin_memory()
@@ -111,7 +111,7 @@ def test_a_training_step_queues_without_waiting_for_the_gpu(built_cache):
         images = normalize_images(host_images.to("cuda", non_blocking=True))
         targets = host_targets.to("cuda", non_blocking=True).float()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            total, terms = objective(model(images, 0.6), targets, model.patchify(images), model.target_space)
+            total, terms = objective(model(images, 0.6), targets, model.patchify(images))
         total.backward()
         return terms
 

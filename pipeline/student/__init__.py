@@ -3,12 +3,12 @@
 from pipeline.student.config import VARIANTS, StudentArch, student_arch
 from pipeline.student.grouping import Grouped, GroupingBlock, compose_assignments
 from pipeline.student.head import HeadOutput, SegmentationHead
+from pipeline.student.cells import local_view_mask
 from pipeline.student.losses import (
     AssignmentInfoMaxLoss,
     DistillationLoss,
     ReconstructionLoss,
     SegmentMatchingLoss,
-    local_view_mask,
 )
 from pipeline.student.masking import Masked, random_masking
 from pipeline.student.model import (
@@ -20,11 +20,9 @@ from pipeline.student.model import (
 from pipeline.student.patches import patchify, unpatchify
 from pipeline.student.pos_embed import resize_sincos_pos_embed, sincos_2d
 from pipeline.student.pretrained import LoadReport, load_encoder_state_dict
-from pipeline.student.target_space import TARGET_NORMS, TargetSpace, unit_statistics
 from pipeline.student.weight_decay import param_groups_for_weight_decay
 
 __all__ = [
-    "TARGET_NORMS",
     "VARIANTS",
     "AssignmentInfoMaxLoss",
     "DistillationLoss",
@@ -40,7 +38,6 @@ __all__ = [
     "SegmentationHead",
     "StudentArch",
     "StudentOutput",
-    "TargetSpace",
     "ZeroSegStudent",
     "compose_assignments",
     "load_encoder_state_dict",
@@ -51,6 +48,5 @@ __all__ = [
     "resize_sincos_pos_embed",
     "sincos_2d",
     "student_arch",
-    "unit_statistics",
     "unpatchify",
 ]

@@ -1,16 +1,10 @@
-"""Fixed anchors for the KL terms: the teacher's text embeddings of a vocabulary (`loss.segment_anchors`,
-`loss.token_anchors`).
+"""Fixed anchors for the token term `loss.token_anchors`: the teacher's text embeddings of a vocabulary.
 
-The prototype terms (`prototypes.py`) compare residuals around the teacher's mean with k-means
-directions of the cache. These compare unit embeddings, as zero-shot naming does, with the
-teacher's text embeddings of a vocabulary: a segment's (or a visible token's) softmax over its
-cosines to the words must match its region target's (its cells' views'). The loss then acts on
-what inference reads, the order of the words, and not on the shared component that a regression
-onto the views is nearly met by. The vocabulary is a fixed list chosen before training (ImageNet's
-1,000 class names by default), not the benchmark's classes, and no image is labelled.
-
-The KL itself is the prototype terms' (`SegmentPrototypeLoss`, `TokenPrototypeLoss`) with a zero
-mean: a residual around zero is the unit embedding.
+The term (`tokens.TokenAnchorLoss`) compares unit embeddings, as zero-shot naming does, with the
+teacher's text embeddings of a vocabulary: a visible token's softmax over its cosines to the words
+must match its target's. The loss then acts on what inference reads, the order of the words, and
+not on the shared component that a regression onto the views is nearly met by. The vocabulary is
+a fixed list chosen before training (`imagenet`, or a file or list of words); no image is labelled.
 """
 
 from __future__ import annotations
@@ -74,6 +68,24 @@ def anchor_prior(views: torch.Tensor, anchors: torch.Tensor, background: torch.T
     return prior
 
 
-def anchor_logits(embeddings: torch.Tensor, anchors: torch.Tensor, tau: float) -> torch.Tensor:
-    """[..., D] embeddings x [K, D] unit anchors -> [..., K] cosines / tau."""
-    return F.normalize(embeddings.float(), dim=-1) @ anchors.T / tau
+def spherical_kmeans(x: torch.Tensor, k: int, *, iters: int = 30, seed: int = 0) -> torch.Tensor:
+    """K unit centroids of the unit vectors x [n, D] (cosine k-means, k-means++ seeding); a centroid
+    left with no member is re-seeded at the point farthest from its own."""
+    if len(x) < k:
+        raise InputError(f"loss.anchor_vocabulary prototypes:{k}: the cache sample has {len(x)} views, fewer than {k}")
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    centroids = x[torch.randint(len(x), (1,), generator=gen)]  # [1, D]
+    while len(centroids) < k:  # k-means++: the next seed far (in cosine) from those chosen
+        far = (1 - (x @ centroids.T).max(dim=1).values).clamp_min(0)  # [n]
+        centroids = torch.cat([centroids, x[torch.multinomial(far + 1e-12, 1, generator=gen)]])
+    for _ in range(iters):
+        sim = x @ centroids.T  # [n, k]
+        member = sim.argmax(dim=1)  # [n]
+        sums = torch.zeros_like(centroids).index_add_(0, member, x)  # [k, D]
+        counts = torch.bincount(member, minlength=k)  # [k]
+        fit = sim.gather(1, member[:, None]).squeeze(1)  # [n]
+        for j in torch.nonzero(counts == 0).flatten().tolist():
+            worst = fit.argmin()
+            sums[j], fit[worst] = x[worst], float("inf")
+        centroids = F.normalize(sums, dim=-1)
+    return centroids

@@ -37,9 +37,6 @@ class StudentArch:
     group_stages: tuple[tuple[int, int], ...] = ((2, 32), (4, 8))
     gumbel_tau: float = 1.0
     hard_assignment: bool = True  # Gumbel noise + hard straight-through in training
-    # Stabilizer (off in the paper's recipe): a learnable scale on each assign-attention's
-    # logits, so the near-uniform softmax at initialization can sharpen by itself.
-    learnable_assign_temperature: bool = False
     # GroupViT's group projector: stage k>0 group tokens = learned tokens + a token-mixing
     # MLP of the previous stage's group tokens. False: independent learned tokens per stage.
     group_token_projector: bool = True
@@ -48,9 +45,6 @@ class StudentArch:
     # into the training grid's range (what bicubic interpolation of the table approximates);
     # "interpolate" interpolates the table's values bicubically (GroupViT's evaluation).
     pos_embed_resize: Literal["recompute", "rescale", "interpolate"] = "recompute"
-    # A linear head from each encoder patch token to K teacher prototypes (`loss.token_prototypes`):
-    # a training-only classifier, 0 = none. Its weights are in the checkpoint, unused at inference.
-    prototypes: int = 0
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
@@ -123,6 +117,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # to 4 shapes and the background, which 4 segments cannot separate.
     "zeroseg_tiny_g8": dict(
         img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3,
+        decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
+        head_depth=5, group_stages=((2, 16), (4, 8)),
+    ),
+    # zeroseg_tiny_g8 at the demo scenes' full resolution: 128-px input, 16-px patches, the same
+    # 8x8 token grid (the same compute per image but the patch embedding), four times the pixels.
+    "zeroseg_tiny_g8_128": dict(
+        img_size=128, patch_size=16, embed_dim=96, depth=4, num_heads=3,
         decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
         head_depth=5, group_stages=((2, 16), (4, 8)),
     ),

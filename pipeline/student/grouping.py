@@ -11,7 +11,6 @@ and a hard straight-through one-hot in training); the assignment normalized over
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple, Sequence
 
 import torch
@@ -107,8 +106,6 @@ class AssignAttention(nn.Module):
         gumbel: add Gumbel noise to the logits in training.
         gumbel_tau: temperature of the noisy softmax.
         assign_eps: added to each group's token count before normalizing (GroupViT: 1).
-        learnable_temperature: multiply logits by a learned `exp(logit_scale)` (init 1,
-            capped at 100), a stabilizer that lets the assignment sharpen on its own.
     """
 
     def __init__(
@@ -119,7 +116,6 @@ class AssignAttention(nn.Module):
         gumbel: bool = True,
         gumbel_tau: float = 1.0,
         assign_eps: float = 1.0,
-        learnable_temperature: bool = False,
     ) -> None:
         super().__init__()
         self.q_proj = nn.Linear(dim, dim)
@@ -128,7 +124,6 @@ class AssignAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.scale = dim**-0.5
         self.hard, self.gumbel, self.gumbel_tau, self.assign_eps = hard, gumbel, gumbel_tau, assign_eps
-        self.logit_scale = nn.Parameter(torch.zeros(())) if learnable_temperature else None
 
     def forward(self, groups: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Pool tokens into groups.
@@ -142,8 +137,6 @@ class AssignAttention(nn.Module):
         """
         q, k, v = self.q_proj(groups), self.k_proj(x), self.v_proj(x)
         logits = torch.einsum("bsc,bnc->bsn", q, k).float() * self.scale  # [B, S, N] fp32
-        if self.logit_scale is not None:
-            logits = logits * self.logit_scale.clamp(max=math.log(100.0)).exp()
         soft = logits.softmax(dim=1)  # [B, S, N] over groups
         if self.training and self.gumbel:
             probs = ((logits + gumbel_noise(logits)) / self.gumbel_tau).softmax(dim=1)  # [B, S, N]
@@ -165,7 +158,7 @@ class GroupingBlock(nn.Module):
         num_output_groups: S2, segments going out (the token-mixing MLP maps S1 to S2).
         mlp_ratio: channel MLP ratio.
         token_mlp_ratio: hidden width of the token-mixing MLP as a fraction of C (GroupViT 0.5).
-        hard, gumbel, gumbel_tau, assign_eps, learnable_temperature: see `AssignAttention`.
+        hard, gumbel, gumbel_tau, assign_eps: see `AssignAttention`.
     """
 
     def __init__(
@@ -181,7 +174,6 @@ class GroupingBlock(nn.Module):
         gumbel: bool = True,
         gumbel_tau: float = 1.0,
         assign_eps: float = 1.0,
-        learnable_temperature: bool = False,
     ) -> None:
         super().__init__()
         self.num_output_groups = num_output_groups
@@ -194,7 +186,7 @@ class GroupingBlock(nn.Module):
         self.pre_assign_attn = CrossAttentionBlock(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio)
         self.assign = AssignAttention(
             dim=dim, hard=hard, gumbel=gumbel, gumbel_tau=gumbel_tau,
-            assign_eps=assign_eps, learnable_temperature=learnable_temperature,
+            assign_eps=assign_eps,
         )
         self.norm_new_x = GROUPVIT_NORM(dim)
         self.mlp_channels = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio))

@@ -42,7 +42,6 @@ class SegmentationHead(nn.Module):
         group_stages: `((after_layer, num_groups), ...)`, see `StudentArch`.
         hard_assignment: Gumbel + straight-through hard assignment in training.
         gumbel_tau: Gumbel-softmax temperature.
-        learnable_assign_temperature: learned scale on the assign logits.
         group_token_projector: GroupViT's projector of stage k-1 group tokens into stage k.
     """
 
@@ -56,7 +55,6 @@ class SegmentationHead(nn.Module):
         group_stages: tuple[tuple[int, int], ...],
         hard_assignment: bool = True,
         gumbel_tau: float = 1.0,
-        learnable_assign_temperature: bool = False,
         group_token_projector: bool = True,
     ) -> None:
         super().__init__()
@@ -71,7 +69,7 @@ class SegmentationHead(nn.Module):
             GroupingBlock(
                 dim=dim, num_heads=num_heads, num_group_tokens=n, num_output_groups=n,
                 mlp_ratio=mlp_ratio, hard=hard_assignment, gumbel=hard_assignment,
-                gumbel_tau=gumbel_tau, learnable_temperature=learnable_assign_temperature,
+                gumbel_tau=gumbel_tau,
             )
             for n in counts
         )

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.student.grouping import compose_assignments
-from pipeline.student.target_space import TargetSpace
 
 USED_SHARE = 0.01  # a segment that owns at least this share of an image's tokens is in use
 
@@ -55,13 +54,12 @@ def _image_gap(x: Tensor, image: Tensor) -> float:
 
 
 @torch.no_grad()
-def health_metrics(out, targets: Tensor, space: TargetSpace, local: Tensor) -> dict[str, float]:
+def health_metrics(out, targets: Tensor, local: Tensor) -> dict[str, float]:
     """The health figures of one training batch.
 
     Args:
         out: the student's `StudentOutput` for the batch.
         targets: [B, V, D] teacher views as cached.
-        space: the student's target space (its outputs are mapped to the teacher's).
         local: [V_local] indices of the local views (1x1 excluded).
 
     Returns:
@@ -72,7 +70,7 @@ def health_metrics(out, targets: Tensor, space: TargetSpace, local: Tensor) -> d
     B, S, _ = hard.shape
     used = hard.mean(dim=2) >= USED_SHARE  # [B, S]
     entropy = -(soft * soft.clamp_min(1e-12).log()).sum(dim=1).mean() / math.log(S) if S > 1 else soft.new_zeros(())
-    seg = F.normalize(space.to_teacher(out.segments.float()), dim=-1)[used]  # [U, D] teacher space
+    seg = F.normalize(out.segments.float(), dim=-1)[used]  # [U, D] teacher space
     seg_image = torch.arange(B, device=seg.device)[:, None].expand(B, S)[used]  # [U]
     views = F.normalize(targets.float(), dim=-1)
     views = views[:, local] if len(local) else views  # [B, Vl, D]; all views when there is no local one (loss.grids [1])

@@ -26,7 +26,6 @@ from pipeline.student.masking import random_masking, unshuffle
 from pipeline.student.patches import patchify, unpatchify
 from pipeline.student.pos_embed import resize_sincos_pos_embed, sincos_2d
 from pipeline.student.pretrained import LoadReport, load_encoder_state_dict
-from pipeline.student.target_space import TargetSpace
 
 # MAE's norms (eps 1e-6) for the encoder, the decoder and the global branch, named here so that
 # no library default decides them (timm's Block happens to default to the same today).
@@ -54,7 +53,6 @@ class StudentOutput:
     hard_assignments: list[Tensor]  # per stage [B, S_k, N_k], what the forward pass used
     grid: tuple[int, int]  # (h, w) patch grid of the input
     tokens: Tensor | None = None  # [B, L_keep, D] visible patch tokens through the segment projection (asked for)
-    prototype_logits: Tensor | None = None  # [B, L_keep, K] visible patch tokens' prototype logits (arch.prototypes)
 
 
 @dataclass
@@ -108,19 +106,13 @@ class ZeroSegStudent(nn.Module):
         self.seg_head = SegmentationHead(
             dim=C, num_heads=arch.num_heads, mlp_ratio=arch.mlp_ratio, depth=arch.head_depth,
             group_stages=arch.group_stages, hard_assignment=arch.hard_assignment,
-            gumbel_tau=arch.gumbel_tau, learnable_assign_temperature=arch.learnable_assign_temperature,
-            group_token_projector=arch.group_token_projector,
+            gumbel_tau=arch.gumbel_tau, group_token_projector=arch.group_token_projector,
         )
         self.segment_proj = nn.Linear(C, out_dim)
         # the global branch reads the encoder's tokens: the encoder's norms
         self.global_block = Block(dim=C, num_heads=arch.num_heads, mlp_ratio=arch.mlp_ratio, qkv_bias=True, norm_layer=MAE_NORM)
         self.global_norm = MAE_NORM(C)
         self.global_mlp = Mlp(in_features=C, hidden_features=int(C * arch.mlp_ratio), out_features=out_dim)
-        # The affine map between the outputs above and the teacher's space (identity unless
-        # loss.target_norm centers or standardises the targets); buffers, so checkpoints carry it.
-        self.target_space = TargetSpace(out_dim)
-        # Training only: each patch token's logits over the teacher's prototypes (loss.token_prototypes).
-        self.prototype_head = nn.Linear(C, arch.prototypes) if arch.prototypes else None
 
         self._init_weights()
 
@@ -242,7 +234,7 @@ class ZeroSegStudent(nn.Module):
             generator: optional RNG for the masking.
             decode: run the reconstruction decoder (skip it when its loss weight is 0).
             tokens: also map the visible patch tokens into the teacher's space with the segment
-                projection (`loss.token_distill`).
+                projection (the token terms, `StudentObjective.needs_tokens`).
         """
         grid = self.grid_of(imgs)
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, generator)
@@ -253,7 +245,6 @@ class ZeroSegStudent(nn.Module):
             z=z, segments=segments, pred=pred, mask=mask, ids_restore=ids_restore, ids_keep=ids_keep,
             soft_assignments=soft, hard_assignments=hard, grid=grid,
             tokens=self.segment_proj(latent[:, 1:]) if tokens else None,
-            prototype_logits=self.prototype_head(latent[:, 1:]) if self.prototype_head is not None else None,
         )
 
     @torch.no_grad()
@@ -286,7 +277,7 @@ class ZeroSegStudent(nn.Module):
         elif naming != "segment":
             raise ValueError(f"naming: expected segment or tokens, got {naming!r}")
         masks = weights.reshape(weights.shape[0], weights.shape[1], h, w)  # [B, S, h, w]
-        return SegmentPrediction(masks=masks, segments=self.target_space.to_teacher(segments), z=self.target_space.to_teacher(z))
+        return SegmentPrediction(masks=masks, segments=segments, z=z)
 
     @torch.no_grad()
     def token_embeddings(self, imgs: Tensor, pos_mode: str | None = None, *, with_image: bool = False) -> Tensor | tuple[Tensor, Tensor]:
@@ -296,19 +287,20 @@ class ZeroSegStudent(nn.Module):
             raise RuntimeError("token_embeddings needs eval mode (model.eval())")
         h, w = self.grid_of(imgs)
         latent, _, _ = self.forward_encoder(imgs, 0.0, pos_mode=pos_mode)
-        tokens = self.target_space.to_teacher(self._unit_tokens(latent)).reshape(len(imgs), h, w, -1)  # [B, h, w, D]
+        tokens = self._unit_tokens(latent).reshape(len(imgs), h, w, -1)  # [B, h, w, D]
         if not with_image:
             return tokens
-        return tokens, self.target_space.to_teacher(self.forward_segments(latent[:, 1:])[0])
+        return tokens, self.forward_segments(latent[:, 1:])[0]
 
     def _unit_tokens(self, latent: Tensor) -> Tensor:
         """[B, 1 + L, C] encoder output -> [B, L, D] patch tokens through the segment projection, unit vectors."""
         return F.normalize(self.segment_proj(latent[:, 1:]), dim=-1)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """As nn.Module's; a checkpoint written before the target space gets the identity map (its space)."""
-        state_dict = {**{f"target_space.{k}": v for k, v in TargetSpace(self.out_dim).state_dict().items()}, **state_dict}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        """As nn.Module's, for checkpoints of every version (`legacy.upgrade_state_dict`)."""
+        from pipeline.student.legacy import upgrade_state_dict
+
+        return super().load_state_dict(upgrade_state_dict(state_dict), strict=strict, assign=assign)
 
     def segment_masks(self, imgs: Tensor) -> Tensor:
         """[B, 3, H, W] -> [B, S, H/p, W/p] soft patch-to-segment weights (eval mode)."""

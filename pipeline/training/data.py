@@ -249,8 +249,7 @@ def _require_views(store: str, targets: np.ndarray, ok: np.ndarray, a: int, shar
 def teacher_sample(store: str, grids: tuple[int, ...], max_rows: int) -> torch.Tensor:
     """A sample of the cache's teacher views, [n, V, D] for the views of `grids`, as cached.
 
-    The teacher's statistics (`teacher_statistics`) and prototypes (`loss.token_prototypes`)
-    come from it. The sample is whole chunks spread evenly over the store (a chunk is the unit of a read: scattered
+    `loss.anchor_prior` is taken from it. The sample is whole chunks spread evenly over the store (a chunk is the unit of a read: scattered
     rows would each cost one), enough of them for `max_rows` rows, so it is the same on every
     run and every rank, and costs one pass over `max_rows` rows whatever the cache's size.
     """
@@ -269,12 +268,5 @@ def teacher_sample(store: str, grids: tuple[int, ...], max_rows: int) -> torch.T
             with _decoding(store, arrays, rows.start, rows.stop, int(group.attrs["layout"]["shard_rows"])):
                 parts.append(load_targets(arrays, rows=rows)[ok])  # [n_ok, V, D]
     if not parts:
-        raise InputError(f"{store}: no ok rows to take the teacher's statistics from")
+        raise InputError(f"{store}: no ok rows to take a sample of the teacher's views from")
     return torch.from_numpy(np.concatenate(parts))  # [n, V, D]
-
-
-def teacher_statistics(sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's (mean [D], std [D]) over a `teacher_sample`, every view pooled as unit vectors."""
-    from pipeline.student.target_space import unit_statistics
-
-    return unit_statistics(sample.flatten(0, 1))

@@ -118,19 +118,6 @@ def test_infomax_extremes():
     assert out["token_entropy"].item() == pytest.approx(0.5)
 
 
-def test_infomax_batch_usage_lets_one_image_keep_one_large_group():
-    S, N = 4, 8
-    per_image = torch.zeros(S, S, N)
-    for b in range(S):
-        per_image[b, b] = 1.0  # image b puts every token in group b: collapsed per image
-    image, batch = AssignmentInfoMaxLoss("image")([per_image]), AssignmentInfoMaxLoss("batch")([per_image])
-    assert image["usage_neg_entropy"].item() == pytest.approx(0.0, abs=1e-6)  # each image uses one group
-    assert batch["usage_neg_entropy"].item() == pytest.approx(-1.0)  # the batch uses all four evenly
-    assert image["token_entropy"].item() == batch["token_entropy"].item() == pytest.approx(0.0, abs=1e-6)
-    with pytest.raises(ValueError, match="image or batch"):
-        AssignmentInfoMaxLoss("pixel")
-
-
 def test_infomax_gradient_flows():
     logits = torch.randn(2, 5, 7, requires_grad=True)
     out = AssignmentInfoMaxLoss()([logits.softmax(1)])
@@ -139,7 +126,7 @@ def test_infomax_gradient_flows():
 
 
 def test_token_cells_put_each_patch_in_one_cell_per_local_grid():
-    from pipeline.student.losses import cell_layout, token_cells
+    from pipeline.student.cells import cell_layout, token_cells
 
     ids = torch.arange(64)[None]  # every patch of an 8x8 grid, row-major
     cells = token_cells(ids, (8, 8), cell_layout((1, 2, 3, 4)))  # [1, 64, 30]
@@ -154,7 +141,8 @@ def test_token_cells_put_each_patch_in_one_cell_per_local_grid():
 
 
 def test_region_matching_rewards_a_segment_lying_where_the_teacher_sees_its_content():
-    from pipeline.student.losses import RegionMatchingLoss, cell_layout, token_cells
+    from pipeline.student.cells import cell_layout, token_cells
+    from pipeline.student.losses import RegionMatchingLoss
 
     ids = torch.arange(16)[None]  # a 4x4 patch grid, grids 1 and 2
     cells = token_cells(ids, (4, 4), cell_layout((1, 2)))  # [1, 16, 5]
@@ -172,26 +160,41 @@ def test_region_matching_rewards_a_segment_lying_where_the_teacher_sees_its_cont
     assert logits.grad.abs().sum() > 0
 
 
-def test_token_distillation_asks_each_token_for_the_views_of_its_cells():
-    from pipeline.student.losses import TokenDistillationLoss, cell_layout, token_cells
+def test_token_targets_sum_the_unit_views_of_the_tokens_cells_as_weighted():
+    from pipeline.student.cells import cell_layout, token_cells
+    from pipeline.student.tokens import TokenDistillationLoss, token_targets
 
     ids = torch.tensor([[0, 3, 12, 15, 5]])  # four corner patches of a 4x4 grid, and one inside the top-left quadrant
     cells = token_cells(ids, (4, 4), cell_layout((1, 2)))  # [1, 5, 5]: 1x1 gets no tokens
-    targets = torch.cat([torch.ones(1, 1, 4), torch.eye(4)[None]], dim=1)  # 1x1, then quadrant q -> axis q
-    loss = TokenDistillationLoss()
-    right = torch.eye(4)[[0, 1, 2, 3, 0]][None]  # each token says its quadrant's axis
-    assert loss(right, targets, cells)["token_distill"].item() == pytest.approx(0.0, abs=1e-6)
-    assert loss(2.5 * right, targets, cells)["token_distill"].item() == pytest.approx(0.0, abs=1e-6)  # unit vectors: scale is free
-    wrong = torch.eye(4)[[1, 0, 3, 2, 1]][None]
-    assert loss(wrong, targets, cells)["token_distill"].item() == pytest.approx(0.5)  # |e_a - e_b| mean over 4 dims
-    # Under a target space both sides are compared as given: the mean of a token's cells, unnormalised.
+    targets = torch.cat([torch.ones(1, 1, 4), 3 * torch.eye(4)[None]], dim=1)  # 1x1, then quadrant q -> axis q (any length)
+    target, has = token_targets(targets, cells)
+    torch.testing.assert_close(target, torch.eye(4)[[0, 1, 2, 3, 0]][None])  # each token's quadrant axis, a unit vector
+    assert has.tolist() == [[True] * 5]
+    # several weighted views: the unit vectors' weighted sum, normalized (the product of their softmaxes)
     two = token_cells(ids, (4, 4), cell_layout((2, 4)))  # each token in one 2x2 and one 4x4 cell
     views = torch.randn(1, 20, 4)
-    expected = torch.bmm(two, views) / 2  # [1, 5, 4]
-    assert TokenDistillationLoss(normalize=False)(expected, views, two)["token_distill"].item() == pytest.approx(0.0, abs=1e-6)
+    weights = two * torch.cat([torch.ones(4), torch.full((16,), 0.25)])
+    expected = F.normalize(torch.bmm(weights, F.normalize(views, dim=-1)), dim=-1)
+    torch.testing.assert_close(token_targets(views, weights)[0], expected)
+    assert not token_targets(views, torch.zeros(1, 5, 20))[1].any()  # no view: no target
+    loss = TokenDistillationLoss()
+    right = torch.eye(4)[[0, 1, 2, 3, 0]][None]  # each token says its quadrant's axis
+    assert loss(2.5 * right, target, has)["token_distill"].item() == pytest.approx(0.0, abs=1e-6)  # unit vectors: scale is free
+    wrong = torch.eye(4)[[1, 0, 3, 2, 1]][None]
+    assert loss(wrong, target, has)["token_distill"].item() == pytest.approx(0.5)  # |e_a - e_b| mean over 4 dims
 
 
-def test_token_distillation_is_a_term_of_the_objective_only_when_weighted():
+def test_the_crop_views_join_the_token_targets_by_their_weight():
+    from pipeline.config import load_params
+    from pipeline.student.objective import StudentObjective
+
+    plain = StudentObjective(load_params(None, ["loss.grids=[1,2,4]", "loss.region_grids=[4]"]).loss, (1, 2, 4))
+    crops = StudentObjective(load_params(None, ["loss.grids=[1,2,4]", "loss.region_grids=[4]", "loss.token_crop_weight=0.5"]).loss, (1, 2, 4))
+    assert plain.token_views.tolist() == [0.0] * 5 + [1.0] * 16  # the region grid's cells alone
+    assert crops.token_views.tolist() == [0.0] + [0.5] * 4 + [1.0] * 16  # and the crop grid's, at the weight over one crop grid
+
+
+def test_the_token_terms_are_in_the_objective_only_when_weighted_and_reach_the_encoder():
     from pipeline.config import load_params
     from pipeline.student import ZeroSegStudent, student_arch
     from pipeline.student.objective import StudentObjective
@@ -200,33 +203,20 @@ def test_token_distillation_is_a_term_of_the_objective_only_when_weighted():
     model = ZeroSegStudent(arch=student_arch("zeroseg_micro"), out_dim=8)
     images = torch.randn(2, 3, 32, 32)
     targets = torch.randn(2, 30, 8)
-    off, on = (load_params(None, [f"loss.token_distill={w}"]) for w in (0, 2))
-    out = model(images, 0.5, tokens=False)
-    assert out.tokens is None
-    _, terms = StudentObjective(off, (1, 2, 3, 4))(out, targets, model.patchify(images), model.target_space)
-    assert "token_distill" not in terms
-    out = model(images, 0.5, tokens=True)
+    off = StudentObjective(load_params(None, []).loss, (1, 2, 3, 4))
+    assert not off.needs_tokens and off.needs_decoder
+    assert model(images, 0.5, tokens=off.needs_tokens).tokens is None
+    out = model(images, 0.5, tokens=True, generator=torch.Generator().manual_seed(0))
+    plain, terms = off(out, targets, model.patchify(images))
+    assert not {"token_distill", "token_anchors"} & set(terms)
+    on = StudentObjective(load_params(None, ["loss.token_distill=2", "loss.token_anchors=3"]).loss, (1, 2, 3, 4))
+    assert on.needs_tokens and on.needs_anchors
     assert out.tokens.shape == (2, out.ids_keep.shape[1], 8)
-    total, terms = StudentObjective(on, (1, 2, 3, 4))(out, targets, model.patchify(images), model.target_space)
+    with pytest.raises(RuntimeError, match="needs the teacher's text anchors"):
+        on(out, targets, model.patchify(images))
+    on.set_anchors(F.normalize(torch.randn(5, 8), dim=-1))
+    total, terms = on(out, targets, model.patchify(images))
+    assert terms["token_distill"].item() > 0 and terms["token_anchors"].item() > 0
+    assert total.item() == pytest.approx((plain + 2 * terms["token_distill"] + 3 * terms["token_anchors"]).item(), rel=1e-5)
     total.backward()
-    assert terms["token_distill"].item() > 0
     assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0  # it reaches the encoder
-
-
-def test_token_relation_is_met_by_the_cells_target_and_not_by_the_views_mean():
-    from pipeline.student.losses import TokenRelationLoss, cell_layout, token_cells
-
-    torch.manual_seed(0)
-    ids = torch.arange(16)[None].repeat(2, 1)  # two images, every patch of a 4x4 grid, grids 1 and 2
-    cells = token_cells(ids, (4, 4), cell_layout((1, 2)))  # [2, 16, 5]
-    shared = torch.randn(8)
-    targets = shared + 0.3 * torch.randn(2, 5, 8)  # views with a large shared component, as the teacher's
-    local = torch.arange(1, 5)
-    loss = TokenRelationLoss(tau=0.1)
-    own = torch.bmm(cells, F.normalize(targets, dim=-1))  # [2, 16, 8] each token's quadrant view
-    assert loss(own, targets, cells, local)["token_relation"].item() == pytest.approx(0.0, abs=1e-5)
-    mean = F.normalize(targets, dim=-1).mean(dim=(0, 1)).expand(2, 16, 8)  # the regression-to-the-mean answer
-    assert loss(mean, targets, cells, local)["token_relation"].item() > 0.1
-    tokens = own.clone().requires_grad_(True)
-    loss(tokens + 0.1 * torch.randn_like(own), targets, cells, local)["token_relation"].backward()
-    assert tokens.grad.abs().sum() > 0

@@ -38,7 +38,7 @@ def test_tiny_student_overfits_the_cache_and_every_term_falls(built_cache, tmp_p
 def test_the_stabilizers_train_and_region_matching_falls(built_cache, tmp_path):
     store, _ = built_cache
     params = params_for(built_cache, "train.epochs=40", "train.log_every=10", "loss.region_match=1.0", "loss.infomax=0.5",
-                        "loss.infomax_usage=batch", "loss.bidirectional_matching=true")
+                        "loss.bidirectional_matching=true")
     summary = run_training(params, str(store), tmp_path / "run", progress=False)
     assert {"region_match", "view_match", "usage_neg_entropy", "token_entropy"} <= set(summary.losses)
     assert summary.losses["region_match"] < 0.8 * summary.first_losses["region_match"]
@@ -58,33 +58,41 @@ def test_resume_continues_exactly(built_cache, tmp_path, workers):
     assert a["optimizer"]["state"][0]["exp_avg"].equal(b["optimizer"]["state"][0]["exp_avg"])
 
 
-def test_prototype_terms_train_resume_exactly_and_the_checkpoint_loads_for_inference(built_cache, tmp_path):
-    from pipeline.student import StudentArch, ZeroSegStudent
+def test_a_checkpoint_of_an_earlier_version_loads_without_the_removed_options_and_says_so(built_cache, tmp_path, caplog):
+    """Checkpoints written before the measured-negative options were removed carry their parts:
+    an identity target space (every unit-vector student), a prototype head, learned assignment
+    temperatures, and arch fields for them. They load for inference, each removed part named."""
+    from pipeline.evaluation.models import load_model
 
-    store, _ = built_cache
-    run = ("train.epochs=6", "loss.token_prototypes=1", "loss.segment_prototypes=1", "loss.prototypes=4")
-    straight = run_training(params_for(built_cache, *run), str(store), tmp_path / "a", progress=False)
-    assert {"token_prototypes", "segment_prototypes"} <= set(straight.losses)
-    run_training(params_for(built_cache, *run, "train.max_steps=4"), str(store), tmp_path / "b", progress=False)
-    resumed = run_training(params_for(built_cache, *run), str(store), tmp_path / "b", resume="must", progress=False)
-    assert resumed.step == straight.step == 6
-    a, b = load_checkpoint(tmp_path / "a" / "checkpoint.pt"), load_checkpoint(tmp_path / "b" / "checkpoint.pt")
-    for name, tensor in a["model"].items():  # the prototypes are taken again on resume, the same
-        assert torch.equal(tensor, b["model"][name]), name
-    assert a["arch"]["prototypes"] == 4 and a["model"]["prototype_head.weight"].shape[0] == 4
-    model = ZeroSegStudent(arch=StudentArch(**a["arch"]), out_dim=int(a["cache"]["embed_dim"]))
-    model.load_state_dict(a["model"])  # strict: evaluation builds the student from the checkpoint's arch
+    store, params_path = built_cache
+    params = params_for(built_cache, "train.epochs=1")
+    run_training(params, str(store), tmp_path / "new", progress=False)
+    ckpt = load_checkpoint(tmp_path / "new" / "checkpoint.pt")
+    model = ckpt["model"]
+    dim, width = int(ckpt["cache"]["embed_dim"]), model["cls_token"].shape[-1]
+    old = {**ckpt, "arch": {**ckpt["arch"], "prototypes": 4, "learnable_assign_temperature": True},
+           "model": {**model, "target_space.mean": torch.zeros(dim), "target_space.scale": torch.ones(dim),
+                     "prototype_head.weight": torch.randn(4, width), "prototype_head.bias": torch.zeros(4),
+                     "seg_head.grouping.0.assign.logit_scale": torch.zeros(())}}
+    torch.save(old, tmp_path / "old.pt")
+    with caplog.at_level("WARNING"):
+        loaded = load_model(load_params(params_path), tmp_path / "old.pt")
+    said = caplog.text
+    assert "loss.token_prototypes' training-only head" in said and "learnable_assign_temperature" in said and "docs/findings.md" in said
+    assert "target_norm" not in said  # an identity target space loses nothing: no warning
+    for name, tensor in loaded.student.state_dict().items():
+        assert torch.equal(tensor, model[name]), name  # every weight the current student has, as trained
     with torch.no_grad():
-        assert model.eval().infer(torch.randn(1, 3, 32, 32)).segments.shape[0] == 1
+        assert loaded.student.infer(torch.randn(1, 3, 32, 32)).segments.shape == (1, 4, dim)
 
 
 def test_anchor_terms_train_on_the_cache_teachers_words_and_a_bad_vocabulary_stops_before_training(built_cache, tmp_path):
     from pipeline.core.errors import InputError
 
     store, _ = built_cache
-    run = ("train.epochs=2", "loss.segment_anchors=1", "loss.token_anchors=1", "loss.anchor_vocabulary=circle, star, ring, background")
+    run = ("train.epochs=2", "loss.token_anchors=1", "loss.anchor_vocabulary=circle, star, ring, background")
     summary = run_training(params_for(built_cache, *run), str(store), tmp_path / "a", progress=False)
-    assert summary.first_losses["token_anchors"] > 0 and summary.first_losses["segment_anchors"] > 0
+    assert summary.first_losses["token_anchors"] > 0
     assert (tmp_path / "a" / "checkpoint.pt").is_file()
     balanced = run_training(params_for(built_cache, *run, "loss.anchor_prior=balance"), str(store), tmp_path / "p", progress=False)
     assert balanced.first_losses["token_anchors"] > 0  # the targets' prior is taken from the cache sample:
@@ -352,12 +360,12 @@ def test_sigterm_stops_training_with_its_worker_processes_and_keeps_the_checkpoi
 def test_region_grids_choose_the_cells_region_matching_uses(built_cache):
     from pipeline.student.objective import StudentObjective
 
-    every = StudentObjective(params_for(built_cache, "loss.region_match=1.0"), (1, 2, 3, 4))
-    finest = StudentObjective(params_for(built_cache, "loss.region_match=1.0", "loss.region_grids=[4]"), (1, 2, 3, 4))
+    every = StudentObjective(params_for(built_cache, "loss.region_match=1.0").loss, (1, 2, 3, 4))
+    finest = StudentObjective(params_for(built_cache, "loss.region_match=1.0", "loss.region_grids=[4]").loss, (1, 2, 3, 4))
     assert every.region_views.tolist() == [1.0] * 30  # token_cells already leaves the 1x1 view out
     assert finest.region_views.tolist() == [0.0] * 14 + [1.0] * 16
     with pytest.raises(ConfigError, match="must be local grids among loss.grids"):
-        StudentObjective(params_for(built_cache, "loss.region_grids=[5]"), (1, 2, 3, 4))
+        StudentObjective(params_for(built_cache, "loss.region_grids=[5]").loss, (1, 2, 3, 4))
 
 
 class HostWaits(torch.utils._python_dispatch.TorchDispatchMode):
@@ -384,20 +392,22 @@ class HostWaits(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("space", [[], ["loss.target_norm=standardize", "loss.contrastive=0.5"]], ids=["unit", "standardized+contrastive"])
-def test_a_training_step_has_no_op_that_waits_for_the_device(built_cache, space):
+@pytest.mark.parametrize("tokens", [[], ["loss.token_anchors=1", "loss.token_distill=1", "loss.region_grids=[4]", "loss.token_crop_weight=0.5"]],
+                         ids=["segments", "segments+tokens"])
+def test_a_training_step_has_no_op_that_waits_for_the_device(built_cache, tokens):
     from pipeline.student import ZeroSegStudent, student_arch
     from pipeline.student.objective import StudentObjective
 
-    params = params_for(built_cache, "loss.region_match=1.0", "loss.infomax=0.5", "loss.bidirectional_matching=true", *space)
+    params = params_for(built_cache, "loss.region_match=1.0", "loss.infomax=0.5", "loss.bidirectional_matching=true", *tokens)
     model = ZeroSegStudent(arch=student_arch("zeroseg_micro"), out_dim=32)
-    model.target_space.set_statistics(params.loss.target_norm, torch.full((32,), 0.1), torch.full((32,), 0.2))
-    objective = StudentObjective(params, (1, 2, 3, 4))
+    objective = StudentObjective(params.loss, (1, 2, 3, 4))
+    if objective.needs_anchors:
+        objective.set_anchors(torch.nn.functional.normalize(torch.randn(5, 32), dim=-1))
     images = torch.randn(4, 3, model.arch.img_size, model.arch.img_size)
     targets = torch.randn(4, 30, 32)
 
     def step():
-        total, terms = objective(model(images, 0.6), targets, model.patchify(images), model.target_space)
+        total, terms = objective(model(images, 0.6, tokens=objective.needs_tokens), targets, model.patchify(images))
         total.backward()
         return terms
 
@@ -405,7 +415,7 @@ def test_a_training_step_has_no_op_that_waits_for_the_device(built_cache, space)
         terms = step()
     assert waits.seen == []
     assert {"distill", "segment_match", "view_match", "region_match", "reconstruction", "token_entropy"} <= set(terms)
-    assert ("contrastive" in terms) == bool(space)
+    assert ({"token_anchors", "token_distill"} <= set(terms)) == bool(tokens)
     with HostWaits() as waits:  # the probe sees what it looks for
         float(terms["distill"].detach()), torch.tensor([1.0]), images[images > 0]
     assert waits.seen == ["_local_scalar_dense", "lift_fresh", "index with a boolean mask"]

@@ -1,0 +1,78 @@
+"""The token terms: every visible patch token, through the segment projection, is asked for what the
+teacher sees where it lies (not in the paper; docs/training.md "Dense targets").
+
+A token's target is one embedding: the sum of the unit views whose boxes hold its patch, each
+weighted (`StudentObjective.token_views`: the dense grid's cell at 1, the crop grids' cells at
+`loss.token_crop_weight` over the crop grids). Summing unit embeddings multiplies the softmaxes the
+views would give any vocabulary: the dense map says where, the crops (the teacher's most reliable
+outputs, whole views through its attention pool) say what, and neither needs a word to say it.
+
+Two ways to ask for it: `token_distill` regresses the token's unit vector onto the target's, and
+`token_anchors` asks the token to rank fixed anchors (the teacher's text embeddings of a
+vocabulary, `anchors.py`) as the target ranks them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.student.losses import l1_distance
+
+
+def token_targets(targets: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """Each token's target embedding and whether it has one.
+
+    Args:
+        targets: [B, V, D] teacher views as cached.
+        weights: [B, N, V] each view's weight in each token's target (0 where the box misses it).
+
+    Returns:
+        (target [B, N, D] unit vectors, has [B, N] bool).
+    """
+    mixed = torch.bmm(weights.float(), F.normalize(targets.float(), dim=-1))  # [B, N, D]
+    return F.normalize(mixed, dim=-1), weights.sum(dim=2) > 0
+
+
+class TokenDistillationLoss(nn.Module):
+    """Each visible token to its target embedding, by L1 between unit vectors."""
+
+    def forward(self, tokens: Tensor, target: Tensor, has: Tensor) -> dict[str, Tensor]:
+        """Args:
+            tokens: [B, N, D] visible patch tokens in the teacher's space.
+            target, has: from `token_targets`.
+
+        Returns:
+            {"token_distill": mean over tokens with a target of L1(token, target)}.
+        """
+        dist = l1_distance(F.normalize(tokens.float(), dim=-1), target)  # [B, N]
+        return {"token_distill": (dist * has).sum() / has.sum().clamp_min(1)}
+
+
+class TokenAnchorLoss(nn.Module):
+    """Each visible token ranks the anchors as its target does: KL(target's softmax || token's),
+    both over cosines to the anchors at temperature `tau`, the target's less the anchors' prior
+    (`anchors.anchor_prior`).
+
+    Args:
+        tau: the temperature of both softmaxes.
+    """
+
+    def __init__(self, *, tau: float = 0.05) -> None:
+        super().__init__()
+        self.tau = tau
+
+    def forward(self, tokens: Tensor, target: Tensor, has: Tensor, anchors: Tensor, prior: Tensor) -> dict[str, Tensor]:
+        """Args:
+            tokens: [B, N, D] visible patch tokens in the teacher's space.
+            target, has: from `token_targets`.
+            anchors: [K, D] unit anchor embeddings; prior: [K], taken out of the target's cosines.
+
+        Returns:
+            {"token_anchors": mean over tokens with a target of the KL}.
+        """
+        q = F.softmax((target @ anchors.T - prior) / self.tau, dim=-1)  # [B, N, K]
+        log_p = F.log_softmax(F.normalize(tokens.float(), dim=-1) @ anchors.T / self.tau, dim=-1)
+        kl = (q * (torch.log(q.clamp_min(1e-12)) - log_p)).sum(dim=-1)  # [B, N]
+        return {"token_anchors": (kl * has).sum() / has.sum().clamp_min(1)}
