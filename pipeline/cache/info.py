@@ -61,3 +61,40 @@ def describe(store: str) -> dict:
         if failed.size
         else [],
     }
+
+
+def info_text(info: dict, path: str, max_failures: int = 20) -> str:
+    """`zeroseg cache info`'s text: `describe`'s answer, one aspect a line, failures listed up to `max_failures`."""
+    t, m, p = info["teacher"], info["manifest"], info.get("provenance", {})
+    dense = {f"{g}x{g}" for g in info["dense_grids"]}
+    grids_text = ", ".join(f"{g}{' dense' if g in dense else ''} ({'MISSING' if done is None else 'complete' if done else 'incomplete'})" for g, done in info["grid_complete"].items())
+    lines = [
+        f"store        {path}",
+        f"schema       {info['schema']} v{info['schema_version']}  fingerprint {info['fingerprint']}",
+        f"teacher      {t['library']} {t['model']} pretrained={t['pretrained'] or '(random init)'} precision={t['precision']} D={t['embed_dim']}",
+        f"weights      sha256 {t['weights_sha256']}",
+        f"views        {grids_text}  V={info['num_views']}",
+        *[f"images       {size}x{size} ({'complete' if im['complete'] else 'incomplete'}), {im['bytes_per_image'] / 1024:.1f} KiB per image stored"
+          for size, im in info["student_images"].items()],
+        f"manifest     {m['n']} images, {m['hash_mode']} hash {m['hash']}",
+        "rows         " + ", ".join(f"{k} {v}" for k, v in info["rows"].items()),
+        f"checksums    {checksum_text(info['chunk_checksums'])}",
+        f"complete     {info['complete']}",
+        f"built by     {p.get('tool', '?')} {p.get('tool_version', '?')} on {p.get('host', '?')} ({p.get('user', '')}) at {p.get('created', '?')}",
+    ]
+    failures = info["failures"]
+    if failures:
+        lines.append(f"failures     {len(failures)}:")
+        lines += [f"  {f['path']}: {f['reason']}" for f in failures[:max_failures]]
+        if len(failures) > max_failures:
+            lines.append(f"  ... and {len(failures) - max_failures} more (--json lists all)")
+    return "\n".join(lines)
+
+
+def checksum_text(checksums: dict[str, bool]) -> str:
+    """`cache info`'s line on chunk checksums: all, none (an older store) or which arrays lack them."""
+    if all(checksums.values()):
+        return "crc32c on every chunk"
+    if not any(checksums.values()):
+        return "none (written before chunk checksums: cache validate --deep finds chunks that do not decode, not flipped bits that still do)"
+    return "crc32c, except " + ", ".join(name for name, has in checksums.items() if not has) + " (written before chunk checksums)"

@@ -18,7 +18,7 @@ import zarr
 import cache_schema as cs
 from pipeline.cache.codecs import layout_attr
 from pipeline.cache.reader import read_store_attrs
-from pipeline.cache.store import CREATION_WAIT_S, CacheStore
+from pipeline.cache.store import CREATION_WAIT_S, CacheStore, stale_dense_grids
 from pipeline.config import CacheConfig
 from pipeline.core.errors import InputError
 
@@ -70,7 +70,8 @@ def open_or_create(
                 # A complete store stays opened read-only (a shared location may be read-only);
                 # one with work left is reopened for writing.
                 sizes = (cfg.student_image_size,) if cfg.student_image_size else ()
-                if not (set(grids) <= set(cs.store_grids(group)) and set(sizes) <= set(cs.store_image_sizes(group)) and existing.get("complete")):
+                if not (set(grids) <= set(cs.store_grids(group)) and set(sizes) <= set(cs.store_image_sizes(group)) and existing.get("complete")
+                        and not stale_dense_grids(group, grids, cfg)):
                     group = zarr.open_group(url, mode="r+")
                     CacheStore(group, url)._ensure_row_arrays(paths)  # a writer that created it may still be adding them
                 store = CacheStore(group, url)

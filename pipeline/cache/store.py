@@ -86,6 +86,12 @@ class ShardResult:
         return [g for g in self.views if self.write is None or g in self.write]
 
 
+def stale_dense_grids(group: zarr.Group, grids: Sequence[int], cfg: CacheConfig) -> list[int]:
+    """The dense grids among `grids` that the store holds at another `cache.dense_side` than `cfg`'s."""
+    return [g for g in grids if g in cfg.dense_grids and g in cs.store_grids(group) and cs.grid_content(group, g) == cs.DENSE
+            and cs.dense_side(group, g) != cfg.dense_side]
+
+
 class CacheStore:
     """A v1 teacher cache opened for writing."""
 
@@ -209,6 +215,12 @@ class CacheStore:
             if stored != wanted:
                 raise InputError(f"{self.url}: its {cs.grid_name(g)} views are {stored}, but the params ask for {wanted} there "
                                  f"(cache.dense_grids {list(cfg.dense_grids)}); use another grid, or --replace to rebuild the store")
+            if g in stale_dense_grids(self.group, [g], cfg):  # another scale of the same map: that grid again
+                log.info("%s: %s was computed at dense side %d, the params ask for %d: recomputing that grid", self.url, cs.grid_name(g),
+                         cs.dense_side(self.group, g), cfg.dense_side)
+                for name in (cs.views_array(g), cs.progress_array(g)):
+                    del self.group[name]
+                have.discard(g)
         new = [g for g in grids if g not in have]
         if not new:
             return
@@ -226,7 +238,7 @@ class CacheStore:
                 dimension_names=("image", "view", "feature"),
             )
             arr.attrs.update(grid=g, boxes=[list(b) for b in grid_boxes(g)], box_format="top,left,bottom,right as fractions of the center square", complete=False,
-                             content=cs.DENSE if g in cfg.dense_grids else cs.CROPS)
+                             content=cs.DENSE if g in cfg.dense_grids else cs.CROPS, **({"dense_side": cfg.dense_side} if g in cfg.dense_grids else {}))
             _create_array(self.group, cs.progress_array(g), shape=(self.n_shards,), dtype="uint8", chunks=(1,), fill_value=0, dimension_names=("shard",))
         self.group.attrs.update(grids=sorted(have | set(new)), complete=False)
 

@@ -174,10 +174,11 @@ class Teacher:
         return torch.cat(out)  # [N, D]
 
     @torch.inference_mode()
-    def encode_dense(self, squares: Sequence[torch.Tensor], grid: int) -> torch.Tensor:
+    def encode_dense(self, squares: Sequence[torch.Tensor], grid: int, side: int = 0) -> torch.Tensor:
         """B uint8 [S_b, S_b, 3] center squares -> [B, grid * grid, D] float32: a dense grid's views
-        (`pipeline.clip.dense.dense_grid` of each square resized whole, as a view is, to `dense_grid_side`)."""
-        side = dense_grid_side(self.model.visual, self.spec.size, grid)
+        (`pipeline.clip.dense.dense_grid` of each square resized whole, as a view is, to `side`,
+        0: `dense_grid_side`)."""
+        side = side or dense_grid_side(self.model.visual, self.spec.size, grid)
         x = make_views(squares, (1,), replace(self.spec, size=side), self.device)[:, 0]  # [B, 3, side, side]
         dtype = _AUTOCAST[self.precision]
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):

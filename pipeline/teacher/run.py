@@ -39,7 +39,7 @@ from pipeline.core.errors import ConfigError, InputError
 from pipeline.core.views import ViewSpec, canonical_grids
 from pipeline.teacher.shards import RunStats, compute_shards
 
-__all__ = ["RunStats", "check_manifest", "default_store_url", "expected_identity", "find_store", "identity_from_params", "run_teacher_cache"]
+__all__ = ["RunStats", "default_store_url", "run_teacher_cache"]
 
 
 log = logging.getLogger(__name__)

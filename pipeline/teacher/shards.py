@@ -134,7 +134,7 @@ def compute_shards(
                 image = student_input(decoded.square, work.image_size)
         return _Item(row, decoded, views, image, time.perf_counter() - t0)
 
-    embedder = _Embedder(teacher, writer, stats, dense)
+    embedder = _Embedder(teacher, writer, stats, {g: cs.dense_side(store.group, g) for g in dense})
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
             for shard, work, items in _decoded_shards(pool, decode, store, todo, lookahead=2 * batch_size):
@@ -232,9 +232,9 @@ class _Embedder:
     the GPU idle while the following batch's views are cut.
     """
 
-    def __init__(self, teacher: Teacher, writer: _ShardWriter, stats: RunStats, dense: set[int] = frozenset()):
+    def __init__(self, teacher: Teacher, writer: _ShardWriter, stats: RunStats, dense: dict[int, int] | None = None):
         self.teacher, self.writer, self.stats = teacher, writer, stats
-        self.dense = dense  # the grids whose views are dense embeddings of the whole square (`Teacher.encode_dense`)
+        self.dense = dense or {}  # grid -> side: the grids whose views are dense embeddings of the whole square (`Teacher.encode_dense`)
         self.depth = 1 if teacher.device.type == "cuda" else 0
         self.inflight: deque[tuple[_Fetch, list[int], tuple[int, ...], ShardResult]] = deque()
         self.open: dict[int, list] = {}  # shard -> [result, batches in flight, all batches launched]
@@ -259,7 +259,7 @@ class _Embedder:
             parts.update(zip(crops, feats.split([g * g for g in crops], dim=1)))
         for g in grids:
             if g in self.dense:
-                parts[g] = self.teacher.encode_dense(squares, g)  # resized on the device, like the views
+                parts[g] = self.teacher.encode_dense(squares, g, self.dense[g])  # resized on the device, like the views
         feats = torch.cat([parts[g] for g in grids], dim=1).to(torch.float16)  # [B, V_s, D], canonical order
         fetch = _Fetch(feats)
         self.stats.views_s += t1 - t0
