@@ -24,41 +24,49 @@ def test_repro_builds_everything_and_params_edits_make_exactly_their_stages_stal
     assert (store / "views" / "4x4").is_dir() and (store / "views" / "8x8").is_dir()  # the crops and the dense grid (cache.dense_grids)
     assert (project / "models" / "student" / "checkpoint.pt").is_file()
     metrics = dvc(project, "metrics", "show")
-    assert "loss" in metrics and "miou.student" in metrics and "miou.base" in metrics and "oracle.grid" in metrics
+    assert "miou.student" in metrics and "miou_fg.student" in metrics and "loss" not in metrics  # the scoreboard, not the training's figures
+    assert max(len(line) for line in metrics.splitlines()) <= 200  # a terminal's width
     assert len(list((project / "outputs" / "eval" / "demo").glob("*_student.png"))) == 2
-    demo = json.loads((project / "metrics" / "demo.json").read_text())
-    for value in [*demo["miou"].values(), *demo["oracle"].values()]:
-        assert 0 <= value <= 1
-    assert set(demo["miou"]) == {"student", "base", "training_free", "maskclip", "grouped_maskclip", "trivial"}  # params.yaml's eval.baselines
-    assert demo["segments_per_window"] > 1  # held-out scenes: the grouping did not collapse
-    assert "up to date" in dvc(project, "status")
+    detail = json.loads((project / "metrics_detail" / "demo.json").read_text())
+    for rule in ("class", "probability"):  # the demo's rule, and GroupViT's
+        miou = detail["rules"][rule]["miou"]
+        assert set(miou) == {"student", "student_1scale", "training_free", "maskclip", "grouped_maskclip", "trivial"}  # params.yaml's eval.baselines
+        assert all(0 <= v <= 1 for v in miou.values())
+    assert detail["images"] == 2 and detail["segments_per_window"] > 1  # held-out scenes: the grouping did not collapse
+    assert "up to date" in dvc(project, "status", "dvc.yaml")
     set_param(project, "eval", "stride", 16)
-    status = dvc(project, "status")
-    assert "evaluate:" in status and "train:" not in status and "train_base:" not in status and "teacher_cache:" not in status
+    status = dvc(project, "status", "dvc.yaml")
+    assert "evaluate:" in status and "train:" not in status and "teacher_cache:" not in status
     set_param(project, "eval", "stride", 32)
     base_lr = yaml.safe_load((project / "params.yaml").read_text())["train"]["base_lr"]
     set_param(project, "train", "base_lr", base_lr * 2)
-    status = dvc(project, "status")
-    assert "train:" in status and "teacher_cache:" not in status and "demo_data:" not in status
+    status = dvc(project, "status", "dvc.yaml")
+    assert "train:" in status and "teacher_cache:" not in status and "demo_data" not in status
     set_param(project, "train", "base_lr", base_lr)
-    assert "up to date" in dvc(project, "status")
+    assert "up to date" in dvc(project, "status", "dvc.yaml")
+    set_param(project, "data", "demo_test", 3)  # the held-out split's size: that split and its evaluation, nothing else
+    status = dvc(project, "status", "dvc.yaml")
+    assert "demo_data@test:" in status and "evaluate:" in status
+    assert "teacher_cache:" not in status and "train:" not in status and "demo_data@train:" not in status and "evaluate_val:" not in status
+    set_param(project, "data", "demo_test", 2)
+    assert "up to date" in dvc(project, "status", "dvc.yaml")
     set_param(project, "teacher", "seed", 7)
-    status = dvc(project, "status")
-    assert "teacher_cache:" in status and "demo_data:" not in status
+    status = dvc(project, "status", "dvc.yaml")
+    assert "teacher_cache:" in status and "demo_data" not in status
     assert "modified:" in status and "teacher" in status
     dvc(project, "repro")  # the store built for the old teacher is replaced, not reused
-    assert "up to date" in dvc(project, "status")
+    assert "up to date" in dvc(project, "status", "dvc.yaml")
     import zarr
 
     assert zarr.open_group(store, mode="r").attrs["complete"] is True
     # Another dataset: its metrics file is the stage's output, and the old one does not linger.
-    set_param(project, "eval", "datasets", {"voc_layout": "data/demo/eval"})
-    status = dvc(project, "status")
+    set_param(project, "eval", "datasets", {"voc_layout": "data/demo_test/eval"})
+    status = dvc(project, "status", "dvc.yaml")
     assert "evaluate:" in status and "train:" not in status and "teacher_cache:" not in status
     dvc(project, "repro")
     assert sorted(p.name for p in (project / "metrics").iterdir()) == ["voc_layout.json"]
     assert "metrics/voc_layout.json" in dvc(project, "metrics", "show")
-    assert "up to date" in dvc(project, "status")
+    assert "up to date" in dvc(project, "status", "dvc.yaml")
     check = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "cache", "validate", str(store), "--params", "params.yaml"],
         cwd=project, capture_output=True, text=True,
@@ -79,10 +87,10 @@ def test_the_recipe_sweep_runs_as_dvc_experiments_and_tabulates_them_over_seeds(
     rows = {r["experiment"]: r for r in json.loads((project / "sweep.json").read_text())["rows"]}
     assert set(rows) == {"default-s0", "default-s1"}
     # Seed 0 is the baseline's params: the same student, so the same validation figures.
-    assert rows["default-s0"]["student"] == baseline["miou"]["student"]
-    assert rows["default-s0"]["oracle_student"] == baseline["oracle"]["student"]
-    assert rows["default-s0"]["teacher_dense"] == baseline["miou"]["maskclip"]  # the bar beside the grid teacher's
-    assert rows["default-s0"]["grouped_dense"] == baseline["miou"]["grouped_maskclip"]  # the student's segments, the teacher's naming
+    assert rows["default-s0"]["student"] == baseline["miou"]["student"] and rows["default-s0"]["student_fg"] == baseline["miou_fg"]["student"]
+    bar = rows["default-s0"]["baseline"]
+    assert bar in ("maskclip", "training_free") and rows["default-s0"]["baseline_miou"] == baseline["miou"][bar]  # the strongest teacher-alone method
+    assert rows["default-s0"]["ci_lo"] == baseline["diff_ci95_lo"]["miou"]
     assert "| default | 0,1 |" in run.stdout
     assert subprocess.run(["git", "status", "--porcelain", "params.yaml"], cwd=project, capture_output=True, text=True).stdout == ""  # the workspace untouched
     again = subprocess.run([*sweep[:3], "run", *sweep[3:]], cwd=REPO, capture_output=True, text=True, timeout=600)

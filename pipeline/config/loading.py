@@ -52,6 +52,8 @@ def load_params(path: str | Path | None = "params.yaml", overrides: typing.Seque
         parts = key.strip().split(".")
         if not sep or len(parts) not in (2, 3) or not all(parts):
             raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE (or SECTION.KEY.NAME=VALUE for a mapping)")
+        if parts[0] not in SECTIONS:  # named here: the file never had this section
+            raise ConfigError(f"--set {item!r}: unknown section {parts[0]!r} (known: {', '.join(SECTIONS)}){_suggest(parts[0], SECTIONS)}")
         raw.setdefault(parts[0], {})
         if not isinstance(raw[parts[0]], dict):
             raise ConfigError(f"{source}: section {parts[0]!r} must be a mapping")
@@ -72,7 +74,7 @@ def load_params(path: str | Path | None = "params.yaml", overrides: typing.Seque
     sections = {}
     for name, values in raw.items():
         if name not in SECTIONS:
-            raise ConfigError(f"{source}: unknown section {name!r} (known: {', '.join(SECTIONS)})")
+            raise ConfigError(f"{source}: unknown section {name!r} (known: {', '.join(SECTIONS)}){_suggest(name, SECTIONS)}")
         sections[name] = _build(SECTIONS[name], values or {}, name, source, overridden)
     params = Params(**sections, source=source, overridden=frozenset(overridden))
     _check_ranges(params)
@@ -101,6 +103,14 @@ def section_dict(cfg: Any) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
+# Keys of earlier versions whose options were measured not to help and removed (docs/findings.md).
+REMOVED_KEYS = frozenset({
+    "loss.target_norm", "loss.contrastive", "loss.contrastive_tau", "loss.segment_crop", "loss.token_relation", "loss.token_prototypes",
+    "loss.segment_prototypes", "loss.prototypes", "loss.prototype_tau", "loss.segment_anchors", "loss.infomax_usage",
+    "student.learnable_assign_temperature", "eval.calibration", "eval.protocol",
+})
+
+
 def _build(cls: type, values: Any, section: str, source: str, overridden: set[str] = frozenset()) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: section {section!r} must be a mapping, got {values!r}")
@@ -110,7 +120,9 @@ def _build(cls: type, values: Any, section: str, source: str, overridden: set[st
     for key, value in values.items():
         where = "--set" if f"{section}.{key}" in overridden else source
         if key not in known:
-            raise ConfigError(f"{where}: unknown key {section}.{key} (known: {', '.join(sorted(known))})")
+            if f"{section}.{key}" in REMOVED_KEYS:
+                raise ConfigError(f"{where}: {section}.{key} was removed: it was measured not to help (docs/findings.md; it runs at git tag lab-2026-12)")
+            raise ConfigError(f"{where}: unknown key {section}.{key} (known: {', '.join(sorted(known))}){_suggest(key, known)}")
         kwargs[key] = _coerce(value, hints[key], f"{section}.{key}", where)
     return cls(**kwargs)
 
@@ -186,3 +198,11 @@ def _check_range(key: str, value: Any, meta: Mapping[str, Any], origin: Any) -> 
             raise ConfigError(f"{origin(key)}: {key}: each value must be {allowed}, got {bad[0]!r}")
     elif not allowed.admits(value):
         raise ConfigError(f"{origin(key)}: {key}: expected {allowed}, got {value!r}")
+
+
+def _suggest(name: str, known) -> str:
+    """'; did you mean X?' for a near miss of one of `known` ('' when none is near)."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""

@@ -54,11 +54,13 @@ class DataConfig:
     manifest_hash: Literal["content", "stat"] = "content"
     max_pixels: int = bounded(178_956_970, at_least=1)  # larger images are refused as decompression bombs (PIL's limit)
     min_side: int = bounded(16, at_least=1)  # smaller center squares are refused; must be >= the largest grid
-    # The built-in synthetic scenes (`zeroseg demo-data`), used when `images` points at them.
-    demo_train: int = bounded(512, at_least=0)
-    demo_eval: int = bounded(64, at_least=0)
+    # The built-in synthetic scenes (`zeroseg demo-data --split S`), used when `images` points at them:
+    # each split is drawn from a random stream of its own (`pipeline/demo/data.py`, `SPLITS`).
+    demo_train: int = bounded(512, at_least=0)  # training scenes (no masks)
+    demo_val: int = bounded(128, at_least=0)  # the validation split: every default is chosen on it
+    demo_test: int = bounded(256, at_least=0)  # the held-out split: read by the evaluate stage alone
     demo_size: int = bounded(128, at_least=32)
-    demo_seed: int = 0
+    demo_seed: int = 0  # the training scenes' stream; the validation and held-out splits take demo_seed + 1 and + 2
 
 
 @dataclass(frozen=True)
@@ -103,18 +105,22 @@ class CacheConfig:
     # square averaged over each cell, instead of each cell's crop (pipeline/clip/dense.py): a
     # target that follows every patch, for one forward per image. Not also in `grids`.
     dense_grids: tuple[int, ...] = bounded((), at_least=1, at_most=64, may_be_empty=True)
+    # The side the whole center square is resized to for the dense grids (0: the teacher's own, one
+    # 32-px location per cell for a ResNet); the map is then averaged onto each grid's cells. The
+    # scale at which the teacher's dense embeddings name best (docs/demo.md); changing it recomputes
+    # the dense grids only.
+    dense_side: int = bounded(0, at_least=0)
 
 
 @dataclass(frozen=True)
 class StudentConfig:
     """The student network: a named variant (pipeline/student/config.py) plus overrides."""
 
-    variant: str = "zeroseg_tiny"  # zeroseg_vit_b16 (paper) | zeroseg_vit_s16 | zeroseg_tiny | zeroseg_micro
+    variant: str = "zeroseg_vit_b16"  # zeroseg_vit_b16 (the paper's) | zeroseg_vit_s16 | zeroseg_tiny | zeroseg_tiny_g8 | zeroseg_micro
     mask_ratio: float = bounded(0.6, at_least=0.0, below=1.0)  # fraction of patches removed in training (paper's best)
     init_from: str = ""  # optional timm / MAE ViT checkpoint file for the encoder
     hard_assignment: bool = True  # Gumbel + straight-through hard assignment in training
     gumbel_tau: float = bounded(1.0, at_least=1e-06)
-    learnable_assign_temperature: bool = False  # stabilizer, off in the paper's recipe
 
 
 @dataclass(frozen=True)
@@ -131,35 +137,12 @@ class LossConfig:
     reconstruction: float = bounded(1.0, at_least=0.0)  # MAE pixel loss on masked patches
     norm_pix: bool = True
     infomax: float = bounded(0.0, at_least=0.0)  # information maximization on assignments (stabilizer)
-    infomax_usage: Literal["image", "batch"] = "image"  # spread tokens over groups per image, or over the batch
-    # The space embeddings are compared in (pipeline/student/target_space.py): unit vectors (none),
-    # minus the teacher's dataset mean over one rms (center), or standardised per dimension.
-    target_norm: Literal["none", "center", "standardize"] = "none"
-    target_stats_rows: int = bounded(4096, at_least=1)  # cache rows (whole chunks, spread over the cache) the statistics come from
-    contrastive: float = bounded(0.0, at_least=0.0)  # each segment's region target against the other images' in the batch (InfoNCE)
-    contrastive_tau: float = bounded(0.1, at_least=0.001)
-    # Each segment to the teacher's embedding of its own masked crop, the teacher run in stage
-    # two (pipeline/student/segment_crops.py): a target that follows the segment, not the grid.
-    segment_crop: float = bounded(0.0, at_least=0.0)
+    target_stats_rows: int = bounded(4096, at_least=1)  # cache rows (whole chunks, spread over the cache) loss.anchor_prior is taken from
     # Each visible patch token, through the segment projection, to the teacher's views of the cells
     # it lies in (`loss.region_grids`): a dense target that asks the encoder for what each patch shows.
     token_distill: float = bounded(0.0, at_least=0.0)
-    # Each visible token's similarities to the batch's local views, as its cells' target has them
-    # (relational distillation, tau = contrastive_tau): what tells cells apart, not their shared mean.
-    token_relation: float = bounded(0.0, at_least=0.0)
-    # Each visible patch token, through a linear head of its own, classifies its cells' views among
-    # K prototypes of the teacher's views (k-means of the cache sample): pseudo-labels from the cache.
-    token_prototypes: float = bounded(0.0, at_least=0.0)
-    # Each segment's embedding, as a residual around the teacher's mean, among the same prototypes as
-    # its region target (KL of the two softmaxes): what is named, past the views' shared component.
-    segment_prototypes: float = bounded(0.0, at_least=0.0)
-    prototypes: int = bounded(64, at_least=2, at_most=65536)  # K
-    prototype_tau: float = bounded(0.05, at_least=0.001)  # temperature of the views' softmax over prototypes
-    # The same two KL terms against fixed anchors instead: the teacher's text embeddings of a
-    # vocabulary (pipeline/student/anchors.py), compared with unit embeddings in the named space, so
-    # a segment (or a visible token, through the segment projection) must rank the words as its
-    # region target (its cells' views) ranks them: what zero-shot naming reads.
-    segment_anchors: float = bounded(0.0, at_least=0.0)
+    # The same target, ranked: each visible token's softmax over fixed anchors (the teacher's text
+    # embeddings of `anchor_vocabulary`, pipeline/student/anchors.py) must match its target's.
     token_anchors: float = bounded(0.0, at_least=0.0)
     anchor_vocabulary: str = "imagenet"  # imagenet (open_clip's 1,000 class names) | @FILE (one name per line) | "a, b, c"
     anchor_tau: float = bounded(0.05, at_least=0.001)  # temperature of both softmaxes over the anchors
@@ -167,6 +150,9 @@ class LossConfig:
     # sample's views that a non-background word wins is taken out of the targets' cosines, so a
     # word the teacher favours everywhere stops winning by default; eval.bg_words are left as they are).
     anchor_prior: Literal["none", "balance"] = "none"
+    # The crop views' weight in the token terms' targets (beside the region grids' cells): 0, the
+    # cells alone.
+    token_crop_weight: float = bounded(0.0, at_least=0.0)
 
 
 @dataclass(frozen=True)
@@ -201,7 +187,7 @@ class TrainConfig:
 class EvalConfig:
     """Zero-shot evaluation: datasets, background rule, prompts, resolution, baselines."""
 
-    datasets: dict[str, str] = field(default_factory=lambda: {"demo": "data/demo"})  # name -> root folder
+    datasets: dict[str, str] = field(default_factory=lambda: {"demo": "data/demo_test"})  # name -> root folder
     # probability: threshold the softmax of cosine x logit scale (GroupViT); cosine: threshold the raw
     # cosine; class: `bg_words` join the vocabulary and a pixel is background where one of them wins.
     bg_rule: Literal["probability", "cosine", "class"] = "probability"
@@ -215,6 +201,11 @@ class EvalConfig:
     # The dense-CLIP baselines' short side (0: short_side): a ViT teacher's windows slide over the
     # image at this side (at least its input size), a ResNet teacher sees the whole image at it.
     dense_short_side: int = bounded(0, at_least=0)
+    # The dense baselines' multi-scale inference: the image at round(dense_short_side x ratio) for
+    # each ratio, the scores resized to the image and averaged (mmseg's img_ratios); (1.0,): one scale.
+    dense_ratios: tuple[float, ...] = bounded((1.0,), at_least=0.1, at_most=4.0)
+    # The grid baseline's grids: the teacher classifies each of their cells (the cache's local views).
+    grid_grids: tuple[int, ...] = bounded((2, 3, 4), at_least=1, at_most=64)
     # The student's short side (0: short_side): its windows slide over the image resized to this
     # side, so it can be evaluated at the scale it was trained at (the demo trains on whole 128-px
     # scenes at 64 px; docs/demo.md). Its labels are resized to the image like every method's.
@@ -231,16 +222,7 @@ class EvalConfig:
     token_ratios: tuple[float, ...] = bounded((1.0,), at_least=0.1, at_most=4.0)
     topk_classes: int = bounded(0, at_least=0)  # keep only the image's top-k classes (by the global embedding); 0: all
     max_images: int = bounded(0, at_least=0)  # per dataset; 0: all
-    baselines: tuple[str, ...] = ("training_free",)  # evaluated by the same harness beside the student
-    # none | center: subtract the teacher's dataset mean (from the student's checkpoint) from every
-    # method's image-side embeddings, as unit vectors, before the cosine with the class embeddings.
-    calibration: Literal["none", "center"] = "none"
-    # How the student's windows become a segmentation (pipeline/evaluation/inference.py): zeroseg (the more
-    # confident window wins a pixel; plain softmax per segment; square windows) or groupvit
-    # (GroupViT's evaluation exactly: mmseg slide inference averaging window logits, group
-    # scores through the image's top-5 classes, background capped by the window's best score,
-    # windows clipped to the image, position table interpolated bicubically).
-    protocol: Literal["zeroseg", "groupvit"] = "groupvit"
+    baselines: tuple[str, ...] = ("training_free", "maskclip", "sclip", "naclip")  # evaluated by the same harness beside the student
     pictures: int = bounded(8, at_least=0)  # overlays of the first N images of each dataset
     device: str = "auto"
 

@@ -97,3 +97,29 @@ def test_unreadable_files_are_one_line_errors(tmp_path):
 def test_repo_params_yaml_loads():
     params = load_params(Path(__file__).resolve().parents[2] / "params.yaml")
     assert isinstance(params.cache, CacheConfig)
+
+
+def test_the_papers_setup_is_a_complete_params_file_equal_to_the_code_defaults_but_its_data_paths():
+    """paper/params.yaml (`dvc repro paper/dvc.yaml`) holds every key of every section, and every
+    value is the code's default except where the data live; params.yaml is the demo's."""
+    import dataclasses
+
+    import yaml
+
+    from pipeline.config import Params
+    from pipeline.config.sections import SECTIONS
+
+    path = Path(__file__).resolve().parents[2] / "paper" / "params.yaml"
+    paper, defaults = load_params(path), Params()
+    raw = yaml.safe_load(path.read_text())
+    for name, section in SECTIONS.items():
+        assert set(raw[name]) == {f.name for f in dataclasses.fields(section)}, name  # complete: every key written out
+    data_paths = {"data": {"images"}, "cache": {"root"}, "eval": {"datasets"}}
+    for name in SECTIONS:
+        ours, default = getattr(paper, name), getattr(defaults, name)
+        paths = {k: getattr(default, k) for k in data_paths.get(name, ())}
+        assert dataclasses.replace(ours, **paths) == default, name
+    assert paper.teacher.model == "ViT-L-14" and paper.teacher.pretrained == "openai"
+    assert paper.cache.grids == (1, 2, 3, 4) and paper.cache.dense_grids == ()
+    assert paper.student.variant == "zeroseg_vit_b16" and paper.train.epochs == 80 and paper.train.batch_size == 4096
+    assert set(paper.eval.datasets) == {"voc", "context", "coco_object"} and paper.eval.bg_rule == "probability"
