@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 from torch.utils.data import DataLoader
 
 from pipeline.config import Params
 from pipeline.core.errors import ZerosegError
-from pipeline.student.grouping import compose_assignments
 from pipeline.student.model import StudentOutput, ZeroSegStudent
 from pipeline.student.normalize import normalize_images
 from pipeline.student.objective import StudentObjective
@@ -77,12 +77,11 @@ class Engine:
 
     def __init__(self, params: Params, model: ZeroSegStudent, train_model: torch.nn.Module, objective: StudentObjective,
                  optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, sched: Schedule, device: torch.device,
-                 world: int, ckpt_path: Path, crop_targets: Callable | None = None):
+                 world: int, ckpt_path: Path):
         self.params, self.cfg = params, params.train
         self.model, self.train_model, self.objective = model, train_model, objective
         self.optimizer, self.scaler, self.sched = optimizer, scaler, sched
         self.device, self.world, self.ckpt_path = device, world, ckpt_path
-        self.crop_targets = crop_targets
         self.amp = AMP[self.cfg.precision] if device.type == "cuda" else None
 
     def train_epoch(self, loader: DataLoader, dataset: CachePairs, step: int, limit: int,
@@ -120,21 +119,18 @@ class Engine:
         seen, wait = 0, 0.0
         for micro in range(sched.accum):
             t0 = time.perf_counter()
-            images, targets, _ = next(batches)
+            with record_function("data"):
+                images, targets, _ = next(batches)
             wait += time.perf_counter() - t0
-            pixels = images.to(self.device, non_blocking=True)  # [B, 3, H, W] uint8
-            images = normalize_images(pixels)  # [B, 3, H, W]
+            images = normalize_images(images.to(self.device, non_blocking=True))  # [B, 3, H, W] uint8 -> normalized
             targets = targets.to(self.device, non_blocking=True).float()  # [B, V, D]
             last = micro == sched.accum - 1
             sync = self.train_model.no_sync() if self.world > 1 and not last else contextlib.nullcontext()
-            with sync, torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                out = self.train_model(images, params.student.mask_ratio, decode=bool(params.loss.reconstruction),
-                                       tokens=bool(params.loss.token_distill or params.loss.token_relation or params.loss.token_anchors))
-                crops = None
-                if self.crop_targets is not None:
-                    crops = self.crop_targets(pixels, compose_assignments(out.hard_assignments).detach(), out.ids_keep, out.grid)
-                total, terms = self.objective(out, targets, self.model.patchify(images), self.model.target_space, crops)
-            self.scaler.scale(total / sched.accum).backward()
+            with sync, torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None), record_function("forward"):
+                out = self.train_model(images, params.student.mask_ratio, decode=self.objective.needs_decoder, tokens=self.objective.needs_tokens)
+                total, terms = self.objective(out, targets, self.model.patchify(images))
+            with record_function("backward"):
+                self.scaler.scale(total / sched.accum).backward()
             for k, v in {**terms, "total": total}.items():
                 on_device[k] = on_device.get(k, 0.0) + v.detach().float() / sched.accum
             seen += images.shape[0] * self.world
@@ -143,10 +139,11 @@ class Engine:
             shown = ", ".join(f"{k}={v:.4g}" for k, v in terms_sum.items())
             kept = f"the last good checkpoint is {self.ckpt_path}" if self.ckpt_path.exists() else "no checkpoint was written yet"
             raise TrainingDiverged(f"non-finite loss at step {step} ({shown}); stopped before the optimizer step; {kept}")
-        if cfg.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        with record_function("optimizer"):
+            if cfg.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
         return StepResult(terms=terms_sum, lr=lr, out=out, targets=targets, images=seen, wait=wait)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch.profiler import record_function
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -47,17 +48,12 @@ from pipeline.student import ZeroSegStudent, param_groups_for_weight_decay, stud
 from pipeline.student.health import health_metrics
 from pipeline.student.objective import StudentObjective
 from pipeline.training import state
-from pipeline.training.data import (
-    CachePairs,
-    ParentEnviron,
-    teacher_sample,
-    teacher_statistics,
-)
+from pipeline.training.data import CachePairs, ParentEnviron, teacher_sample
 from pipeline.training.engine import Engine, MetricWindow, StepResult
 from pipeline.training.live import log_step, open_live
 from pipeline.training.schedule import Schedule, make_schedule
 from pipeline.training.state import CHECKPOINT_NAME, SAVED, compatibility
-from pipeline.training.teacher_targets import crop_targets, text_anchors
+from pipeline.training.teacher_targets import text_anchors
 
 log = logging.getLogger(__name__)
 
@@ -140,23 +136,17 @@ def _train(params: Params, cache: str | None, out_dir: str | Path, *, resume: st
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
     s = params.student
-    arch = student_arch(s.variant, hard_assignment=s.hard_assignment, gumbel_tau=s.gumbel_tau, learnable_assign_temperature=s.learnable_assign_temperature,
-                        prototypes=params.loss.prototypes if params.loss.token_prototypes else 0)
+    arch = student_arch(s.variant, hard_assignment=s.hard_assignment, gumbel_tau=s.gumbel_tau)
     model = ZeroSegStudent(arch=arch, out_dim=out_dim)
-    # The teacher's statistics: the target space's map (loss.target_norm), and eval.calibration's mean.
-    sample = teacher_sample(cache, grids, params.loss.target_stats_rows)  # [n, V, D]
-    (stat_mean, stat_std), stat_rows = teacher_statistics(sample), len(sample)
-    model.target_space.set_statistics(params.loss.target_norm, stat_mean, stat_std)
     if s.init_from:
         report = model.load_encoder_state_dict(load_checkpoint(s.init_from))
         log.info("student.init_from %s: %s", s.init_from, report.summary())
     model.to(device)
-    objective = StudentObjective(params, grids).to(device)
-    objective.fit_prototypes(sample, stat_mean, seed=cfg.seed)  # with loss.*_prototypes: the same on every rank and on resume
-    if params.loss.segment_anchors or params.loss.token_anchors:
+    objective = StudentObjective(params.loss, grids).to(device)
+    if objective.needs_anchors:
         anchors, background = text_anchors(params, attrs)
+        sample = teacher_sample(cache, grids, params.loss.target_stats_rows) if params.loss.anchor_prior == "balance" else None  # [n, V, D]
         objective.set_anchors(anchors, background=background, sample=sample)
-    crops = crop_targets(params, attrs, device) if params.loss.segment_crop else None
 
     dataset, loader, sched = _data(params, cache, attrs, grids, arch.img_size, rank, world, device)
     optimizer = torch.optim.AdamW(param_groups_for_weight_decay(model, cfg.weight_decay), lr=sched.peak_lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
@@ -172,13 +162,12 @@ def _train(params: Params, cache: str | None, out_dir: str | Path, *, resume: st
     train_model = torch.compile(model) if cfg.compile else model
     if world > 1:
         train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    engine = Engine(params, model, train_model, objective, optimizer, scaler, sched, device, world, ckpt_path, crops)
+    engine = Engine(params, model, train_model, objective, optimizer, scaler, sched, device, world, ckpt_path)
     live = open_live(live_dir, resume_step=summary.resumed_from) if rank == 0 else None
     extra = {
         "teacher_files": teacher_files(params.teacher, ckpt_path),
         "arch": {k: (list(map(list, v)) if k == "group_stages" else v) for k, v in asdict(arch).items()},
         "cache": {"url": str(cache), "fingerprint": attrs["fingerprint"], "grids": list(grids), "embed_dim": out_dim, "teacher": attrs["teacher"]},
-        "teacher_stats": {"mean": stat_mean.tolist(), "std": stat_std.tolist(), "rows": stat_rows, "grids": list(grids)},
         "zeroseg_version": __version__,
     }
     saver = _Checkpointer(params, engine, compat, extra, rank, world, saved=step if summary.resumed_from is not None else -1)
@@ -194,17 +183,23 @@ def _train(params: Params, cache: str | None, out_dir: str | Path, *, resume: st
         if not summary.first_losses:
             summary.first_losses = dict(result.terms)
         if step % cfg.log_every == 0 or step == limit:
-            summary.losses = window.averages()
-            summary.images_per_s, summary.data_wait_fraction = window.rates()
-            bar.set_postfix(loss=f"{summary.losses['total']:.4f}", lr=f"{result.lr:.2e}", img_s=f"{summary.images_per_s:.0f}")
-            if rank == 0:  # on the step's last micro-batch: label-free signs of a collapse
-                summary.health = health_metrics(result.out, result.targets, model.target_space, objective.local)
-            if live is not None:
-                log_step(live, step, summary.losses, summary.health, lr=result.lr, images_per_s=summary.images_per_s,
-                         data_wait_fraction=summary.data_wait_fraction)
-            window = MetricWindow()
+            with record_function("logging"):
+                log_window(step, result)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             saver.save(step, epoch)
+
+    def log_window(step: int, result: StepResult) -> None:
+        """The window's averages to the bar and dvclive, with the health figures of the step's last micro-batch."""
+        nonlocal window
+        summary.losses = window.averages()
+        summary.images_per_s, summary.data_wait_fraction = window.rates()
+        bar.set_postfix(loss=f"{summary.losses['total']:.4f}", lr=f"{result.lr:.2e}", img_s=f"{summary.images_per_s:.0f}")
+        if rank == 0:  # label-free signs of a collapse
+            summary.health = health_metrics(result.out, result.targets, objective.local)
+        if live is not None:
+            log_step(live, step, summary.losses, summary.health, lr=result.lr, images_per_s=summary.images_per_s,
+                     data_wait_fraction=summary.data_wait_fraction)
+        window = MetricWindow()
 
     model.train()
     try:
