@@ -103,6 +103,14 @@ def teacher_cache(
     rate = stats.rows_computed / stats.wall_s if stats.wall_s else 0.0
     for line in stats.repaired:
         typer.echo(f"repaired: {line}")
+    if stats.failed:  # named, not only counted: a text file called .jpg is no image
+        from pipeline.cache.info import describe
+
+        failures = describe(stats.store)["failures"]
+        for f in failures[:20]:
+            typer.echo(f"zeroseg: failed: {f['path']}: {f['reason']}", err=True)
+        if len(failures) > 20:
+            typer.echo(f"zeroseg: ... and {len(failures) - 20} more (zeroseg cache info --json lists them all)", err=True)
     typer.echo(
         f"{stats.store}: {stats.rows_computed} images processed ({stats.views_computed} views, {rate:.1f} img/s overall), "
         f"{stats.shards_written} shards written, {stats.shards_skipped} already done"
@@ -120,7 +128,7 @@ def train(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     cache: Annotated[Optional[str], typer.Option("--cache", help="teacher cache store (path or URL; default: the store teacher-cache built for these params, found by fingerprint under cache.root)")] = None,
-    out: Annotated[Path, typer.Option("--out", help="folder for checkpoint.pt")] = Path("models/student"),
+    out: Annotated[Optional[Path], typer.Option("--out", help="folder for checkpoint.pt [default: models/student for the demo's scenes, models/NAME for images in a folder NAME]")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the checkpoint in --out exactly (fail if there is none or it differs)")] = False,
     auto_resume: Annotated[bool, typer.Option("--auto-resume", help="continue the checkpoint in --out when it was made with the same config and cache, else start afresh")] = False,
     live_dir: Annotated[str, typer.Option("--live-dir", help="dvclive folder of its own for metrics and plots ('' for none)")] = "dvclive",
@@ -132,7 +140,13 @@ def train(
     if resume and auto_resume:
         raise typer.BadParameter("--resume and --auto-resume exclude each other: --resume fails when the checkpoint differs, --auto-resume starts afresh", param_hint="--resume")
     mode = "must" if resume else "auto" if auto_resume else "never"
-    summary = run_training(load_params(params, set_ or ()), cache, out, resume=mode, live_dir=live_dir, progress=not quiet)
+    loaded = load_params(params, set_ or ())
+    if out is None:  # another dataset's student must not overwrite the demo's (a DVC output)
+        from pipeline.config import DataConfig
+
+        images = Path(loaded.data.images)
+        out = Path("models/student") if loaded.data.images == DataConfig.images else Path("models") / (images.stem if images.suffix else images.name or "student")
+    summary = run_training(loaded, cache, out, resume=mode, live_dir=live_dir, progress=not quiet)
     losses = ", ".join(f"{k} {v:.4f}" for k, v in summary.losses.items())
     typer.echo(f"{summary.checkpoint}: step {summary.step}/{summary.total_steps}, {summary.images_per_s:.1f} img/s, data wait {summary.data_wait_fraction:.1%}; {losses}")
 
@@ -169,7 +183,8 @@ def evaluate(
     params: ModelParamsOpt = None,
     set_: SetOpt = None,
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="the student's checkpoint.pt")] = Path("models/student/checkpoint.pt"),
-    base_checkpoint: Annotated[Optional[Path], typer.Option("--base-checkpoint", help="a second student (the Base ablation) to evaluate beside")] = None,
+    base_checkpoint: Annotated[Optional[Path], typer.Option("--base-checkpoint", help="the paper's Base ablation, evaluated beside (its segments named by their group embeddings, as the paper does)")] = None,
+    ablation: Annotated[Optional[list[str]], typer.Option("--ablation", help="NAME=CHECKPOINT: another student evaluated beside, as the student is (repeatable)")] = None,
     metrics: Annotated[Path, typer.Option("--metrics-dir", help="folder for one headline metrics JSON per dataset")] = Path("metrics"),
     details: Annotated[Path, typer.Option("--details-dir", help="folder for one per-class detail JSON per dataset (pixel accuracy, per-class IoU)")] = Path("metrics_detail"),
     pictures: Annotated[Optional[Path], typer.Option("--pictures", help="folder for overlay pictures")] = Path("outputs/eval"),
@@ -178,7 +193,14 @@ def evaluate(
     """Zero-shot mIoU of the student, the baselines and the grouping oracles on eval.datasets."""
     from pipeline.evaluation.run import run_evaluation
 
-    results = run_evaluation(params_for_model(params, set_, checkpoint), checkpoint, metrics, pictures, base_checkpoint=base_checkpoint, progress=not quiet, echo=typer.echo, details_dir=details)
+    ablations = {}
+    for item in ablation or ():
+        name, sep, path = item.partition("=")
+        if not sep or not name.isidentifier() or not path:
+            raise typer.BadParameter(f"{item!r}: expected NAME=CHECKPOINT, NAME a word such as no_crops", param_hint="--ablation")
+        ablations[name] = Path(path)
+    results = run_evaluation(params_for_model(params, set_, checkpoint), checkpoint, metrics, pictures, base_checkpoint=base_checkpoint, ablations=ablations,
+                             progress=not quiet, echo=typer.echo, details_dir=details)
     typer.echo(f"\nmetrics written to {', '.join(str(metrics / f'{n}.json') for n in results)}, per-class detail to {details}" + (f", pictures to {pictures}" if pictures else ""))
 
 
@@ -207,7 +229,7 @@ def segment(
             typer.echo(f"{r['image']}: {r['overlay']} ({', '.join(r['legend']) or 'background only'})")
 
     results = run_segment(params_for_model(params, set_, checkpoint), checkpoint, images, parse_classes(classes), out, threshold=threshold, progress=not quiet, on_result=report,
-                          include_globs=include or (), exclude_globs=exclude or (), naming=naming)
+                          include_globs=include or (), exclude_globs=exclude or (), naming=naming, on_note=lambda line: typer.echo(f"zeroseg: note: {line}", err=True))
     skipped = sum("error" in r for r in results)
     if skipped:
         typer.echo(f"zeroseg: {'error' if strict else 'warning'}: {skipped} of {len(results)} images could not be read (listed above); the others were segmented", err=True)
@@ -224,7 +246,7 @@ def cache_info(
     set_: SetOpt = None,
 ) -> None:
     """Teacher identity, views, dims, rows by status, fingerprint, provenance, failures."""
-    from pipeline.cache.info import describe
+    from pipeline.cache.info import describe, info_text
 
     if path is None:
         from pipeline.cache.identity import find_store
@@ -234,39 +256,7 @@ def cache_info(
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
-    t, m, p = info["teacher"], info["manifest"], info.get("provenance", {})
-    dense = {f"{g}x{g}" for g in info["dense_grids"]}
-    grids_text = ", ".join(f"{g}{' dense' if g in dense else ''} ({'MISSING' if done is None else 'complete' if done else 'incomplete'})" for g, done in info["grid_complete"].items())
-    lines = [
-        f"store        {path}",
-        f"schema       {info['schema']} v{info['schema_version']}  fingerprint {info['fingerprint']}",
-        f"teacher      {t['library']} {t['model']} pretrained={t['pretrained'] or '(random init)'} precision={t['precision']} D={t['embed_dim']}",
-        f"weights      sha256 {t['weights_sha256']}",
-        f"views        {grids_text}  V={info['num_views']}",
-        *[f"images       {size}x{size} ({'complete' if im['complete'] else 'incomplete'}), {im['bytes_per_image'] / 1024:.1f} KiB per image stored"
-          for size, im in info["student_images"].items()],
-        f"manifest     {m['n']} images, {m['hash_mode']} hash {m['hash']}",
-        f"rows         " + ", ".join(f"{k} {v}" for k, v in info["rows"].items()),
-        f"checksums    {checksum_text(info['chunk_checksums'])}",
-        f"complete     {info['complete']}",
-        f"built by     {p.get('tool', '?')} {p.get('tool_version', '?')} on {p.get('host', '?')} ({p.get('user', '')}) at {p.get('created', '?')}",
-    ]
-    failures = info["failures"]
-    if failures:
-        lines.append(f"failures     {len(failures)}:")
-        lines += [f"  {f['path']}: {f['reason']}" for f in failures[:max_failures]]
-        if len(failures) > max_failures:
-            lines.append(f"  ... and {len(failures) - max_failures} more (--json lists all)")
-    typer.echo("\n".join(lines))
-
-
-def checksum_text(checksums: dict[str, bool]) -> str:
-    """`cache info`'s line on chunk checksums: all, none (an older store) or which arrays lack them."""
-    if all(checksums.values()):
-        return "crc32c on every chunk"
-    if not any(checksums.values()):
-        return "none (written before chunk checksums: cache validate --deep finds chunks that do not decode, not flipped bits that still do)"
-    return "crc32c, except " + ", ".join(name for name, has in checksums.items() if not has) + " (written before chunk checksums)"
+    typer.echo(info_text(info, path, max_failures))
 
 
 @cache_app.command("validate")
@@ -304,21 +294,28 @@ def cache_validate(
         raise cs.CacheSchemaError(f"{path}: {len(damage)} damaged shards (listed above); also {str(exc).removeprefix(f'{path}: ')}") from None
     if damage:
         raise cs.CacheSchemaError(f"{path}: {len(damage)} damaged shards (listed above); zeroseg teacher-cache --repair recomputes exactly these")
-    typer.echo(f"{path}: valid ({attrs['manifest']['n']} images, grids {', '.join(map(cs.grid_name, cs.store_grids(cs.open_store(path))))}, fingerprint {attrs['fingerprint'][:12]})")
+    group = cs.open_store(path)
+    failed = int((group[cs.STATUS][:] == cs.STATUS_FAILED).sum())
+    typer.echo(f"{path}: valid ({attrs['manifest']['n']} images, grids {', '.join(map(cs.grid_name, cs.store_grids(group)))}, fingerprint {attrs['fingerprint'][:12]})"
+               + (f"; {failed} images could not be read and have no views (zeroseg cache info lists them)" if failed else ""))
 
 
 @app.command("demo-data")
 def demo_data(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
-    out: Annotated[Path, typer.Option("--out", help="folder to write images/ and eval/ into")] = Path("data/demo"),
+    split: Annotated[str, typer.Option("--split", help="train (data.demo_train scenes into OUT) | val | test (data.demo_val / demo_test scenes with masks to OUT/eval)")] = "train",
+    out: Annotated[Path, typer.Option("--out", help="folder to write the split into")] = Path("data/demo/images"),
 ) -> None:
-    """Generate the built-in synthetic scenes (data.demo_*): shapes on textures, with masks."""
-    from pipeline.demo.data import write_demo_dataset
+    """Generate the built-in synthetic scenes (data.demo_*): shapes on textures, each split from a random stream of its own."""
+    from pipeline.demo.data import SPLITS, write_demo_split
 
+    if split not in SPLITS:
+        raise typer.BadParameter(f"{split!r}: expected {', '.join(SPLITS)}", param_hint="--split")
     d = load_params(params, set_ or ()).data
-    counts = write_demo_dataset(out, n_train=d.demo_train, n_eval=d.demo_eval, size=d.demo_size, seed=d.demo_seed)
-    typer.echo(f"{out}: {counts['train']} training images, {counts['eval']} held-out scenes with masks")
+    n = {"train": d.demo_train, "val": d.demo_val, "test": d.demo_test}[split]
+    write_demo_split(out, split, n, size=d.demo_size, seed=d.demo_seed)
+    typer.echo(f"{out}: {n} {'training images' if split == 'train' else 'scenes with masks (' + split + ' split)'}")
 
 
 # Usage errors (a missing argument, an unknown option): click's own, or, since typer 0.26, those

@@ -12,7 +12,7 @@ from pipeline.config import load_params
 from pipeline.core.errors import InputError
 from pipeline.teacher.run import run_teacher_cache
 from pipeline.training.run import run_training
-from tests.conftest import write_params
+from tests.conftest import params_for, write_params
 
 TINY_TRAIN = [
     "student.variant=zeroseg_micro", "train.batch_size=8", "train.micro_batch=4", "train.num_workers=0",
@@ -254,3 +254,42 @@ def test_a_checkpoint_of_another_model_definition_is_not_continued(built_cache, 
     save_checkpoint(ckpt_path, ckpt)
     summary = run_training(p, str(store), tmp_path / "run", resume="auto", progress=False)
     assert summary.resumed_from == 2 and "predates the check of the model's definition" in caplog.text
+
+
+def test_the_readmes_python_example_runs_as_written_and_is_zeroseg_segments_code_path(built_cache, demo_dir, tmp_path, monkeypatch):
+    """The README's Python block, run verbatim in a project whose files sit where the demo's do:
+    a path, a PIL image and an array give the same mask, and `zeroseg segment` writes that mask."""
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.evaluation.segmenter import Segmenter
+    from tests.conftest import REPO, run_cli
+
+    store, params_path = built_cache
+    project = tmp_path / "project"
+    run_training(params_for(built_cache, "train.epochs=1"), str(store), project / "models" / "student", progress=False)
+    split = project / "data" / "demo_test" / "eval" / "JPEGImages"
+    split.mkdir(parents=True)
+    for image in sorted((demo_dir / "eval" / "JPEGImages").glob("*.jpg")):
+        shutil.copy(image, split / image.name)
+    shutil.copy(params_path, project / "params.yaml")
+    monkeypatch.chdir(project)
+    block = re.search(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    assert len(block.strip().splitlines()) <= 6
+    exec(compile(block, "README.md", "exec"), {})  # noqa: S102 - the README's own example
+    assert (project / "overlay.png").is_file()
+
+    seg = Segmenter.load("models/student/checkpoint.pt")
+    path = split / "eval_000000.jpg"
+    by_path = seg(path, ["circle", "square", "star"])
+    assert by_path.mask.shape == np.asarray(Image.open(path)).shape[:2] and by_path.classes == ["circle", "square", "star"]
+    assert set(np.unique(by_path.mask)) <= {0, 1, 2, 3}
+    assert by_path.present == [by_path.classes[k - 1] for k in sorted(set(np.unique(by_path.mask)) - {0}, key=lambda k: -(by_path.mask == k).sum())]
+    np.testing.assert_array_equal(seg(Image.open(path), "circle, square, star").mask, by_path.mask)  # a PIL image, the words as --classes takes them
+    np.testing.assert_array_equal(seg(np.asarray(Image.open(path).convert("RGB")), ["circle", "square", "star"]).mask, by_path.mask)  # an array
+    run_cli("segment", str(path), "--classes", "circle,square,star", "--out", "out", "-q", cwd=project)
+    np.testing.assert_array_equal(np.asarray(Image.open(project / "out" / "eval_000000_mask.png")), by_path.mask)  # the command's mask, the same
+    with pytest.raises(Exception, match="expected an \\[H, W, 3\\] uint8 array"):
+        seg(np.zeros((4, 4, 4), np.uint8), ["circle"])
