@@ -12,6 +12,7 @@ earlier demo budget, say: `--set train.epochs=36 --set train.log_every=2 --set t
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -26,9 +27,13 @@ from bench.harness import emit, parser
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(cmd: list[str], cwd: Path) -> float:
+def run(cmd: list[str], cwd: Path, python: Path | None = None) -> float:
+    """Seconds `cmd` took in `cwd`, with `python`'s folder first on PATH (dvc's stage commands say `python`)."""
+    env = dict(os.environ)
+    if python is not None:
+        env["PATH"] = f"{python.parent}{os.pathsep}{env.get('PATH', '')}"
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
     if proc.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
     return time.perf_counter() - t0
@@ -54,16 +59,17 @@ def main() -> None:
     clone = tmp / "zeroseg"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
     times: dict[str, float] = {}
-    dvc = [sys.executable, "-m", "dvc"]
+    python = Path(sys.executable)
     if args.setup:
         times["setup.sh"] = run(["bash", "setup.sh"], clone)
-        dvc = [str(clone / ".venv" / "bin" / "python"), "-m", "dvc"]
+        python = clone / ".venv" / "bin" / "python"
+    dvc = [str(python), "-m", "dvc"]
     if args.overrides:
         set_params(clone, args.overrides)
     listed = subprocess.run([*dvc, "stage", "list", "--name-only"], cwd=clone, capture_output=True, text=True, check=True).stdout
     stages = [s for s in listed.split() if ":" not in s]  # dvc.yaml's own (not ablations/ or paper/)
     for stage in stages:  # dvc stage list gives the file's order, which is the pipeline's (each stage after what it reads)
-        times[stage] = run([*dvc, "repro", "--single-item", stage], clone)
+        times[stage] = run([*dvc, "repro", "--single-item", stage], clone, python)
         print(f"{stage:>16}: {times[stage]:7.1f} s", flush=True)
     total = sum(times.values())
     print(f"{'total':>16}: {total:7.1f} s ({total / 60:.1f} min){' with the set-up' if args.setup else ''}")
