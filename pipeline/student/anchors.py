@@ -66,26 +66,3 @@ def anchor_prior(views: torch.Tensor, anchors: torch.Tensor, background: torch.T
         mean = cosines[objects][:, ~background].mean(dim=0)  # [K_objects]
         prior[~background] = mean - mean.mean()
     return prior
-
-
-def spherical_kmeans(x: torch.Tensor, k: int, *, iters: int = 30, seed: int = 0) -> torch.Tensor:
-    """K unit centroids of the unit vectors x [n, D] (cosine k-means, k-means++ seeding); a centroid
-    left with no member is re-seeded at the point farthest from its own."""
-    if len(x) < k:
-        raise InputError(f"loss.anchor_vocabulary prototypes:{k}: the cache sample has {len(x)} views, fewer than {k}")
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    centroids = x[torch.randint(len(x), (1,), generator=gen)]  # [1, D]
-    while len(centroids) < k:  # k-means++: the next seed far (in cosine) from those chosen
-        far = (1 - (x @ centroids.T).max(dim=1).values).clamp_min(0)  # [n]
-        centroids = torch.cat([centroids, x[torch.multinomial(far + 1e-12, 1, generator=gen)]])
-    for _ in range(iters):
-        sim = x @ centroids.T  # [n, k]
-        member = sim.argmax(dim=1)  # [n]
-        sums = torch.zeros_like(centroids).index_add_(0, member, x)  # [k, D]
-        counts = torch.bincount(member, minlength=k)  # [k]
-        fit = sim.gather(1, member[:, None]).squeeze(1)  # [n]
-        for j in torch.nonzero(counts == 0).flatten().tolist():
-            worst = fit.argmin()
-            sums[j], fit[worst] = x[worst], float("inf")
-        centroids = F.normalize(sums, dim=-1)
-    return centroids
