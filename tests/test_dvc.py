@@ -1,14 +1,30 @@
 """The DVC contract, on the project's real dvc.yaml in a temporary git repository."""
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 import yaml
-from conftest import REPO, dvc
+from conftest import REPO, dvc, make_project
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory):
+    """The tiny project after its first `dvc repro`, built once for the module's tests."""
+    path = make_project(tmp_path_factory.mktemp("reproduced") / "project")
+    dvc(path, "repro")
+    return path
+
+
+@pytest.fixture
+def built(reproduced, tmp_path):
+    """A copy of the reproduced project (its git history, DVC cache and outputs) of the test's own."""
+    shutil.copytree(reproduced, tmp_path / "project", symlinks=True)
+    return tmp_path / "project"
 
 
 def set_param(project, section, key, value):
@@ -18,8 +34,8 @@ def set_param(project, section, key, value):
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def test_repro_builds_everything_and_params_edits_make_exactly_their_stages_stale(project):
-    dvc(project, "repro")
+def test_repro_builds_everything_and_params_edits_make_exactly_their_stages_stale(built):
+    project = built  # after `dvc repro`
     store = project / "caches" / "teacher.zarr"
     assert (store / "views" / "4x4").is_dir() and (store / "views" / "8x8").is_dir()  # the crops and the dense grid (cache.dense_grids)
     assert (project / "models" / "student" / "checkpoint.pt").is_file()
@@ -74,9 +90,9 @@ def test_repro_builds_everything_and_params_edits_make_exactly_their_stages_stal
     assert check.returncode == 0, check.stderr
 
 
-def test_the_recipe_sweep_runs_as_dvc_experiments_and_tabulates_them_over_seeds(project):
+def test_the_recipe_sweep_runs_as_dvc_experiments_and_tabulates_them_over_seeds(built):
     """`bench.science.sweep`: one DVC experiment per (recipe, seed), a table read back from `dvc exp show`."""
-    dvc(project, "repro")
+    project = built  # after `dvc repro`
     subprocess.run(["git", "add", "-A"], cwd=project, check=True)  # dvc.lock and the metrics: the experiments' baseline
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t.invalid", "commit", "-qm", "baseline"], cwd=project, check=True)
     baseline = json.loads((project / "metrics_val" / "demo.json").read_text())
