@@ -106,7 +106,7 @@ def section_dict(cfg: Any) -> dict[str, Any]:
 # Keys of earlier versions whose options were measured not to help and removed (docs/findings.md).
 REMOVED_KEYS = frozenset({
     "loss.target_norm", "loss.contrastive", "loss.contrastive_tau", "loss.segment_crop", "loss.token_relation", "loss.token_prototypes",
-    "loss.segment_prototypes", "loss.prototypes", "loss.prototype_tau", "loss.segment_anchors", "loss.infomax_usage",
+    "loss.segment_prototypes", "loss.prototypes", "loss.prototype_tau", "loss.segment_anchors", "loss.infomax_usage", "loss.token_distill",
     "student.learnable_assign_temperature", "eval.calibration", "eval.protocol",
 })
 

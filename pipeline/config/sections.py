@@ -140,7 +140,6 @@ class LossConfig:
     target_stats_rows: int = bounded(4096, at_least=1)  # cache rows (whole chunks, spread over the cache) loss.anchor_prior is taken from
     # Each visible patch token, through the segment projection, to the teacher's views of the cells
     # it lies in (`loss.region_grids`): a dense target that asks the encoder for what each patch shows.
-    token_distill: float = bounded(0.0, at_least=0.0)
     # The same target, ranked: each visible token's softmax over fixed anchors (the teacher's text
     # embeddings of `anchor_vocabulary`, pipeline/student/anchors.py) must match its target's.
     token_anchors: float = bounded(0.0, at_least=0.0)

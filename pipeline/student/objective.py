@@ -17,7 +17,7 @@ from pipeline.student.losses import (
     RegionMatchingLoss,
     SegmentMatchingLoss,
 )
-from pipeline.student.tokens import TokenAnchorLoss, TokenDistillationLoss, token_targets
+from pipeline.student.tokens import TokenAnchorLoss, token_targets
 
 
 class StudentObjective(torch.nn.Module):
@@ -40,7 +40,6 @@ class StudentObjective(torch.nn.Module):
         self.reconstruction = ReconstructionLoss(norm_pix=cfg.norm_pix)
         self.infomax = AssignmentInfoMaxLoss()
         self.region = RegionMatchingLoss()
-        self.token_distill = TokenDistillationLoss()
         self.token_anchors = TokenAnchorLoss(tau=cfg.anchor_tau)
         # Set by `set_anchors` before training when loss.token_anchors is on.
         self.register_buffer("anchors", torch.zeros(0), persistent=False)  # [K, D]
@@ -66,7 +65,7 @@ class StudentObjective(torch.nn.Module):
     @property
     def needs_tokens(self) -> bool:
         """Whether a step must map the visible patch tokens into the teacher's space (`StudentOutput.tokens`)."""
-        return bool(self.has_local and (self.cfg.token_distill or self.cfg.token_anchors))
+        return bool(self.has_local and self.cfg.token_anchors)
 
     @property
     def needs_decoder(self) -> bool:
@@ -109,9 +108,6 @@ class StudentObjective(torch.nn.Module):
             weights["region_match"] = c.region_match
         if self.needs_tokens and out.tokens is not None:
             target, has = token_targets(targets, token_cells(out.ids_keep, out.grid, self.layout) * self.token_views)  # [B, N, D], [B, N]
-            if c.token_distill:
-                terms.update(self.token_distill(out.tokens, target, has))
-                weights["token_distill"] = c.token_distill
             if c.token_anchors:
                 if not len(self.anchors):
                     raise RuntimeError("loss.token_anchors needs the teacher's text anchors (StudentObjective.set_anchors)")

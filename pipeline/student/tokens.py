@@ -7,9 +7,9 @@ weighted (`StudentObjective.token_views`: the dense grid's cell at 1, the crop g
 views would give any vocabulary: the dense map says where, the crops (the teacher's most reliable
 outputs, whole views through its attention pool) say what, and neither needs a word to say it.
 
-Two ways to ask for it: `token_distill` regresses the token's unit vector onto the target's, and
 `token_anchors` asks the token to rank fixed anchors (the teacher's text embeddings of a
-vocabulary, `anchors.py`) as the target ranks them.
+vocabulary, `anchors.py`) as the target ranks them. (Regressing the token onto the target
+instead named every demo shape "circle": docs/findings.md.)
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.student.losses import l1_distance
 
 
 def token_targets(targets: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
@@ -33,21 +32,6 @@ def token_targets(targets: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
     """
     mixed = torch.bmm(weights.float(), F.normalize(targets.float(), dim=-1))  # [B, N, D]
     return F.normalize(mixed, dim=-1), weights.sum(dim=2) > 0
-
-
-class TokenDistillationLoss(nn.Module):
-    """Each visible token to its target embedding, by L1 between unit vectors."""
-
-    def forward(self, tokens: Tensor, target: Tensor, has: Tensor) -> dict[str, Tensor]:
-        """Args:
-            tokens: [B, N, D] visible patch tokens in the teacher's space.
-            target, has: from `token_targets`.
-
-        Returns:
-            {"token_distill": mean over tokens with a target of L1(token, target)}.
-        """
-        dist = l1_distance(F.normalize(tokens.float(), dim=-1), target)  # [B, N]
-        return {"token_distill": (dist * has).sum() / has.sum().clamp_min(1)}
 
 
 class TokenAnchorLoss(nn.Module):

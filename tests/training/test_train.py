@@ -392,7 +392,7 @@ class HostWaits(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("tokens", [[], ["loss.token_anchors=1", "loss.token_distill=1", "loss.region_grids=[4]", "loss.token_crop_weight=0.5"]],
+@pytest.mark.parametrize("tokens", [[], ["loss.token_anchors=1", "loss.region_grids=[4]", "loss.token_crop_weight=0.5"]],
                          ids=["segments", "segments+tokens"])
 def test_a_training_step_has_no_op_that_waits_for_the_device(built_cache, tokens):
     from pipeline.student import ZeroSegStudent, student_arch
@@ -415,7 +415,7 @@ def test_a_training_step_has_no_op_that_waits_for_the_device(built_cache, tokens
         terms = step()
     assert waits.seen == []
     assert {"distill", "segment_match", "view_match", "region_match", "reconstruction", "token_entropy"} <= set(terms)
-    assert ({"token_anchors", "token_distill"} <= set(terms)) == bool(tokens)
+    assert ("token_anchors" in terms) == bool(tokens)
     with HostWaits() as waits:  # the probe sees what it looks for
         float(terms["distill"].detach()), torch.tensor([1.0]), images[images > 0]
     assert waits.seen == ["_local_scalar_dense", "lift_fresh", "index with a boolean mask"]
