@@ -4,6 +4,7 @@ teacher is refused if params name another than the one the cache was built with.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 
@@ -11,8 +12,12 @@ from pipeline.clip.model import Teacher
 from pipeline.clip.text import name_key
 from pipeline.config import Params
 from pipeline.core.errors import ConfigError
+from pipeline.demo.data import CLASSES as DEMO_WORDS
+from pipeline.demo.teacher import MODEL as DEMO_TEACHER
 from pipeline.student.anchors import anchor_names
 from pipeline.student.anchors import text_anchors as embed_anchors
+
+log = logging.getLogger(__name__)
 
 
 def cache_teacher(params: Params, attrs: dict, device: torch.device, option: str):
@@ -32,6 +37,10 @@ def text_anchors(params: Params, attrs: dict) -> tuple[torch.Tensor, torch.Tenso
     """The anchor terms' [K, D] text embeddings of `loss.anchor_vocabulary` by the cache's teacher,
     and [K] bool: which of the words are `eval.bg_words` (they keep a zero `loss.anchor_prior`)."""
     names = anchor_names(params.loss.anchor_vocabulary)  # a bad vocabulary fails before the teacher loads
+    if {name_key(n) for n in names} == {name_key(w) for w in DEMO_WORDS} and attrs["teacher"]["model"] != DEMO_TEACHER:
+        log.warning("loss.anchor_vocabulary is the demo's shape words (%s), but the cache was built with %s: the token terms will "
+                    "sort your images into shapes; set it to your own classes (\"a, b, c\" or @FILE), or imagenet",
+                    ", ".join(names), attrs["teacher"]["model"])
     teacher = cache_teacher(params, attrs, torch.device("cpu"), "loss.token_anchors")
     background = {name_key(w) for w in params.eval.bg_words}
     return embed_anchors(teacher, names), torch.tensor([name_key(n) in background for n in names])

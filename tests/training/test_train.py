@@ -104,6 +104,24 @@ def test_anchor_terms_train_on_the_cache_teachers_words_and_a_bad_vocabulary_sto
     assert not (tmp_path / "b" / "checkpoint.pt").exists()
 
 
+def test_the_demos_shape_words_on_another_teachers_cache_are_said_not_used_silently(built_cache, caplog):
+    import zarr
+
+    from pipeline.training.teacher_targets import text_anchors
+
+    store, _ = built_cache
+    attrs = dict(zarr.open_group(str(store), mode="r").attrs)  # built by the tiny test teacher, not the demo's
+    demo = "background, circle, square, triangle, star, cross, ring"
+    with caplog.at_level("WARNING"):
+        anchors, background = text_anchors(params_for(built_cache, "loss.token_anchors=1", f"loss.anchor_vocabulary={demo}"), attrs)
+    assert anchors.shape[0] == 7 and background.tolist() == [True] + [False] * 6
+    assert "loss.anchor_vocabulary is the demo's shape words" in caplog.text and "zeroseg-test-vit" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        text_anchors(params_for(built_cache, "loss.token_anchors=1", "loss.anchor_vocabulary=cat, dog, background"), attrs)
+    assert "shape words" not in caplog.text  # the user's own words: nothing to say
+
+
 def _live_table(live_dir, name):
     lines = (live_dir / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()
     assert lines[0] == f"step\t{name.split('/')[-1]}"
