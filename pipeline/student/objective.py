@@ -74,8 +74,8 @@ class StudentObjective(torch.nn.Module):
 
     @property
     def needs_anchors(self) -> bool:
-        """Whether `set_anchors` must be called before the first step."""
-        return self.needs_tokens and bool(self.cfg.token_anchors)
+        """Whether `set_anchors` must be called before the first step (the token term is the anchor term)."""
+        return self.needs_tokens
 
     def set_anchors(self, anchors: torch.Tensor, *, background: torch.Tensor | None = None, sample: torch.Tensor | None = None) -> None:
         """The anchor term's [K, D] unit text embeddings (`anchors.text_anchors`). With
@@ -102,17 +102,18 @@ class StudentObjective(torch.nn.Module):
         if c.segment_match and self.has_local:
             terms.update(self.matching(out.segments, targets, self.local))
             weights.update(segment_match=c.segment_match, view_match=c.view_match)
+        tokens = self.needs_tokens and out.tokens is not None
+        if (c.region_match and self.has_local) or tokens:
+            cells = token_cells(out.ids_keep, out.grid, self.layout)  # [B, N, V], shared by both terms
         if c.region_match and self.has_local:
-            cells = token_cells(out.ids_keep, out.grid, self.layout)  # [B, N, V]
             terms.update(self.region(out.segments, targets, compose_assignments(out.hard_assignments), cells * self.region_views))
             weights["region_match"] = c.region_match
-        if self.needs_tokens and out.tokens is not None:
-            target, has = token_targets(targets, token_cells(out.ids_keep, out.grid, self.layout) * self.token_views)  # [B, N, D], [B, N]
-            if c.token_anchors:
-                if not len(self.anchors):
-                    raise RuntimeError("loss.token_anchors needs the teacher's text anchors (StudentObjective.set_anchors)")
-                terms.update(self.token_anchors(out.tokens, target, has, self.anchors, self.anchor_prior))
-                weights["token_anchors"] = c.token_anchors
+        if tokens:
+            if not len(self.anchors):
+                raise RuntimeError("loss.token_anchors needs the teacher's text anchors (StudentObjective.set_anchors)")
+            target, has = token_targets(targets, cells * self.token_views)  # [B, N, D], [B, N]
+            terms.update(self.token_anchors(out.tokens, target, has, self.anchors, self.anchor_prior))
+            weights["token_anchors"] = c.token_anchors
         if c.reconstruction and out.pred is not None:
             terms.update(self.reconstruction(out.pred, patches, out.mask))
             weights["reconstruction"] = c.reconstruction

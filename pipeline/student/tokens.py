@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-
 def token_targets(targets: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
     """Each token's target embedding and whether it has one.
 
