@@ -6,7 +6,6 @@ and exit code 2, never a traceback.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -63,22 +62,11 @@ ModelParamsOpt = Annotated[Optional[Path], typer.Option("--params", help="params
 
 
 def params_for_model(params: Path | None, set_: list[str] | None, checkpoint: Path) -> Params:
-    """Params for using a trained student: the file given, ./params.yaml, or else the checkpoint's own.
+    """Params for using a trained student: the file given, ./params.yaml, or else the checkpoint's own
+    (`pipeline.evaluation.segmenter.params_for_checkpoint`, what the Python API uses too)."""
+    from pipeline.evaluation.segmenter import params_for_checkpoint
 
-    The checkpoint records the teacher, data and eval sections it was trained with (and where its
-    teacher's files were), so a model works from any folder with no params file at hand.
-    """
-    if params is not None or Path("params.yaml").is_file():
-        return load_params(params or Path("params.yaml"), set_ or ())
-    from pipeline.config import SECTIONS
-    from pipeline.core.checkpoint import load_checkpoint
-
-    recorded = load_checkpoint(checkpoint, mmap=True).get("config", {})  # load_model reads the weights
-    base = {}
-    for name in ("teacher", "data", "eval"):  # what using a model reads; keys of other versions dropped
-        known = {f.name for f in dataclasses.fields(SECTIONS[name])}
-        base[name] = {k: v for k, v in recorded.get(name, {}).items() if k in known}
-    return load_params(None, set_ or (), base=base, base_source=f"{checkpoint} (the params it was trained with)")
+    return params_for_checkpoint(params, set_ or (), checkpoint)
 
 
 @app.command("teacher-cache")

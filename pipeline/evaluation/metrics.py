@@ -148,14 +148,15 @@ class SegmentationScores:
         """A JSON-able summary: NaN becomes None (null), per-class IoU keyed by class name."""
         _check_names(class_names, len(self.iou))
         return {
-            "miou": _json_float(self.miou),
-            "pixel_accuracy": _json_float(self.pixel_accuracy),
-            "mean_accuracy": _json_float(self.mean_accuracy),
-            "per_class_iou": {name: _json_float(v) for name, v in zip(class_names, self.iou)},
+            "miou": json_float(self.miou),
+            "pixel_accuracy": json_float(self.pixel_accuracy),
+            "mean_accuracy": json_float(self.mean_accuracy),
+            "per_class_iou": {name: json_float(v) for name, v in zip(class_names, self.iou)},
         }
 
 
-def _json_float(x: float) -> float | None:
+def json_float(x: float) -> float | None:
+    """x for JSON: NaN (a class absent from both truth and prediction) as null."""
     return None if math.isnan(x) else float(x)
 
 

@@ -28,6 +28,7 @@ from pipeline.core.errors import InputError
 from pipeline.core.files import output_folder
 from pipeline.evaluation import ConfusionMatrix, SegmentationScores, open_dataset
 from pipeline.evaluation.baselines import NamedSegments, teacher_segmenter
+from pipeline.evaluation.metrics import json_float
 from pipeline.evaluation.models import load_model
 from pipeline.evaluation.oracle import BoundaryScore, majority_labels, matched_grid, slic_regions
 from pipeline.evaluation.overlay import write_overlay
@@ -133,6 +134,7 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
     paper_naming = dataclasses.replace(e, student_naming="segment", token_short_side=0)
     methods = {"student": student_segmenter(model.student, e, device)}
     student = methods["student"]
+    windows = student.student if isinstance(student, NamedSegments) else student  # the student's own segments
     if isinstance(student, NamedSegments) and len(e.token_ratios) > 1:
         methods["student_1scale"] = NamedSegments(student.student, StudentTokenScores(model.student, short_side=e.token_short_side, device=device))
     if base_checkpoint:
@@ -145,8 +147,7 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
             if alone in e.baselines:
                 methods[alone] = segmenter
             if f"grouped_{alone}" in e.baselines:
-                methods[f"grouped_{alone}"] = NamedSegments(student.student if isinstance(student, NamedSegments) else student, segmenter)
-    windows = student.student if isinstance(student, NamedSegments) else student
+                methods[f"grouped_{alone}"] = NamedSegments(windows, segmenter)
     templates = template_set(e.templates)
     results: dict[str, dict] = {}
     for name, dataset in datasets.items():
@@ -181,7 +182,7 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
                 if rule == rules[0]:  # the grouping, under the headline rule (the rule only picks which overlapping window wins a pixel)
                     regions = len(np.unique(student_segments))
                     regions_total += regions
-                    per_window += windows.windows(image).per_window
+                    per_window += grouped.segments_per_window
                     h, w = sample.mask.shape
                     for part, ids in (("student", student_segments), ("grid", matched_grid(h, w, regions)), ("slic", slic_regions(image, regions))):
                         oracles[part].update(majority_labels(ids, sample.mask, dataset.num_classes, dataset.ignore_index), sample.mask)
@@ -217,13 +218,9 @@ def _rule_scores(board: Scoreboard, names: list[str]) -> dict:
     miou = {m: s["miou"] for m, s in scores.items()}
     return {
         "miou": miou,
-        "miou_fg": {m: _json_float(board.miou_fg(m)) for m in scores},
+        "miou_fg": {m: json_float(board.miou_fg(m)) for m in scores},
         "pixel_accuracy": {m: s["pixel_accuracy"] for m, s in scores.items()},
         "per_class_iou": {m: s["per_class_iou"] for m, s in scores.items()},
         "strongest_baseline": strongest_baseline(miou),
         "ci95": board.intervals("student", [m for m in scores if m != "student"]),
     }
-
-
-def _json_float(x: float) -> float | None:
-    return None if x != x else x
