@@ -45,10 +45,6 @@ class StudentArch:
     # into the training grid's range (what bicubic interpolation of the table approximates);
     # "interpolate" interpolates the table's values bicubically (GroupViT's evaluation).
     pos_embed_resize: Literal["recompute", "rescale", "interpolate"] = "recompute"
-    # How patches become tokens: "patch" (ViT's linear patch embedding, the paper's) or "conv"
-    # (log2(patch_size) 3x3 stride-2 convolutions with batch norm, then a 1x1 projection: timm's
-    # ConvStem, "Early convolutions help transformers see better", Xiao et al. 2021).
-    stem: Literal["patch", "conv"] = "patch"
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
@@ -76,10 +72,6 @@ class StudentArch:
             if groups < 1:
                 fail(f"group_stages {self.group_stages}: group counts must be positive")
             prev = after
-        if self.stem not in ("patch", "conv"):
-            fail(f"stem: expected patch or conv, got {self.stem!r}")
-        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
-            fail(f"stem conv: patch_size {self.patch_size} must be a power of two (one stride-2 convolution per halving)")
         if self.pos_embed_resize not in ("recompute", "rescale", "interpolate"):
             fail(f"pos_embed_resize: expected recompute, rescale or interpolate, got {self.pos_embed_resize!r}")
 
@@ -127,19 +119,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
         img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3,
         decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
         head_depth=5, group_stages=((2, 16), (4, 8)),
-    ),
-    # zeroseg_tiny_g8 with a convolutional stem in place of the linear patch embedding.
-    "zeroseg_tiny_g8_conv": dict(
-        img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3,
-        decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
-        head_depth=5, group_stages=((2, 16), (4, 8)), stem="conv",
-    ),
-    # zeroseg_tiny_g8_conv at the demo scenes' full resolution: 128-px input, four stride-2
-    # convolutions to the same 8x8 token grid.
-    "zeroseg_tiny_g8_conv128": dict(
-        img_size=128, patch_size=16, embed_dim=96, depth=4, num_heads=3,
-        decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
-        head_depth=5, group_stages=((2, 16), (4, 8)), stem="conv",
     ),
     # zeroseg_tiny_g8 at the demo scenes' full resolution: 128-px input, 16-px patches, the same
     # 8x8 token grid (the same compute per image but the patch embedding), four times the pixels.

@@ -15,8 +15,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from timm.layers import HybridEmbed, Mlp, PatchEmbed
-from timm.models.vision_transformer_hybrid import ConvStem
+from timm.layers import Mlp, PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
@@ -31,23 +30,6 @@ from pipeline.student.pretrained import LoadReport, load_encoder_state_dict
 # MAE's norms (eps 1e-6) for the encoder, the decoder and the global branch, named here so that
 # no library default decides them (timm's Block happens to default to the same today).
 MAE_NORM = functools.partial(nn.LayerNorm, eps=1e-6)
-
-def patch_embedding(arch: StudentArch) -> nn.Module:
-    """[B, 3, H, W] -> [B, H/p * W/p, C]: timm's linear `PatchEmbed` (stem "patch"), or timm's
-    `ConvStem` of log2(p) 3x3 stride-2 convolutions (channels rising to C, batch norm and ReLU
-    between) under a `HybridEmbed` whose 1x1 `proj` maps to C (stem "conv").
-
-    The convolutions see about half a patch beyond each side of a patch, so a visible token holds a
-    few pixels of its masked neighbours: masking stays a regularizer, not an exact MAE.
-    """
-    C, p = arch.embed_dim, arch.patch_size
-    if arch.stem == "patch":
-        return PatchEmbed(img_size=arch.img_size, patch_size=p, in_chans=3, embed_dim=C, strict_img_size=False)
-    depth = p.bit_length() - 1
-    channels = tuple(max(C >> (depth - 1 - i), 8) for i in range(depth))
-    stem = ConvStem(in_chans=3, depth=depth, channels=channels, kernel_size=3, stride=(2,) * depth)
-    return HybridEmbed(stem, img_size=arch.img_size, patch_size=1, embed_dim=C, strict_img_size=False)
-
 
 class EncoderOutput(NamedTuple):
     """Output of `ZeroSegStudent.forward_encoder` (unpacks like MAE's triple)."""
@@ -97,7 +79,9 @@ class ZeroSegStudent(nn.Module):
         self.grid_size = arch.grid_size
 
         # encoder (timm / MAE names)
-        self.patch_embed = patch_embedding(arch)
+        self.patch_embed = PatchEmbed(
+            img_size=arch.img_size, patch_size=p, in_chans=3, embed_dim=C, strict_img_size=False
+        )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, C))
         self.pos_embed = nn.Parameter(sincos_2d(C, self.grid_size, num_prefix_tokens=1)[None], requires_grad=False)
         self.blocks = nn.ModuleList(
