@@ -152,6 +152,11 @@ class LossConfig:
     # The crop views' weight in the token terms' targets (beside the region grids' cells): 0, the
     # cells alone.
     token_crop_weight: float = bounded(0.0, at_least=0.0)
+    # The same KL over the object words alone (the anchors but eval.bg_words), the target's
+    # background mass spread evenly over them: where the teacher sees background, the token ranks
+    # no object word above another, so a threshold on its best object-word probability (GroupViT's
+    # probability rule) finds the objects. 0: off.
+    token_background: float = bounded(0.0, at_least=0.0)
 
 
 @dataclass(frozen=True)
@@ -219,6 +224,12 @@ class EvalConfig:
     # With token_short_side N: the tokens at each round(N x ratio) px, their class scores resized to
     # the image and averaged (multi-scale inference, as mmseg's img_ratios); (1.0,): N alone.
     token_ratios: tuple[float, ...] = bounded((1.0,), at_least=0.1, at_most=4.0)
+    # The student's own calibration under the threshold rules (probability, cosine): its softmax
+    # scale (0: the teacher's logit scale; a student trained with loss.token_anchors ranks words at
+    # 1 / loss.anchor_tau) and its threshold per dataset (missing: bg_threshold's). Each method is
+    # thresholded where its own scores separate objects from background (chosen on a validation split).
+    student_logit_scale: float = bounded(0.0, at_least=0.0)
+    student_bg_threshold: dict[str, float] = field(default_factory=dict)
     topk_classes: int = bounded(0, at_least=0)  # keep only the image's top-k classes (by the global embedding); 0: all
     max_images: int = bounded(0, at_least=0)  # per dataset; 0: all
     baselines: tuple[str, ...] = ("training_free", "maskclip", "sclip", "naclip")  # evaluated by the same harness beside the student

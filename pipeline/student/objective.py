@@ -44,6 +44,7 @@ class StudentObjective(torch.nn.Module):
         # Set by `set_anchors` before training when loss.token_anchors is on.
         self.register_buffer("anchors", torch.zeros(0), persistent=False)  # [K, D]
         self.register_buffer("anchor_prior", torch.zeros(0), persistent=False)  # [K] taken out of the targets' cosines
+        self.register_buffer("anchor_background", torch.zeros(0, dtype=torch.bool), persistent=False)  # [K] the background words
         self.grids = grids
         # Local views as indices, not a mask, and their presence as a Python bool: indexing with
         # a boolean CUDA mask and `bool(tensor)` each make the host wait for the GPU.
@@ -84,6 +85,10 @@ class StudentObjective(torch.nn.Module):
         words flagged in `background` [K] (bool) keeping a zero prior."""
         self.anchors = anchors.to(self.local.device, torch.float32)
         self.anchor_prior = self.anchors.new_zeros(len(self.anchors))
+        if self.cfg.token_background:
+            if background is None or not background.any() or background.all():
+                raise ConfigError("loss.token_background needs background words (eval.bg_words) and object words among loss.anchor_vocabulary")
+            self.anchor_background = background.to(self.local.device, torch.bool)
         if self.cfg.anchor_prior == "balance":
             if sample is None or background is None:
                 raise RuntimeError("loss.anchor_prior balance needs a cache sample and the background words (StudentObjective.set_anchors)")
@@ -112,8 +117,9 @@ class StudentObjective(torch.nn.Module):
             if not len(self.anchors):
                 raise RuntimeError("loss.token_anchors needs the teacher's text anchors (StudentObjective.set_anchors)")
             target, has = token_targets(targets, cells * self.token_views)  # [B, N, D], [B, N]
-            terms.update(self.token_anchors(out.tokens, target, has, self.anchors, self.anchor_prior))
-            weights["token_anchors"] = c.token_anchors
+            background = self.anchor_background if c.token_background else None
+            terms.update(self.token_anchors(out.tokens, target, has, self.anchors, self.anchor_prior, background))
+            weights.update(token_anchors=c.token_anchors, token_background=c.token_background)
         if c.reconstruction and out.pred is not None:
             terms.update(self.reconstruction(out.pred, patches, out.mask))
             weights["reconstruction"] = c.reconstruction

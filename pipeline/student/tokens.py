@@ -46,16 +46,30 @@ class TokenAnchorLoss(nn.Module):
         super().__init__()
         self.tau = tau
 
-    def forward(self, tokens: Tensor, target: Tensor, has: Tensor, anchors: Tensor, prior: Tensor) -> dict[str, Tensor]:
+    def forward(
+        self, tokens: Tensor, target: Tensor, has: Tensor, anchors: Tensor, prior: Tensor, background: Tensor | None = None
+    ) -> dict[str, Tensor]:
         """Args:
             tokens: [B, N, D] visible patch tokens in the teacher's space.
             target, has: from `token_targets`.
             anchors: [K, D] unit anchor embeddings; prior: [K], taken out of the target's cosines.
+            background: [K] bool, the background words: when given, also `token_background`, the
+                KL over the other words alone, the target's background mass spread evenly over them.
 
         Returns:
-            {"token_anchors": mean over tokens with a target of the KL}.
+            {"token_anchors": mean over tokens with a target of the KL} (and "token_background").
         """
         q = F.softmax((target @ anchors.T - prior) / self.tau, dim=-1)  # [B, N, K]
-        log_p = F.log_softmax(F.normalize(tokens.float(), dim=-1) @ anchors.T / self.tau, dim=-1)
-        kl = (q * (torch.log(q.clamp_min(1e-12)) - log_p)).sum(dim=-1)  # [B, N]
-        return {"token_anchors": (kl * has).sum() / has.sum().clamp_min(1)}
+        logits = F.normalize(tokens.float(), dim=-1) @ anchors.T / self.tau  # [B, N, K]
+        out = {"token_anchors": _mean_kl(q, logits.log_softmax(dim=-1), has)}
+        if background is not None:
+            objects = ~background
+            q_objects = q[..., objects] + q[..., background].sum(dim=-1, keepdim=True) / int(objects.sum())
+            out["token_background"] = _mean_kl(q_objects, logits[..., objects].log_softmax(dim=-1), has)
+        return out
+
+
+def _mean_kl(q: Tensor, log_p: Tensor, has: Tensor) -> Tensor:
+    """Mean over the tokens with a target of KL(q || p), both [B, N, K]."""
+    kl = (q * (torch.log(q.clamp_min(1e-12)) - log_p)).sum(dim=-1)  # [B, N]
+    return (kl * has).sum() / has.sum().clamp_min(1)

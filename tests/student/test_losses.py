@@ -215,3 +215,44 @@ def test_the_token_terms_are_in_the_objective_only_when_weighted_and_reach_the_e
     assert total.item() == pytest.approx((plain + 3 * terms["token_anchors"]).item(), rel=1e-5)
     total.backward()
     assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0  # it reaches the encoder
+
+
+def test_token_background_asks_for_flat_object_words_where_the_target_is_background():
+    from pipeline.student.tokens import TokenAnchorLoss
+
+    loss = TokenAnchorLoss(tau=0.05)
+    anchors = torch.eye(4)  # background, then three object words
+    background = torch.tensor([True, False, False, False])
+    has = torch.ones(1, 2, dtype=torch.bool)
+    target = F.normalize(torch.tensor([[[1.0, 0.0, 0.0, 0.0], [0.2, 1.0, 0.0, 0.0]]]), dim=-1)  # background; object word 1
+    prior = torch.zeros(4)
+    # a token equal to its target ranks every word as the target does: the plain KL is zero, and on
+    # the background token its object words are already level, so the object-word KL is zero there too
+    terms = loss(target[:, :1], target[:, :1], has[:, :1], anchors, prior, background)
+    assert terms["token_anchors"].item() == pytest.approx(0.0, abs=1e-6)
+    assert terms["token_background"].item() == pytest.approx(0.0, abs=1e-6)
+    # one preferring an object word over the others on the background patch pays the new term alone
+    tilted = F.normalize(torch.tensor([[[1.0, 0.3, 0.0, 0.0]]]), dim=-1)
+    terms = loss(tilted, target[:, :1], has[:, :1], anchors, prior, background)
+    assert terms["token_background"].item() > 0.1
+    # the target's background mass is spread evenly: q_objects = q[objects] + q[background] / 3
+    q = F.softmax(target[0, 1] @ anchors.T / 0.05, dim=-1)
+    q_objects = q[1:] + q[0] / 3
+    log_p = F.log_softmax(tilted[0, 0, 1:] / 0.05, dim=-1)
+    expected = (q_objects * (q_objects.log() - log_p)).sum()
+    terms = loss(tilted, target[:, 1:], has[:, :1], anchors, prior, background)
+    assert terms["token_background"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert "token_background" not in loss(tilted, target[:, 1:], has[:, :1], anchors, prior)
+
+
+def test_token_background_needs_background_and_object_words():
+    from pipeline.config import load_params
+    from pipeline.core.errors import ConfigError
+    from pipeline.student.objective import StudentObjective
+
+    objective = StudentObjective(load_params(None, ["loss.token_anchors=1", "loss.token_background=1"]).loss, (1, 2))
+    anchors = F.normalize(torch.randn(3, 8), dim=-1)
+    with pytest.raises(ConfigError, match="token_background needs background words"):
+        objective.set_anchors(anchors, background=torch.tensor([False, False, False]))
+    objective.set_anchors(anchors, background=torch.tensor([True, False, False]))
+    assert objective.anchor_background.tolist() == [True, False, False]
