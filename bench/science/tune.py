@@ -67,7 +67,7 @@ def main() -> None:
     ap.set_defaults(checkpoint=None)
     ap.add_argument("--max-images", type=int, default=0, help="the split's first N images (0: all)")
     args = ap.parse_args()
-    params = load_params(args.params)
+    params = load_params(args.params, args.set)
     e = params.eval
     if args.checkpoint:
         model = load_model(params, args.checkpoint)

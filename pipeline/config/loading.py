@@ -175,10 +175,11 @@ def _check_ranges(params: Params) -> None:
     e = params.eval
     if e.stride > e.window:  # windows would leave unclassified strips, silently background
         raise ConfigError(f"{origin('eval.stride', 'eval.window')}: eval.stride ({e.stride}) must not exceed eval.window ({e.window})")
-    for name, value in e.bg_threshold.items():  # one table serves both threshold rules
-        problem = threshold_problem(e.bg_rule, value)
-        if problem:
-            raise ConfigError(f"{origin('eval.bg_threshold', 'eval.bg_rule')}: eval.bg_threshold.{name}: {problem}, got {value!r}")
+    for key in ("bg_threshold", "student_bg_threshold"):
+        for name, value in getattr(e, key).items():  # one table serves both threshold rules
+            problem = threshold_problem(e.bg_rule, value)
+            if problem:
+                raise ConfigError(f"{origin(f'eval.{key}', 'eval.bg_rule')}: eval.{key}.{name}: {problem}, got {value!r}")
 
 
 def threshold_problem(rule: str, value: float) -> str | None:

@@ -34,7 +34,7 @@ from pipeline.evaluation.oracle import BoundaryScore, majority_labels, matched_g
 from pipeline.evaluation.overlay import write_overlay
 from pipeline.evaluation.scoreboard import Scoreboard
 from pipeline.evaluation.student_naming import StudentTokenScores, student_segmenter
-from pipeline.evaluation.vocabulary import namers
+from pipeline.evaluation.vocabulary import namers, student_calibrated, student_threshold
 
 TEACHER_ALONE = ("training_free", "maskclip", "sclip", "naclip")
 BASELINES = (*TEACHER_ALONE, *(f"grouped_{m}" for m in TEACHER_ALONE))
@@ -148,12 +148,14 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
                 methods[alone] = segmenter
             if f"grouped_{alone}" in e.baselines:
                 methods[f"grouped_{alone}"] = NamedSegments(windows, segmenter)
+    students = {"student", "student_1scale", "base", *(ablations or {})}  # the methods read at the student's calibration
     templates = template_set(e.templates)
     results: dict[str, dict] = {}
     for name, dataset in datasets.items():
         classes = list(dataset.class_names[1:])  # index 0 is background, decided by the background rule
         vocab = namers(model.embedder, classes, templates, rules=rules, thresholds={r: thresholds[name] for r in rules if r != "class"},
                        logit_scale=model.embedder.logit_scale, bg_words=e.bg_words, topk=e.topk_classes)
+        own = {rule: student_calibrated(namer, e, student_threshold(e, name, thresholds[name])) for rule, namer in vocab.items()}
         boards = {rule: Scoreboard(dataset.num_classes) for rule in rules}
         oracles = {p: ConfusionMatrix(dataset.num_classes, dataset.ignore_index) for p in PARTITIONS}
         boundaries = {p: BoundaryScore() for p in PARTITIONS}
@@ -163,10 +165,10 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
             sample = dataset[i]
             image = load_rgb(sample.image_path, max_pixels=params.data.max_pixels, exif=False)
             for rule in rules:
-                namer = vocab[rule]
-                grouped = windows.predict(image, namer)  # the student's segments under this rule
+                grouped = windows.predict(image, own[rule])  # the student's segments under this rule
                 student_segments = grouped.segments
                 for method, segmenter in methods.items():
+                    namer = own[rule] if method in students else vocab[rule]  # each method read at its own calibration
                     if segmenter is windows:
                         pred = grouped
                     elif isinstance(segmenter, NamedSegments) and segmenter.student is windows:  # names the student's own segments
@@ -193,7 +195,8 @@ def run_evaluation(params: Params, checkpoint: str | Path, metrics_dir: str | Pa
                   "regions_per_image": regions_total / max(1, n), "segments_per_window": per_window / max(1, n)}
         results[name] = detail
         for rule in rules:
-            how = f"background words {', '.join(e.bg_words)} in the vocabulary" if rule == "class" else f"threshold {vocab[rule].threshold} on {rule}"
+            how = (f"background words {', '.join(e.bg_words)} in the vocabulary" if rule == "class" else
+                   f"threshold {vocab[rule].threshold} on {rule}; the student's {own[rule].threshold} at scale {own[rule].logit_scale:g}")
             echo(f"\n{name} ({n} images, {len(classes)} classes + background, {how})")
             echo(side_by_side(names, detail["rules"][rule]))
         echo(f"grouping oracle (regions labelled by their majority class; {detail['regions_per_image']:.1f} regions per image): "

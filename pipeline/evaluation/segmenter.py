@@ -31,7 +31,7 @@ from pipeline.evaluation.baselines import NamedSegments, teacher_segmenter
 from pipeline.evaluation.models import LoadedModel, demo_model_note, load_model
 from pipeline.evaluation.overlay import overlay
 from pipeline.evaluation.student_naming import student_segmenter
-from pipeline.evaluation.vocabulary import Namer, namers
+from pipeline.evaluation.vocabulary import Namer, namers, student_calibrated, student_threshold
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ class Segmenter:
             `sclip`, `naclip`) whose scores, averaged over each student segment, name it (the
             teacher runs too).
         threshold: the background threshold under the probability or cosine rule (None:
+            `eval.student_bg_threshold.default` for the student's naming, else
             `eval.bg_threshold.default`, else 0.5).
         on_note: where the lines a user should read go (default: the log): that a background
             word is the background under the class rule, or that the demo model does not know a word.
@@ -106,8 +107,9 @@ class Segmenter:
             problem = threshold_problem(e.bg_rule, threshold)
             if problem:
                 raise InputError(f"threshold {threshold}: {problem}")
-        self.model, self.params = model, params
-        self.threshold = threshold if threshold is not None else e.bg_threshold.get("default", 0.5)
+        self.model, self.params, self.naming = model, params, naming
+        teachers = e.bg_threshold.get("default", 0.5)
+        self.threshold = threshold if threshold is not None else (teachers if naming != "student" else student_threshold(e, "default", teachers))
         self.note = on_note or (lambda line: log.warning("%s", line))
         seg = student_segmenter(model.student, e, resolve_device(e.device, key="eval.device"))
         if naming != "student":
@@ -143,6 +145,8 @@ class Segmenter:
                 self.note(unknown)
             namer = namers(self.model.embedder, names, template_set(e.templates), rules=[e.bg_rule], thresholds={e.bg_rule: self.threshold},
                            logit_scale=self.model.embedder.logit_scale, bg_words=e.bg_words, topk=e.topk_classes)[e.bg_rule]
+            if self.naming == "student":
+                namer = student_calibrated(namer, e, self.threshold)
             self._namers[key] = (names, namer)
         return self._namers[key]
 

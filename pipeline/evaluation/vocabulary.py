@@ -13,9 +13,11 @@ GroupViT's probability rule are scored from the same forward passes:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +25,9 @@ import torch.nn.functional as F
 
 from pipeline.clip.text import name_key
 from pipeline.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pipeline.config import EvalConfig
 
 RULES = ("probability", "cosine", "class")
 
@@ -150,3 +155,18 @@ def namers(embed, classes: Sequence[str], templates: Sequence[str], *, rules: Se
         else:
             out[rule] = Namer(rule, text[len(words):], logit_scale, thresholds[rule], topk=topk)
     return out
+
+
+def student_calibrated(namer: Namer, e: EvalConfig, threshold: float) -> Namer:
+    """`namer` as the student reads it: under a threshold rule, its own softmax scale
+    (`eval.student_logit_scale`, 0: the teacher's) and `threshold`; the class rule as it is."""
+    if namer.rule == "class":
+        return namer
+    return dataclasses.replace(namer, logit_scale=e.student_logit_scale or namer.logit_scale, threshold=threshold)
+
+
+def student_threshold(e: EvalConfig, dataset: str, teachers: float | None) -> float | None:
+    """The student's threshold for `dataset`: `eval.student_bg_threshold` (the dataset's, else its
+    `default`), else the teachers' (`teachers`)."""
+    own = e.student_bg_threshold
+    return own.get(dataset, own.get("default", teachers))

@@ -556,3 +556,52 @@ def test_windows_larger_than_a_small_image_are_clipped_to_it_and_cover_every_pix
     image = np.random.default_rng(6).integers(0, 256, (40, 150, 3), dtype=np.uint8)  # resized to 32 x 120: windows of 32 x 64
     seg = StudentSegmenter(model.student, short_side=32, window=64, stride=48)
     assert (seg.predict(image, namer(model, ["circle", "square"], threshold=0.0)).labels >= 1).all()  # every pixel was classified
+
+
+def test_the_student_is_read_at_its_own_scale_and_threshold_and_the_teachers_at_theirs(trained, model, tmp_path):
+    from pipeline.evaluation.vocabulary import student_calibrated, student_threshold
+
+    params, ckpt, _, _ = trained
+    e = dataclasses.replace(params.eval, student_logit_scale=50.0, student_bg_threshold={"demo": 0.0, "default": 0.3})
+    assert student_threshold(e, "demo", 0.5) == 0.0 and student_threshold(e, "voc", 0.5) == 0.3
+    assert student_threshold(params.eval, "demo", 0.5) == 0.5  # none of its own: the teachers'
+    teachers = namer(model, ["circle", "square"], threshold=0.5)
+    own = student_calibrated(teachers, e, 0.0)
+    assert (own.logit_scale, own.threshold) == (50.0, 0.0) and (teachers.logit_scale, teachers.threshold) != (50.0, 0.0)
+    torch.testing.assert_close(own.text, teachers.text)
+    classes = namer(model, ["circle", "square"], rule="class")
+    assert student_calibrated(classes, e, 0.0) is classes  # the class rule has no threshold to read
+    assert student_calibrated(teachers, dataclasses.replace(e, student_logit_scale=0.0), 0.2).logit_scale == teachers.logit_scale
+
+    def probability_rule(eval_section, folder):
+        run = dataclasses.replace(params, eval=dataclasses.replace(eval_section, bg_rule="class", baselines=("training_free",)))
+        return run_evaluation(run, ckpt, folder / "m", None, progress=False, echo=lambda *_: None)["demo"]["rules"]["probability"]
+
+    plain = probability_rule(params.eval, tmp_path / "plain")
+    never = probability_rule(dataclasses.replace(e, student_bg_threshold={"demo": 0.0}), tmp_path / "never")
+    assert never["miou"]["training_free"] == plain["miou"]["training_free"]  # the teachers keep eval.bg_threshold
+    assert never["per_class_iou"]["trivial"] == plain["per_class_iou"]["trivial"]
+    assert never["per_class_iou"]["student"]["background"] == 0.0  # at threshold 0 the student calls no pixel background
+
+
+def test_the_threshold_scan_scores_each_method_as_the_evaluation_does(trained, tmp_path, monkeypatch):
+    from bench.science import thresholds
+
+    params, ckpt, params_path, overrides = trained
+    out = tmp_path / "scan.json"
+    sets = [a for o in [*overrides, "eval.bg_threshold.demo=0.5", "eval.student_bg_threshold.demo=0.3", "eval.student_logit_scale=50"] for a in ("--set", o)]
+    monkeypatch.setattr("sys.argv", ["thresholds", "--params", str(params_path), "--checkpoint", str(ckpt),
+                                     "--data", params.eval.datasets["demo"], "--json", str(out), *sets])
+    thresholds.main()
+    report = json.loads(out.read_text())
+    assert set(report["rows"]) == {"student", "training_free", "maskclip"} and report["images"] == 4
+    at = {m: {r["threshold"]: r for r in rows} for m, rows in report["rows"].items()}
+    assert sorted(at["student"]) == list(thresholds.THRESHOLDS)
+    # the scan's figures at the thresholds the evaluation is given are the evaluation's own
+    run = dataclasses.replace(params, eval=dataclasses.replace(params.eval, bg_rule="class", baselines=("training_free", "maskclip"),
+                                                               bg_threshold={"demo": 0.5}, student_bg_threshold={"demo": 0.3}, student_logit_scale=50.0))
+    scored = run_evaluation(run, ckpt, tmp_path / "m", None, progress=False, echo=lambda *_: None)["demo"]["rules"]["probability"]
+    for method, t in (("student", 0.3), ("training_free", 0.5), ("maskclip", 0.5)):
+        assert at[method][t]["miou"] == pytest.approx(scored["miou"][method])
+        assert at[method][t]["miou_fg"] == pytest.approx(scored["miou_fg"][method])
+    assert report["best"]["maskclip"]["miou"] == max(r["miou"] for r in report["rows"]["maskclip"])
