@@ -40,6 +40,7 @@ RECIPES = {
     "no_crop_targets": ["loss.token_crop_weight=0"],  # the token targets: the dense cell alone
     "no_prior": ["loss.anchor_prior=none"],  # the targets' word prior left in
     "dense256": ["cache.dense_side=0"],  # the dense grid at the teacher's own 32 px per cell (256 px)
+    "no_token_background": ["loss.token_background=0"],  # no background score of the student's own (the probability rule)
     "e36": ["train.epochs=36"],  # the earlier budget: 1,656 steps
     "paper": ["loss.infomax=0", "loss.bidirectional_matching=false", "loss.region_match=0"],  # the paper's losses beside the token term
 }
