@@ -36,6 +36,28 @@ THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 ... 0.95
 TEACHERS = ("training_free", "maskclip")
 
 
+def scan(sample, dataset, params, student, own, teachers, namer, board: Scoreboard) -> None:
+    """One labelled image: every method's labels at every threshold, added to `board` as "METHOD T"."""
+    image = load_rgb(sample.image_path, max_pixels=params.data.max_pixels, exif=False)
+
+    def add(method: str, threshold: float, labels: np.ndarray) -> None:
+        cm = ConfusionMatrix(dataset.num_classes, dataset.ignore_index)
+        cm.update(labels, sample.mask)
+        board.add(f"{method} {threshold:.2f}", cm.matrix)
+
+    if isinstance(student, NamedSegments):  # its segments once; the tokens' scores are cheap
+        segments = student.student.predict(image, own).segments
+        for t in THRESHOLDS:
+            add("student", t, student.predict(image, dataclasses.replace(own, threshold=t), segments=segments).labels)
+    else:
+        for t in THRESHOLDS:
+            add("student", t, student.predict(image, dataclasses.replace(own, threshold=t)).labels)
+    for method, segmenter in teachers.items():
+        best, label = namer.decide(segmenter.scores(image, namer))  # [h, w]: the threshold changes neither
+        for t in THRESHOLDS:
+            add(method, t, dataclasses.replace(namer, threshold=t).finish(label, best, image.shape[:2]).labels)
+
+
 def main() -> None:
     args, params, model, dataset = open_split(__doc__)
     e = params.eval
@@ -46,27 +68,9 @@ def main() -> None:
     student = student_segmenter(model.student, e, "cpu")
     teachers = {m: teacher_segmenter(m, model.teacher, e) for m in TEACHERS}
     board = Scoreboard(dataset.num_classes)
-    torch.set_grad_enabled(False)
-    for i in tqdm(range(len(dataset)), desc="thresholds", unit="img"):
-        sample = dataset[i]
-        image = load_rgb(sample.image_path, max_pixels=params.data.max_pixels, exif=False)
-
-        def add(method: str, threshold: float, labels: np.ndarray) -> None:
-            cm = ConfusionMatrix(dataset.num_classes, dataset.ignore_index)
-            cm.update(labels, sample.mask)
-            board.add(f"{method} {threshold:.2f}", cm.matrix)
-
-        if isinstance(student, NamedSegments):  # its segments once; the tokens' scores are cheap
-            segments = student.student.predict(image, own).segments
-            for t in THRESHOLDS:
-                add("student", t, student.predict(image, dataclasses.replace(own, threshold=t), segments=segments).labels)
-        else:
-            for t in THRESHOLDS:
-                add("student", t, student.predict(image, dataclasses.replace(own, threshold=t)).labels)
-        for method, segmenter in teachers.items():
-            best, label = namer.decide(segmenter.scores(image, namer))  # [h, w]: the threshold changes neither
-            for t in THRESHOLDS:
-                add(method, t, dataclasses.replace(namer, threshold=t).finish(label, best, image.shape[:2]).labels)
+    with torch.no_grad():  # a context, not the global switch: the bench is also called in-process (tests)
+        for i in tqdm(range(len(dataset)), desc="thresholds", unit="img"):
+            scan(dataset[i], dataset, params, student, own, teachers, namer, board)
     rows = {m: [{"threshold": t, "miou": board.miou(f"{m} {t:.2f}"), "miou_fg": board.miou_fg(f"{m} {t:.2f}")} for t in THRESHOLDS]
             for m in ("student", *TEACHERS)}
     print("| threshold | " + " | ".join(f"{m}: mIoU / objects" for m in rows) + " |")

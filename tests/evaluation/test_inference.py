@@ -593,6 +593,7 @@ def test_the_threshold_scan_scores_each_method_as_the_evaluation_does(trained, t
     monkeypatch.setattr("sys.argv", ["thresholds", "--params", str(params_path), "--checkpoint", str(ckpt),
                                      "--data", params.eval.datasets["demo"], "--json", str(out), *sets])
     thresholds.main()
+    assert torch.is_grad_enabled()  # run in-process, it leaves autograd as it found it
     report = json.loads(out.read_text())
     assert set(report["rows"]) == {"student", "training_free", "maskclip"} and report["images"] == 4
     at = {m: {r["threshold"]: r for r in rows} for m, rows in report["rows"].items()}
