@@ -45,6 +45,8 @@ class StudentObjective(torch.nn.Module):
         self.register_buffer("anchors", torch.zeros(0), persistent=False)  # [K, D]
         self.register_buffer("anchor_prior", torch.zeros(0), persistent=False)  # [K] taken out of the targets' cosines
         self.register_buffer("anchor_background", torch.zeros(0, dtype=torch.bool), persistent=False)  # [K] the background words
+        self.register_buffer("background_words", torch.zeros(0, dtype=torch.long), persistent=False)  # the same as indices
+        self.register_buffer("object_words", torch.zeros(0, dtype=torch.long), persistent=False)  # the others, as indices
         self.grids = grids
         # Local views as indices, not a mask, and their presence as a Python bool: indexing with
         # a boolean CUDA mask and `bool(tensor)` each make the host wait for the GPU.
@@ -89,6 +91,8 @@ class StudentObjective(torch.nn.Module):
             if background is None or not background.any() or background.all():
                 raise ConfigError("loss.token_background needs background words (eval.bg_words) and object words among loss.anchor_vocabulary")
             self.anchor_background = background.to(self.local.device, torch.bool)
+            self.background_words = background.nonzero().squeeze(1).to(self.local.device)
+            self.object_words = (~background).nonzero().squeeze(1).to(self.local.device)
         if self.cfg.anchor_prior == "balance":
             if sample is None or background is None:
                 raise RuntimeError("loss.anchor_prior balance needs a cache sample and the background words (StudentObjective.set_anchors)")
@@ -117,8 +121,8 @@ class StudentObjective(torch.nn.Module):
             if not len(self.anchors):
                 raise RuntimeError("loss.token_anchors needs the teacher's text anchors (StudentObjective.set_anchors)")
             target, has = token_targets(targets, cells * self.token_views)  # [B, N, D], [B, N]
-            background = self.anchor_background if c.token_background else None
-            terms.update(self.token_anchors(out.tokens, target, has, self.anchors, self.anchor_prior, background))
+            words = (self.background_words, self.object_words) if c.token_background else None
+            terms.update(self.token_anchors(out.tokens, target, has, self.anchors, self.anchor_prior, words))
             weights.update(token_anchors=c.token_anchors, token_background=c.token_background)
         if c.reconstruction and out.pred is not None:
             terms.update(self.reconstruction(out.pred, patches, out.mask))

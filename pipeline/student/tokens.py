@@ -47,14 +47,15 @@ class TokenAnchorLoss(nn.Module):
         self.tau = tau
 
     def forward(
-        self, tokens: Tensor, target: Tensor, has: Tensor, anchors: Tensor, prior: Tensor, background: Tensor | None = None
+        self, tokens: Tensor, target: Tensor, has: Tensor, anchors: Tensor, prior: Tensor, words: tuple[Tensor, Tensor] | None = None
     ) -> dict[str, Tensor]:
         """Args:
             tokens: [B, N, D] visible patch tokens in the teacher's space.
             target, has: from `token_targets`.
             anchors: [K, D] unit anchor embeddings; prior: [K], taken out of the target's cosines.
-            background: [K] bool, the background words: when given, also `token_background`, the
-                KL over the other words alone, the target's background mass spread evenly over them.
+            words: (background, objects), the indices of the background words and of the others:
+                when given, also `token_background`, the KL over the object words alone, the
+                target's background mass spread evenly over them.
 
         Returns:
             {"token_anchors": mean over tokens with a target of the KL} (and "token_background").
@@ -62,10 +63,10 @@ class TokenAnchorLoss(nn.Module):
         q = F.softmax((target @ anchors.T - prior) / self.tau, dim=-1)  # [B, N, K]
         logits = F.normalize(tokens.float(), dim=-1) @ anchors.T / self.tau  # [B, N, K]
         out = {"token_anchors": _mean_kl(q, logits.log_softmax(dim=-1), has)}
-        if background is not None:
-            objects = ~background
-            q_objects = q[..., objects] + q[..., background].sum(dim=-1, keepdim=True) / int(objects.sum())
-            out["token_background"] = _mean_kl(q_objects, logits[..., objects].log_softmax(dim=-1), has)
+        if words is not None:  # indices, not masks: a boolean CUDA mask would make the host wait every step
+            background, objects = words
+            q_objects = q.index_select(-1, objects) + q.index_select(-1, background).sum(dim=-1, keepdim=True) / len(objects)
+            out["token_background"] = _mean_kl(q_objects, logits.index_select(-1, objects).log_softmax(dim=-1), has)
         return out
 
 

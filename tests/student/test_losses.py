@@ -222,25 +222,25 @@ def test_token_background_asks_for_flat_object_words_where_the_target_is_backgro
 
     loss = TokenAnchorLoss(tau=0.05)
     anchors = torch.eye(4)  # background, then three object words
-    background = torch.tensor([True, False, False, False])
+    words = (torch.tensor([0]), torch.tensor([1, 2, 3]))  # the background word's index, the object words'
     has = torch.ones(1, 2, dtype=torch.bool)
     target = F.normalize(torch.tensor([[[1.0, 0.0, 0.0, 0.0], [0.2, 1.0, 0.0, 0.0]]]), dim=-1)  # background; object word 1
     prior = torch.zeros(4)
     # a token equal to its target ranks every word as the target does: the plain KL is zero, and on
     # the background token its object words are already level, so the object-word KL is zero there too
-    terms = loss(target[:, :1], target[:, :1], has[:, :1], anchors, prior, background)
+    terms = loss(target[:, :1], target[:, :1], has[:, :1], anchors, prior, words)
     assert terms["token_anchors"].item() == pytest.approx(0.0, abs=1e-6)
     assert terms["token_background"].item() == pytest.approx(0.0, abs=1e-6)
     # one preferring an object word over the others on the background patch pays the new term alone
     tilted = F.normalize(torch.tensor([[[1.0, 0.3, 0.0, 0.0]]]), dim=-1)
-    terms = loss(tilted, target[:, :1], has[:, :1], anchors, prior, background)
+    terms = loss(tilted, target[:, :1], has[:, :1], anchors, prior, words)
     assert terms["token_background"].item() > 0.1
     # the target's background mass is spread evenly: q_objects = q[objects] + q[background] / 3
     q = F.softmax(target[0, 1] @ anchors.T / 0.05, dim=-1)
     q_objects = q[1:] + q[0] / 3
     log_p = F.log_softmax(tilted[0, 0, 1:] / 0.05, dim=-1)
     expected = (q_objects * (q_objects.log() - log_p)).sum()
-    terms = loss(tilted, target[:, 1:], has[:, :1], anchors, prior, background)
+    terms = loss(tilted, target[:, 1:], has[:, :1], anchors, prior, words)
     assert terms["token_background"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert "token_background" not in loss(tilted, target[:, 1:], has[:, :1], anchors, prior)
 
