@@ -147,9 +147,8 @@ class LossConfig:
     anchor_tau: float = bounded(0.05, at_least=0.001)  # temperature of both softmaxes over the anchors
     # The targets' prior over the words: none, or balance (each word's mean cosine over the cache
     # sample's views that a non-background word wins is taken out of the targets' cosines, so a
-    # word the teacher favours everywhere stops winning by default; eval.bg_words are left as they are),
-    # or standardize (each word's spread over those views equalized as well as its mean).
-    anchor_prior: Literal["none", "balance", "standardize"] = "none"
+    # word the teacher favours everywhere stops winning by default; eval.bg_words are left as they are).
+    anchor_prior: Literal["none", "balance"] = "none"
     # The crop views' weight in the token terms' targets (beside the region grids' cells): 0, the
     # cells alone.
     token_crop_weight: float = bounded(0.0, at_least=0.0)

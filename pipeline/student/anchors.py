@@ -41,37 +41,28 @@ def text_anchors(teacher: Teacher, names: list[str]) -> torch.Tensor:
     return ClassEmbedder(teacher)(names, SINGLE_TEMPLATE)
 
 
-def anchor_prior(views: torch.Tensor, anchors: torch.Tensor, background: torch.Tensor, *, standardize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """`loss.anchor_prior`: [K] each word's scale and [K] bias: the targets' cosines become cosine x scale - bias.
+def anchor_prior(views: torch.Tensor, anchors: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """`loss.anchor_prior: balance`: [K] each word's bias, to be taken out of the targets' cosines.
 
     A teacher favours some words everywhere (the demo's calls 2.6x too many patches "circle"), and a
     student that is unsure of a view's class falls back on the favoured word. Among the views that
     some non-background word wins, each such word's mean cosine, centred over those words, is its
-    bias (`balance`): a label-free class balancing of the pseudo-labels (as class-balanced
-    self-training balances them, here by the teacher's own statistics). With `standardize`, each
-    word's cosines are also brought to the words' mean spread (scale = mean std / own std over the
-    same views), so that a word whose cosines sit high but vary little (the demo's "triangle")
-    is not pushed below its neighbours where it does win. The background words keep scale 1 and
-    bias 0, so whether a view shows an object is decided as before.
+    bias: a label-free class balancing of the pseudo-labels (as class-balanced self-training
+    balances them, here by the teacher's own statistics). The background words keep a zero bias,
+    so whether a view shows an object is decided as before.
 
     Args:
         views: [n, D] a sample of the teacher's views (as cached; the grids the terms read).
         anchors: [K, D] unit text embeddings.
         background: [K] bool, the words that name background (`eval.bg_words` in the vocabulary).
-        standardize: also equalize the words' spread (`standardize`), not only their means (`balance`).
 
     Returns:
-        ([K] scale, [K] bias), float32; ones and zeros where no view is won by a non-background word.
+        [K] float32; zeros where no view is won by a non-background word.
     """
     cosines = F.normalize(views.float(), dim=-1) @ anchors.float().T  # [n, K]
     objects = ~background[cosines.argmax(dim=1)]  # [n] views some non-background word wins
-    scale, bias = torch.ones(anchors.shape[0]), torch.zeros(anchors.shape[0])
+    prior = torch.zeros(anchors.shape[0])
     if objects.any() and not background.all():
-        won = cosines[objects][:, ~background]  # [n_objects, K_objects]
-        mean = won.mean(dim=0)
-        if standardize and len(won) > 1:
-            std = won.std(dim=0).clamp_min(1e-6)
-            scale[~background] = std.mean() / std
-        # cosine x scale - bias = (cosine - mean) x scale + the words' mean: equal where a view sits at every word's mean
-        bias[~background] = mean * scale[~background] - mean.mean()
-    return scale, bias
+        mean = cosines[objects][:, ~background].mean(dim=0)  # [K_objects]
+        prior[~background] = mean - mean.mean()
+    return prior

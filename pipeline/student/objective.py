@@ -43,8 +43,7 @@ class StudentObjective(torch.nn.Module):
         self.token_anchors = TokenAnchorLoss(tau=cfg.anchor_tau)
         # Set by `set_anchors` before training when loss.token_anchors is on.
         self.register_buffer("anchors", torch.zeros(0), persistent=False)  # [K, D]
-        self.register_buffer("anchor_scale", torch.zeros(0), persistent=False)  # [K] the targets' cosines x scale - bias
-        self.register_buffer("anchor_prior", torch.zeros(0), persistent=False)  # [K] the bias
+        self.register_buffer("anchor_prior", torch.zeros(0), persistent=False)  # [K] taken out of the targets' cosines
         self.register_buffer("anchor_background", torch.zeros(0, dtype=torch.bool), persistent=False)  # [K] the background words
         self.register_buffer("background_words", torch.zeros(0, dtype=torch.long), persistent=False)  # the same as indices
         self.register_buffer("object_words", torch.zeros(0, dtype=torch.long), persistent=False)  # the others, as indices
@@ -83,11 +82,10 @@ class StudentObjective(torch.nn.Module):
 
     def set_anchors(self, anchors: torch.Tensor, *, background: torch.Tensor | None = None, sample: torch.Tensor | None = None) -> None:
         """The anchor term's [K, D] unit text embeddings (`anchors.text_anchors`). With
-        `loss.anchor_prior` balance or standardize, also their [K] scale and bias (`anchors.anchor_prior`) from the views of
+        `loss.anchor_prior: balance`, also their [K] prior (`anchors.anchor_prior`) from the views of
         a cache sample [n, V, D] that the term reads (the local views of the region grids), the
         words flagged in `background` [K] (bool) keeping a zero prior."""
         self.anchors = anchors.to(self.local.device, torch.float32)
-        self.anchor_scale = self.anchors.new_ones(len(self.anchors))
         self.anchor_prior = self.anchors.new_zeros(len(self.anchors))
         if self.cfg.token_background:
             if background is None or not background.any() or background.all():
@@ -95,12 +93,11 @@ class StudentObjective(torch.nn.Module):
             self.anchor_background = background.to(self.local.device, torch.bool)
             self.background_words = background.nonzero().squeeze(1).to(self.local.device)
             self.object_words = (~background).nonzero().squeeze(1).to(self.local.device)
-        if self.cfg.anchor_prior != "none":
+        if self.cfg.anchor_prior == "balance":
             if sample is None or background is None:
-                raise RuntimeError(f"loss.anchor_prior {self.cfg.anchor_prior} needs a cache sample and the background words (StudentObjective.set_anchors)")
+                raise RuntimeError("loss.anchor_prior balance needs a cache sample and the background words (StudentObjective.set_anchors)")
             used = self.local[self.region_views[self.local] > 0].cpu()
-            scale, bias = anchor_prior(sample[:, used].flatten(0, 1), anchors, background, standardize=self.cfg.anchor_prior == "standardize")
-            self.anchor_scale, self.anchor_prior = scale.to(self.anchors), bias.to(self.anchors)
+            self.anchor_prior = anchor_prior(sample[:, used].flatten(0, 1), anchors, background).to(self.anchors)
 
     def forward(self, out, targets: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Args:
@@ -125,7 +122,7 @@ class StudentObjective(torch.nn.Module):
                 raise RuntimeError("loss.token_anchors needs the teacher's text anchors (StudentObjective.set_anchors)")
             target, has = token_targets(targets, cells * self.token_views)  # [B, N, D], [B, N]
             words = (self.background_words, self.object_words) if c.token_background else None
-            terms.update(self.token_anchors(out.tokens, target, has, self.anchors, (self.anchor_scale, self.anchor_prior), words))
+            terms.update(self.token_anchors(out.tokens, target, has, self.anchors, self.anchor_prior, words))
             weights.update(token_anchors=c.token_anchors, token_background=c.token_background)
         if c.reconstruction and out.pred is not None:
             terms.update(self.reconstruction(out.pred, patches, out.mask))

@@ -35,8 +35,8 @@ def token_targets(targets: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
 
 class TokenAnchorLoss(nn.Module):
     """Each visible token ranks the anchors as its target does: KL(target's softmax || token's),
-    both over cosines to the anchors at temperature `tau`, the target's corrected by the anchors'
-    prior (`anchors.anchor_prior`: cosine x scale - bias).
+    both over cosines to the anchors at temperature `tau`, the target's less the anchors' prior
+    (`anchors.anchor_prior`).
 
     Args:
         tau: the temperature of both softmaxes.
@@ -47,12 +47,12 @@ class TokenAnchorLoss(nn.Module):
         self.tau = tau
 
     def forward(
-        self, tokens: Tensor, target: Tensor, has: Tensor, anchors: Tensor, prior: tuple[Tensor, Tensor], words: tuple[Tensor, Tensor] | None = None
+        self, tokens: Tensor, target: Tensor, has: Tensor, anchors: Tensor, prior: Tensor, words: tuple[Tensor, Tensor] | None = None
     ) -> dict[str, Tensor]:
         """Args:
             tokens: [B, N, D] visible patch tokens in the teacher's space.
             target, has: from `token_targets`.
-            anchors: [K, D] unit anchor embeddings; prior: ([K] scale, [K] bias) of the target's cosines.
+            anchors: [K, D] unit anchor embeddings; prior: [K], taken out of the target's cosines.
             words: (background, objects), the indices of the background words and of the others:
                 when given, also `token_background`, the KL over the object words alone, the
                 target's background mass spread evenly over them.
@@ -60,8 +60,7 @@ class TokenAnchorLoss(nn.Module):
         Returns:
             {"token_anchors": mean over tokens with a target of the KL} (and "token_background").
         """
-        scale, bias = prior
-        q = F.softmax(((target @ anchors.T) * scale - bias) / self.tau, dim=-1)  # [B, N, K]
+        q = F.softmax((target @ anchors.T - prior) / self.tau, dim=-1)  # [B, N, K]
         logits = F.normalize(tokens.float(), dim=-1) @ anchors.T / self.tau  # [B, N, K]
         out = {"token_anchors": _mean_kl(q, logits.log_softmax(dim=-1), has)}
         if words is not None:  # indices, not masks: a boolean CUDA mask would make the host wait every step

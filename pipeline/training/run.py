@@ -145,7 +145,7 @@ def _train(params: Params, cache: str | None, out_dir: str | Path, *, resume: st
     objective = StudentObjective(params.loss, grids).to(device)
     if objective.needs_anchors:
         anchors, background = text_anchors(params, attrs)
-        sample = teacher_sample(cache, grids, params.loss.target_stats_rows) if params.loss.anchor_prior != "none" else None  # [n, V, D]
+        sample = teacher_sample(cache, grids, params.loss.target_stats_rows) if params.loss.anchor_prior == "balance" else None  # [n, V, D]
         objective.set_anchors(anchors, background=background, sample=sample)
 
     dataset, loader, sched = _data(params, cache, attrs, grids, arch.img_size, rank, world, device)

@@ -53,20 +53,19 @@ def test_token_anchors_ask_each_token_for_its_cells_ranking_of_the_words():
     tau = 0.05
     loss = TokenAnchorLoss(tau=tau)
     target, has = token_targets(targets, cells)  # each token's quadrant view, unit
-    scale, bias = torch.tensor([1.0, 1.2, 0.8, 1.0, 1.1, 0.9]), torch.tensor([0.0, 0.1, -0.1, 0.0, 0.05, -0.05])
+    prior = torch.tensor([0.0, 0.1, -0.1, 0.0, 0.05, -0.05])
     tokens = torch.randn(2, 16, 8)
-    value = loss(tokens, target, has, anchors, (scale, bias))["token_anchors"]
+    value = loss(tokens, target, has, anchors, prior)["token_anchors"]
     unit = F.normalize(targets, dim=-1).numpy()
-    views = _softmax((unit @ anchors.numpy().T * scale.numpy() - bias.numpy()) / tau)  # [2, 5, 6]
+    views = _softmax((unit @ anchors.numpy().T - prior.numpy()) / tau)  # [2, 5, 6]
     q = np.einsum("bnv,bvk->bnk", cells.numpy(), views)  # one quadrant view per token
     logits = F.normalize(tokens, dim=-1).numpy() @ anchors.numpy().T / tau
     assert value.item() == pytest.approx(float(_kl(q, logits).mean()), rel=1e-5)
     # met by a token on the target, at any length; not by the views' shared direction
     own = 2.5 * target
-    none = (torch.ones(6), torch.zeros(6))
-    assert loss(own, target, has, anchors, none)["token_anchors"].item() == pytest.approx(0.0, abs=1e-5)
+    assert loss(own, target, has, anchors, torch.zeros(6))["token_anchors"].item() == pytest.approx(0.0, abs=1e-5)
     mean = F.normalize(targets, dim=-1).mean(dim=(0, 1)).expand(2, 16, 8)
-    assert loss(mean, target, has, anchors, none)["token_anchors"].item() > 0.01
+    assert loss(mean, target, has, anchors, torch.zeros(6))["token_anchors"].item() > 0.01
     assert math.isfinite(value.item())
 
 
@@ -83,41 +82,12 @@ def test_the_balanced_prior_stops_a_favoured_word_from_winning_by_default_and_le
     unit = F.normalize(views, dim=-1)
     assert ((unit[:60] @ anchors.T).argmax(1) == 1).all()  # as cached: every shape called circle
 
-    scale, prior = anchor_prior(views, anchors, background)
+    prior = anchor_prior(views, anchors, background)
     cosines = unit @ anchors.T  # [90, 4]
     objects = cosines.argmax(1) > 0
     expected = cosines[objects][:, 1:].mean(0)
-    assert torch.equal(scale, torch.ones(4))  # balance moves each word's level only
     assert prior[0] == 0 and torch.allclose(prior[1:], expected - expected.mean(), atol=1e-6)
     balanced = (cosines - prior).argmax(1)
     assert torch.equal(balanced[:60], truth)  # each shape is its own word again
     assert (balanced[60:] == 0).all()  # and background is still background
-    for standardize in (False, True):  # no object view: no prior
-        assert all(torch.equal(a, b) for a, b in zip(anchor_prior(views[60:], anchors, background, standardize=standardize), (torch.ones(4), torch.zeros(4))))
-
-
-def test_the_standardized_prior_keeps_a_word_that_sits_high_everywhere_on_its_own_views():
-    from pipeline.student.anchors import anchor_prior
-
-    torch.manual_seed(0)
-    anchors = torch.eye(4, 8)  # background, square, triangle, circle
-    # each view's cosines to the four words: "triangle" sits near 0.5 on every shape (high mean,
-    # little spread), so taking its mean out (balance) sends its own views to "square"
-    cosines = {1: [0.0, 0.8, 0.5, 0.1], 2: [0.0, 0.45, 0.53, 0.1], 3: [0.0, 0.0, 0.5, 0.8], 0: [0.9, 0.1, 0.1, 0.1]}
-    truth = torch.tensor([1] * 20 + [2] * 20 + [3] * 20 + [0] * 10)
-    rows = torch.stack([torch.tensor(cosines[int(k)]) for k in truth])
-    rows[:60] += 0.01 * torch.randn(60, 4) * (rows[:60] > 0)
-    views = torch.cat([rows, torch.zeros(70, 3), (1 - (rows**2).sum(1, keepdim=True)).sqrt()], dim=1)  # unit, cosines as given
-    background = torch.tensor([True, False, False, False])
-    named = {}
-    for standardize in (False, True):
-        scale, bias = anchor_prior(views, anchors, background, standardize=standardize)
-        assert scale[0] == 1 and bias[0] == 0  # background words untouched
-        named[standardize] = (views @ anchors.T * scale - bias).argmax(1)
-        assert (named[standardize][60:] == 0).all()  # background stays background
-    own = {s: [(named[s][truth == k] == k).float().mean().item() for k in (1, 2, 3)] for s in named}
-    assert own[False][1] < 0.5 and own[False][0] == own[False][2] == 1.0  # balance: triangles called square
-    assert min(own[True]) > 0.85  # standardized: every shape its own word (a few noisy triangles aside)
-    # the words' spread equalized: over the object views each shape word's cosines x scale share one std
-    won = (views[:60] @ anchors.T)[:, 1:] * anchor_prior(views, anchors, background, standardize=True)[0][1:]
-    assert torch.allclose(won.std(0), won.std(0).mean().expand(3), rtol=1e-4)
+    assert torch.equal(anchor_prior(views[60:], anchors, background), torch.zeros(4))  # no object view: no prior

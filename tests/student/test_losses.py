@@ -225,7 +225,7 @@ def test_token_background_asks_for_flat_object_words_where_the_target_is_backgro
     words = (torch.tensor([0]), torch.tensor([1, 2, 3]))  # the background word's index, the object words'
     has = torch.ones(1, 2, dtype=torch.bool)
     target = F.normalize(torch.tensor([[[1.0, 0.0, 0.0, 0.0], [0.2, 1.0, 0.0, 0.0]]]), dim=-1)  # background; object word 1
-    prior = (torch.ones(4), torch.zeros(4))
+    prior = torch.zeros(4)
     # a token equal to its target ranks every word as the target does: the plain KL is zero, and on
     # the background token its object words are already level, so the object-word KL is zero there too
     terms = loss(target[:, :1], target[:, :1], has[:, :1], anchors, prior, words)
