@@ -44,8 +44,7 @@ class StudentObjective(torch.nn.Module):
         # Set by `set_anchors` before training when loss.token_anchors is on.
         self.register_buffer("anchors", torch.zeros(0), persistent=False)  # [K, D]
         self.register_buffer("anchor_prior", torch.zeros(0), persistent=False)  # [K] taken out of the targets' cosines
-        self.register_buffer("anchor_background", torch.zeros(0, dtype=torch.bool), persistent=False)  # [K] the background words
-        self.register_buffer("background_words", torch.zeros(0, dtype=torch.long), persistent=False)  # the same as indices
+        self.register_buffer("background_words", torch.zeros(0, dtype=torch.long), persistent=False)  # the background words, as indices
         self.register_buffer("object_words", torch.zeros(0, dtype=torch.long), persistent=False)  # the others, as indices
         self.grids = grids
         # Local views as indices, not a mask, and their presence as a Python bool: indexing with
@@ -90,7 +89,6 @@ class StudentObjective(torch.nn.Module):
         if self.cfg.token_background:
             if background is None or not background.any() or background.all():
                 raise ConfigError("loss.token_background needs background words (eval.bg_words) and object words among loss.anchor_vocabulary")
-            self.anchor_background = background.to(self.local.device, torch.bool)
             self.background_words = background.nonzero().squeeze(1).to(self.local.device)
             self.object_words = (~background).nonzero().squeeze(1).to(self.local.device)
         if self.cfg.anchor_prior == "balance":

@@ -255,4 +255,4 @@ def test_token_background_needs_background_and_object_words():
     with pytest.raises(ConfigError, match="token_background needs background words"):
         objective.set_anchors(anchors, background=torch.tensor([False, False, False]))
     objective.set_anchors(anchors, background=torch.tensor([True, False, False]))
-    assert objective.anchor_background.tolist() == [True, False, False]
+    assert objective.background_words.tolist() == [0] and objective.object_words.tolist() == [1, 2]
