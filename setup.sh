@@ -3,6 +3,16 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
+# The environment takes about 6.2 GB (the CUDA build of torch alone 4.4 GB): say so in one line
+# before pip fails halfway with "No space left on device".
+if ! [ -x .venv/bin/python ] || ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  "$PYTHON" - <<'PY'
+import os, shutil, sys
+free = shutil.disk_usage(".").free / 1e9
+if free < 7:
+    sys.exit(f"setup.sh: {free:.1f} GB free under {os.getcwd()}; the environment (.venv, torch's CUDA build) needs about 7 GB")
+PY
+fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip

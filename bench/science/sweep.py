@@ -44,6 +44,10 @@ RECIPES = {
     "e36": ["train.epochs=36"],  # the earlier budget: 1,656 steps
     "e20": ["train.epochs=20"],  # the ten-minute main job: 920 steps, 5 minutes of training on two cores (docs/demo.md "The budget")
     "e120": ["train.epochs=120"],  # twice the default's budget: 5,520 steps, 25 minutes
+    "views": ["loss.view_anchors=4"],  # the wordless anchors beside the words (docs/demo.md "Open vocabulary")
+    # open vocabulary: star, cross and ring left out of the anchors, without and with the wordless anchors
+    "open": ['loss.anchor_vocabulary="background, circle, square, triangle"'],
+    "open_views": ['loss.anchor_vocabulary="background, circle, square, triangle"', "loss.view_anchors=4"],
     "paper": ["loss.infomax=0", "loss.bidirectional_matching=false", "loss.region_match=0"],  # the paper's losses beside the token term
 }
 VAL = "metrics_val/demo.json"

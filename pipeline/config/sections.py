@@ -157,6 +157,12 @@ class LossConfig:
     # no object word above another, so a threshold on its best object-word probability (GroupViT's
     # probability rule) finds the objects. 0: off.
     token_background: float = bounded(0.0, at_least=0.0)
+    # Wordless anchors: each visible token's softmax over `view_anchor_count` k-means directions of
+    # the cache sample's views (the region grids') must match its target's, at `view_anchor_tau`; so
+    # a word outside the vocabulary is ranked where the teacher's views would rank it. 0: off.
+    view_anchors: float = bounded(0.0, at_least=0.0)
+    view_anchor_count: int = bounded(32, at_least=2)
+    view_anchor_tau: float = bounded(0.05, at_least=0.001)
 
 
 @dataclass(frozen=True)

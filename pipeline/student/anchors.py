@@ -5,6 +5,11 @@ teacher's text embeddings of a vocabulary: a visible token's softmax over its co
 must match its target's. The loss then acts on what inference reads, the order of the words, and
 not on the shared component that a regression onto the views is nearly met by. The vocabulary is
 a fixed list chosen before training (`imagenet`, or a file or list of words); no image is labelled.
+
+`view_anchors` are a second, wordless set (`loss.view_anchors`): k-means directions of the cache's
+own views. The words constrain a token only along the directions they span, so a word outside them
+is ranked by whatever the rest of the token happens to be; ranking these directions as the target
+does pins the rest of it where the teacher's views lie.
 """
 
 from __future__ import annotations
@@ -66,3 +71,34 @@ def anchor_prior(views: torch.Tensor, anchors: torch.Tensor, background: torch.T
         mean = cosines[objects][:, ~background].mean(dim=0)  # [K_objects]
         prior[~background] = mean - mean.mean()
     return prior
+
+
+def view_anchors(views: torch.Tensor, k: int, *, iters: int = 30, seed: int = 0) -> torch.Tensor:
+    """`loss.view_anchors`: [k, D] unit centroids of a sample of the teacher's views [n, D] (cosine
+    k-means, k-means++ seeding; a centroid left with no member is re-seeded at the worst-fit view).
+
+    Written here rather than taken from a library: it runs once per training on a few hundred
+    thousand rows, on the trainer's device, seeded by `train.seed`, with nothing beyond torch.
+
+    Raises:
+        InputError: fewer views than k.
+    """
+    x = F.normalize(views.float(), dim=-1)
+    if len(x) < k:
+        raise InputError(f"loss.view_anchor_count {k}: the cache sample has {len(x)} views, fewer than that")
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    centroids = x[torch.randint(len(x), (1,), generator=gen)]  # [1, D]
+    while len(centroids) < k:  # k-means++: the next seed far (in cosine) from those chosen
+        far = (1 - (x @ centroids.T).max(dim=1).values).clamp_min(0)  # [n]
+        centroids = torch.cat([centroids, x[torch.multinomial(far + 1e-12, 1, generator=gen)]])
+    for _ in range(iters):
+        sim = x @ centroids.T  # [n, k]
+        member = sim.argmax(dim=1)  # [n]
+        sums = torch.zeros_like(centroids).index_add_(0, member, x)  # [k, D]
+        counts = torch.bincount(member, minlength=k)  # [k]
+        fit = sim.gather(1, member[:, None]).squeeze(1)  # [n]
+        for j in torch.nonzero(counts == 0).flatten().tolist():
+            worst = fit.argmin()
+            sums[j], fit[worst] = x[worst], float("inf")
+        centroids = F.normalize(sums, dim=-1)
+    return centroids

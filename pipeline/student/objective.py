@@ -7,7 +7,7 @@ import torch
 from pipeline.config import LossConfig
 from pipeline.core.errors import ConfigError
 from pipeline.core.views import view_layout
-from pipeline.student.anchors import anchor_prior
+from pipeline.student.anchors import anchor_prior, view_anchors
 from pipeline.student.cells import cell_layout, local_view_mask, token_cells
 from pipeline.student.grouping import compose_assignments
 from pipeline.student.losses import (
@@ -41,11 +41,13 @@ class StudentObjective(torch.nn.Module):
         self.infomax = AssignmentInfoMaxLoss()
         self.region = RegionMatchingLoss()
         self.token_anchors = TokenAnchorLoss(tau=cfg.anchor_tau)
+        self.view_ranking = TokenAnchorLoss(tau=cfg.view_anchor_tau, name="token_views")
         # Set by `set_anchors` before training when loss.token_anchors is on.
         self.register_buffer("anchors", torch.zeros(0), persistent=False)  # [K, D]
         self.register_buffer("anchor_prior", torch.zeros(0), persistent=False)  # [K] taken out of the targets' cosines
         self.register_buffer("background_words", torch.zeros(0, dtype=torch.long), persistent=False)  # the background words, as indices
         self.register_buffer("object_words", torch.zeros(0, dtype=torch.long), persistent=False)  # the others, as indices
+        self.register_buffer("view_anchors", torch.zeros(0), persistent=False)  # [K_v, D] loss.view_anchors' directions
         self.grids = grids
         # Local views as indices, not a mask, and their presence as a Python bool: indexing with
         # a boolean CUDA mask and `bool(tensor)` each make the host wait for the GPU.
@@ -79,11 +81,19 @@ class StudentObjective(torch.nn.Module):
         """Whether `set_anchors` must be called before the first step (the token term is the anchor term)."""
         return self.needs_tokens
 
-    def set_anchors(self, anchors: torch.Tensor, *, background: torch.Tensor | None = None, sample: torch.Tensor | None = None) -> None:
-        """The anchor term's [K, D] unit text embeddings (`anchors.text_anchors`). With
-        `loss.anchor_prior: balance`, also their [K] prior (`anchors.anchor_prior`) from the views of
-        a cache sample [n, V, D] that the term reads (the local views of the region grids), the
-        words flagged in `background` [K] (bool) keeping a zero prior."""
+    @property
+    def needs_sample(self) -> bool:
+        """Whether `set_anchors` needs a cache sample (`loss.anchor_prior: balance`, `loss.view_anchors`)."""
+        return self.needs_anchors and (self.cfg.anchor_prior == "balance" or bool(self.cfg.view_anchors))
+
+    def set_anchors(
+        self, anchors: torch.Tensor, *, background: torch.Tensor | None = None, sample: torch.Tensor | None = None, seed: int = 0
+    ) -> None:
+        """The anchor term's [K, D] unit text embeddings (`anchors.text_anchors`). From the views of
+        a cache sample [n, V, D] that the term reads (the local views of the region grids): with
+        `loss.anchor_prior: balance`, the words' [K] prior (`anchors.anchor_prior`), the words
+        flagged in `background` [K] (bool) keeping a zero prior; with `loss.view_anchors`, the
+        wordless anchors (`anchors.view_anchors`, k-means seeded by `seed`)."""
         self.anchors = anchors.to(self.local.device, torch.float32)
         self.anchor_prior = self.anchors.new_zeros(len(self.anchors))
         if self.cfg.token_background:
@@ -91,11 +101,15 @@ class StudentObjective(torch.nn.Module):
                 raise ConfigError("loss.token_background needs background words (eval.bg_words) and object words among loss.anchor_vocabulary")
             self.background_words = background.nonzero().squeeze(1).to(self.local.device)
             self.object_words = (~background).nonzero().squeeze(1).to(self.local.device)
+        if self.needs_sample and sample is None:
+            raise RuntimeError("loss.anchor_prior balance and loss.view_anchors need a cache sample (StudentObjective.set_anchors)")
+        used = self.local[self.region_views[self.local] > 0].cpu()
         if self.cfg.anchor_prior == "balance":
-            if sample is None or background is None:
-                raise RuntimeError("loss.anchor_prior balance needs a cache sample and the background words (StudentObjective.set_anchors)")
-            used = self.local[self.region_views[self.local] > 0].cpu()
+            if background is None:
+                raise RuntimeError("loss.anchor_prior balance needs the background words (StudentObjective.set_anchors)")
             self.anchor_prior = anchor_prior(sample[:, used].flatten(0, 1), anchors, background).to(self.anchors)
+        if self.cfg.view_anchors:
+            self.view_anchors = view_anchors(sample[:, used].flatten(0, 1), self.cfg.view_anchor_count, seed=seed).to(self.anchors)
 
     def forward(self, out, targets: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Args:
@@ -122,6 +136,9 @@ class StudentObjective(torch.nn.Module):
             words = (self.background_words, self.object_words) if c.token_background else None
             terms.update(self.token_anchors(out.tokens, target, has, self.anchors, self.anchor_prior, words))
             weights.update(token_anchors=c.token_anchors, token_background=c.token_background)
+            if c.view_anchors:
+                terms.update(self.view_ranking(out.tokens, target, has, self.view_anchors))
+                weights["token_views"] = c.view_anchors
         if c.reconstruction and out.pred is not None:
             terms.update(self.reconstruction(out.pred, patches, out.mask))
             weights["reconstruction"] = c.reconstruction

@@ -40,14 +40,16 @@ class TokenAnchorLoss(nn.Module):
 
     Args:
         tau: the temperature of both softmaxes.
+        name: the term's name in the returned dict (`token_views` for the wordless anchors).
     """
 
-    def __init__(self, *, tau: float = 0.05) -> None:
+    def __init__(self, *, tau: float = 0.05, name: str = "token_anchors") -> None:
         super().__init__()
         self.tau = tau
+        self.name = name
 
     def forward(
-        self, tokens: Tensor, target: Tensor, has: Tensor, anchors: Tensor, prior: Tensor, words: tuple[Tensor, Tensor] | None = None
+        self, tokens: Tensor, target: Tensor, has: Tensor, anchors: Tensor, prior: Tensor | float = 0.0, words: tuple[Tensor, Tensor] | None = None
     ) -> dict[str, Tensor]:
         """Args:
             tokens: [B, N, D] visible patch tokens in the teacher's space.
@@ -62,7 +64,7 @@ class TokenAnchorLoss(nn.Module):
         """
         q = F.softmax((target @ anchors.T - prior) / self.tau, dim=-1)  # [B, N, K]
         logits = F.normalize(tokens.float(), dim=-1) @ anchors.T / self.tau  # [B, N, K]
-        out = {"token_anchors": _mean_kl(q, logits.log_softmax(dim=-1), has)}
+        out = {self.name: _mean_kl(q, logits.log_softmax(dim=-1), has)}
         if words is not None:  # indices, not masks: a boolean CUDA mask would make the host wait every step
             background, objects = words
             q_objects = q.index_select(-1, objects) + q.index_select(-1, background).sum(dim=-1, keepdim=True) / len(objects)

@@ -145,8 +145,8 @@ def _train(params: Params, cache: str | None, out_dir: str | Path, *, resume: st
     objective = StudentObjective(params.loss, grids).to(device)
     if objective.needs_anchors:
         anchors, background = text_anchors(params, attrs)
-        sample = teacher_sample(cache, grids, params.loss.target_stats_rows) if params.loss.anchor_prior == "balance" else None  # [n, V, D]
-        objective.set_anchors(anchors, background=background, sample=sample)
+        sample = teacher_sample(cache, grids, params.loss.target_stats_rows) if objective.needs_sample else None  # [n, V, D]
+        objective.set_anchors(anchors, background=background, sample=sample, seed=cfg.seed)
 
     dataset, loader, sched = _data(params, cache, attrs, grids, arch.img_size, rank, world, device)
     optimizer = torch.optim.AdamW(param_groups_for_weight_decay(model, cfg.weight_decay), lr=sched.peak_lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")

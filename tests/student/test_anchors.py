@@ -91,3 +91,43 @@ def test_the_balanced_prior_stops_a_favoured_word_from_winning_by_default_and_le
     assert torch.equal(balanced[:60], truth)  # each shape is its own word again
     assert (balanced[60:] == 0).all()  # and background is still background
     assert torch.equal(anchor_prior(views[60:], anchors, background), torch.zeros(4))  # no object view: no prior
+
+
+def test_view_anchors_are_the_views_clusters_and_bad_input_is_one_line():
+    from pipeline.student.anchors import view_anchors
+
+    torch.manual_seed(0)
+    centres = F.normalize(torch.randn(4, 16), dim=-1)
+    views = 3 * centres.repeat_interleave(50, dim=0) + 0.1 * torch.randn(200, 16)  # four clusters, any length
+    found = view_anchors(views, 4, seed=1)
+    assert found.shape == (4, 16) and torch.allclose(found.norm(dim=-1), torch.ones(4), atol=1e-5)
+    match = found @ centres.T  # each centroid on its own cluster's centre
+    assert sorted(match.argmax(dim=1).tolist()) == [0, 1, 2, 3] and (match.max(dim=1).values > 0.98).all()
+    assert torch.equal(found, view_anchors(views, 4, seed=1))  # seeded: the same directions every run
+    with pytest.raises(InputError, match="fewer than that"):
+        view_anchors(views[:3], 4)
+
+
+def test_view_anchors_rank_beside_the_words_and_need_a_cache_sample():
+    from pipeline.config import load_params
+    from pipeline.student.objective import StudentObjective
+
+    cfg = load_params(None, ["loss.token_anchors=1", "loss.view_anchors=2", "loss.view_anchor_count=3", "loss.region_grids=[2]"]).loss
+    objective = StudentObjective(cfg, (1, 2))
+    assert objective.needs_sample
+    anchors = F.normalize(torch.randn(3, 8), dim=-1)
+    with pytest.raises(RuntimeError, match="need a cache sample"):
+        objective.set_anchors(anchors)
+    torch.manual_seed(0)
+    sample = torch.randn(6, 5, 8)  # [n, V, D]: the global view, then the 2x2 grid's four cells
+    sample[:, 0] = 100.0  # the global view is not a view the term reads: it must not pull a direction
+    objective.set_anchors(anchors, sample=sample, seed=0)
+    assert objective.view_anchors.shape == (3, 8)
+    assert (objective.view_anchors @ F.normalize(torch.full((8,), 1.0), dim=0)).max() < 0.99
+    # the term is the words' KL over the wordless directions, at their own temperature
+    target = F.normalize(torch.randn(2, 4, 8), dim=-1)
+    has = torch.ones(2, 4, dtype=torch.bool)
+    tokens = torch.randn(2, 4, 8)
+    expected = TokenAnchorLoss(tau=cfg.view_anchor_tau)(tokens, target, has, objective.view_anchors)["token_anchors"]
+    assert objective.view_ranking(tokens, target, has, objective.view_anchors)["token_views"].item() == pytest.approx(expected.item())
+    assert not StudentObjective(load_params(None, ["loss.token_anchors=1"]).loss, (1, 2)).needs_sample

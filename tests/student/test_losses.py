@@ -213,6 +213,12 @@ def test_the_token_terms_are_in_the_objective_only_when_weighted_and_reach_the_e
     total, terms = on(out, targets, model.patchify(images))
     assert terms["token_anchors"].item() > 0
     assert total.item() == pytest.approx((plain + 3 * terms["token_anchors"]).item(), rel=1e-5)
+    assert "token_views" not in terms
+    views = StudentObjective(load_params(None, ["loss.token_anchors=3", "loss.view_anchors=2", "loss.view_anchor_count=4"]).loss, (1, 2, 3, 4))
+    views.set_anchors(on.anchors, sample=torch.randn(6, 30, 8))
+    with_views, terms_v = views(out, targets, model.patchify(images))
+    assert terms_v["token_views"].item() > 0
+    assert with_views.item() == pytest.approx((total + 2 * terms_v["token_views"]).item(), rel=1e-5)
     total.backward()
     assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0  # it reaches the encoder
 
