@@ -77,8 +77,8 @@ def view_anchors(views: torch.Tensor, k: int, *, iters: int = 30, seed: int = 0)
     """`loss.view_anchors`: [k, D] unit centroids of a sample of the teacher's views [n, D] (cosine
     k-means, k-means++ seeding; a centroid left with no member is re-seeded at the worst-fit view).
 
-    Written here rather than taken from a library: it runs once per training on a few hundred
-    thousand rows, on the trainer's device, seeded by `train.seed`, with nothing beyond torch.
+    Written here rather than taken from a library: it runs once at the start of a training, on the
+    CPU over a few hundred thousand rows (seconds on two cores), seeded by `train.seed`, with torch alone.
 
     Raises:
         InputError: fewer views than k.
