@@ -3,9 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
-# The environment takes about 6.2 GB (the CUDA build of torch alone 4.4 GB): say so in one line
-# before pip fails halfway with "No space left on device".
-if ! [ -x .venv/bin/python ] || ! .venv/bin/python -c "import torch" 2>/dev/null; then
+# With the default torch build the environment takes about 6.2 GB (the CUDA build alone 4.4 GB):
+# say so in one line before pip fails halfway with "No space left on device" (pip's temporary
+# files go to TMPDIR, on this same disk unless set). Another TORCH_SPEC is not checked.
+if [ -z "${TORCH_SPEC:-}" ] && { ! [ -x .venv/bin/python ] || ! .venv/bin/python -c "import torch" 2>/dev/null; }; then
   "$PYTHON" - <<'PY'
 import os, shutil, sys
 free = shutil.disk_usage(".").free / 1e9

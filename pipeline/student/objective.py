@@ -57,6 +57,8 @@ class StudentObjective(torch.nn.Module):
         region = set(cfg.region_grids or grids)
         if cfg.region_grids and (not region <= set(grids) or region == {1}):
             raise ConfigError(f"loss.region_grids {list(cfg.region_grids)}: must be local grids among loss.grids {list(grids)}")
+        if cfg.view_anchors and not (cfg.token_anchors and self.has_local):
+            raise ConfigError("loss.view_anchors ranks beside the word anchors: it needs loss.token_anchors and a local grid among loss.grids")
         layout = view_layout(grids)
         self.register_buffer("region_views", torch.tensor([float(g in region) for g, _, _ in layout]), persistent=False)
         # The token terms' targets (tokens.py): each token's region-grid cells, and the crop grids'

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import cache_schema as cs
-from pipeline.config import Params, section_dict
+from pipeline.config import LossConfig, Params, section_dict
 from pipeline.core.checkpoint import load_checkpoint, set_rng_state
 from pipeline.core.errors import InputError
 
@@ -101,5 +101,14 @@ def _migrated(ckpt: dict, ckpt_path: Path, compat: dict) -> dict:
     if "model" not in ckpt.get("compat", {}):
         log.warning("%s predates the check of the model's definition: resuming assumes it is as before", ckpt_path)
         ckpt["compat"] = {**ckpt.get("compat", {}), "model": compat["model"]}
+    # A loss key added since (loss.view_anchors, say) is missing from an older checkpoint, which was
+    # trained as the key's code default does: taken as that default, so it resumes where today's
+    # value is the default and is refused where it is not.
+    loss = ckpt.get("compat", {}).get("loss")
+    if isinstance(loss, dict) and isinstance(compat.get("loss"), dict):
+        defaults = section_dict(LossConfig())
+        missing = {k: defaults[k] for k in compat["loss"] if k not in loss and k in defaults}
+        if missing:
+            ckpt["compat"] = {**ckpt["compat"], "loss": {**loss, **missing}}
     return ckpt
 

@@ -110,9 +110,15 @@ def test_view_anchors_are_the_views_clusters_and_bad_input_is_one_line():
 
 def test_view_anchors_rank_beside_the_words_and_need_a_cache_sample():
     from pipeline.config import load_params
+    from pipeline.student.anchors import view_anchors
     from pipeline.student.objective import StudentObjective
 
-    cfg = load_params(None, ["loss.token_anchors=1", "loss.view_anchors=2", "loss.view_anchor_count=3", "loss.region_grids=[2]"]).loss
+    from pipeline.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs loss.token_anchors"):
+        StudentObjective(load_params(None, ["loss.view_anchors=2"]).loss, (1, 2))
+    sets = ["loss.token_anchors=1", "loss.view_anchors=2", "loss.view_anchor_count=3", "loss.view_anchor_tau=0.2", "loss.region_grids=[2]"]
+    cfg = load_params(None, sets).loss
     objective = StudentObjective(cfg, (1, 2))
     assert objective.needs_sample
     anchors = F.normalize(torch.randn(3, 8), dim=-1)
@@ -120,14 +126,15 @@ def test_view_anchors_rank_beside_the_words_and_need_a_cache_sample():
         objective.set_anchors(anchors)
     torch.manual_seed(0)
     sample = torch.randn(6, 5, 8)  # [n, V, D]: the global view, then the 2x2 grid's four cells
-    sample[:, 0] = 100.0  # the global view is not a view the term reads: it must not pull a direction
     objective.set_anchors(anchors, sample=sample, seed=0)
-    assert objective.view_anchors.shape == (3, 8)
-    assert (objective.view_anchors @ F.normalize(torch.full((8,), 1.0), dim=0)).max() < 0.99
+    # the directions are those of the views the term reads (the 2x2 cells), not of the global view
+    assert torch.equal(objective.view_anchors, view_anchors(sample[:, 1:].flatten(0, 1), 3, seed=0))
+    assert not torch.equal(objective.view_anchors, view_anchors(sample.flatten(0, 1), 3, seed=0))
     # the term is the words' KL over the wordless directions, at their own temperature
     target = F.normalize(torch.randn(2, 4, 8), dim=-1)
     has = torch.ones(2, 4, dtype=torch.bool)
     tokens = torch.randn(2, 4, 8)
-    expected = TokenAnchorLoss(tau=cfg.view_anchor_tau)(tokens, target, has, objective.view_anchors)["token_anchors"]
+    expected = TokenAnchorLoss(tau=0.2)(tokens, target, has, objective.view_anchors)["token_anchors"]  # at its own temperature
     assert objective.view_ranking(tokens, target, has, objective.view_anchors)["token_views"].item() == pytest.approx(expected.item())
+    assert expected.item() != pytest.approx(TokenAnchorLoss(tau=cfg.anchor_tau)(tokens, target, has, objective.view_anchors)["token_anchors"].item())
     assert not StudentObjective(load_params(None, ["loss.token_anchors=1"]).loss, (1, 2)).needs_sample

@@ -488,3 +488,20 @@ def test_a_stop_during_a_checkpoint_write_waits_for_the_write_and_keeps_its_mean
             signal.raise_signal(signal.SIGINT)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_checkpoint_older_than_a_loss_key_is_taken_as_made_with_its_default():
+    from pathlib import Path
+
+    from pipeline.config import load_params, section_dict
+    from pipeline.training.state import _migrated
+
+    params = Path(__file__).resolve().parents[2] / "params.yaml"
+
+    def compat(*sets):
+        return {"processes": 1, "model": "m", "loss": section_dict(load_params(params, list(sets)).loss)}
+
+    old = compat()
+    old["loss"] = {k: v for k, v in old["loss"].items() if not k.startswith("view_anchor")}  # written before the keys existed
+    assert _migrated({"compat": dict(old)}, Path("ckpt.pt"), compat())["compat"] == compat()  # today's values are the defaults: it resumes
+    assert _migrated({"compat": dict(old)}, Path("ckpt.pt"), compat("loss.view_anchors=4"))["compat"] != compat("loss.view_anchors=4")
