@@ -92,11 +92,9 @@ def view_anchors(views: torch.Tensor, k: int, *, iters: int = 30, seed: int = 0)
         far = (1 - (x @ centroids.T).max(dim=1).values).clamp_min(0)  # [n]
         centroids = torch.cat([centroids, x[torch.multinomial(far + 1e-12, 1, generator=gen)]])
     for _ in range(iters):
-        sim = x @ centroids.T  # [n, k]
-        member = sim.argmax(dim=1)  # [n]
+        fit, member = (x @ centroids.T).max(dim=1)  # [n] each view's cosine to its centroid, and which
         sums = torch.zeros_like(centroids).index_add_(0, member, x)  # [k, D]
         counts = torch.bincount(member, minlength=k)  # [k]
-        fit = sim.gather(1, member[:, None]).squeeze(1)  # [n]
         for j in torch.nonzero(counts == 0).flatten().tolist():
             worst = fit.argmin()
             sums[j], fit[worst] = x[worst], float("inf")

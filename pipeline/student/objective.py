@@ -57,7 +57,7 @@ class StudentObjective(torch.nn.Module):
         region = set(cfg.region_grids or grids)
         if cfg.region_grids and (not region <= set(grids) or region == {1}):
             raise ConfigError(f"loss.region_grids {list(cfg.region_grids)}: must be local grids among loss.grids {list(grids)}")
-        if cfg.view_anchors and not (cfg.token_anchors and self.has_local):
+        if cfg.view_anchors and not self.needs_tokens:
             raise ConfigError("loss.view_anchors ranks beside the word anchors: it needs loss.token_anchors and a local grid among loss.grids")
         layout = view_layout(grids)
         self.register_buffer("region_views", torch.tensor([float(g in region) for g, _, _ in layout]), persistent=False)
@@ -103,15 +103,17 @@ class StudentObjective(torch.nn.Module):
                 raise ConfigError("loss.token_background needs background words (eval.bg_words) and object words among loss.anchor_vocabulary")
             self.background_words = background.nonzero().squeeze(1).to(self.local.device)
             self.object_words = (~background).nonzero().squeeze(1).to(self.local.device)
-        if self.needs_sample and sample is None:
+        if not self.needs_sample:
+            return
+        if sample is None:
             raise RuntimeError("loss.anchor_prior balance and loss.view_anchors need a cache sample (StudentObjective.set_anchors)")
-        used = self.local[self.region_views[self.local] > 0].cpu()
+        views = sample[:, self.local[self.region_views[self.local] > 0].cpu()].flatten(0, 1)  # [n * V_region, D]
         if self.cfg.anchor_prior == "balance":
             if background is None:
                 raise RuntimeError("loss.anchor_prior balance needs the background words (StudentObjective.set_anchors)")
-            self.anchor_prior = anchor_prior(sample[:, used].flatten(0, 1), anchors, background).to(self.anchors)
+            self.anchor_prior = anchor_prior(views, anchors, background).to(self.anchors)
         if self.cfg.view_anchors:
-            self.view_anchors = view_anchors(sample[:, used].flatten(0, 1), self.cfg.view_anchor_count, seed=seed).to(self.anchors)
+            self.view_anchors = view_anchors(views, self.cfg.view_anchor_count, seed=seed).to(self.anchors)
 
     def forward(self, out, targets: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Args:

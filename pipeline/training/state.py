@@ -104,11 +104,7 @@ def _migrated(ckpt: dict, ckpt_path: Path, compat: dict) -> dict:
     # A loss key added since (loss.view_anchors, say) is missing from an older checkpoint, which was
     # trained as the key's code default does: taken as that default, so it resumes where today's
     # value is the default and is refused where it is not.
-    loss = ckpt.get("compat", {}).get("loss")
-    if isinstance(loss, dict) and isinstance(compat.get("loss"), dict):
-        defaults = section_dict(LossConfig())
-        missing = {k: defaults[k] for k in compat["loss"] if k not in loss and k in defaults}
-        if missing:
-            ckpt["compat"] = {**ckpt["compat"], "loss": {**loss, **missing}}
+    if isinstance(loss := ckpt.get("compat", {}).get("loss"), dict):
+        ckpt["compat"] = {**ckpt["compat"], "loss": {**section_dict(LossConfig()), **loss}}
     return ckpt
 
