@@ -44,6 +44,7 @@ RECIPES = {
     "e36": ["train.epochs=36"],  # the earlier budget: 1,656 steps
     "e20": ["train.epochs=20"],  # the ten-minute main job: 920 steps, 5 minutes of training on two cores (docs/demo.md "The budget")
     "e120": ["train.epochs=120"],  # twice the default's budget: 5,520 steps, 25 minutes
+    "no_hflip": ["train.hflip=false"],  # no mirrored scenes (docs/demo.md "Mirrored scenes")
     "views": ["loss.view_anchors=4"],  # the wordless anchors beside the words (docs/demo.md "Open vocabulary")
     # open vocabulary: star, cross and ring left out of the anchors, without and with the wordless anchors
     "open": ['loss.anchor_vocabulary="background, circle, square, triangle"'],

@@ -184,6 +184,10 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     num_workers: int = bounded(4, at_least=0)  # DataLoader workers per device (forkserver start method)
     shuffle_buffer: int = bounded(2048, at_least=0)  # samples held for shuffling across cache chunks
+    # Mirror each image left-right with probability 1/2, its cached views' cells with it (each cell's
+    # embedding taken as its mirror's). The paper trains on the center crop alone; a small dataset
+    # needs more (docs/training.md "Augmentation").
+    hflip: bool = False
     # Where the student's images come from: the cache's images/S array (cache.student_image_size),
     # decoding the source files, or auto (the cache's when it has them complete at the student's size).
     images: Literal["auto", "cache", "decode"] = "auto"

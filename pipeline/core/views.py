@@ -57,6 +57,17 @@ def view_layout(grids: Sequence[int]) -> list[tuple[int, int, int]]:
     return [(g, r, c) for g in canonical_grids(grids) for r in range(g) for c in range(g)]
 
 
+def mirrored_views(grids: Sequence[int]) -> list[int]:
+    """For each view in canonical order, the index of the view that covers its box in the
+    horizontally mirrored square: cell (g, r, c) goes to (g, r, g - 1 - c).
+
+    `targets[mirrored_views(grids)]` are a mirrored image's views, each cell's embedding taken as
+    its mirror's (the teacher's embedding of a mirrored crop, approximately; `train.hflip`).
+    """
+    index = {v: i for i, v in enumerate(view_layout(grids))}
+    return [index[(g, r, g - 1 - c)] for g, r, c in view_layout(grids)]
+
+
 _TORCH_MODES = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest", "area": "area"}
 
 

@@ -32,6 +32,7 @@ import cache_schema as cs
 from pipeline.cache.reader import load_targets, view_arrays
 from pipeline.core.decode import decode_center_square, student_input
 from pipeline.core.errors import InputError
+from pipeline.core.views import mirrored_views
 
 
 def student_image(path: str | Path, size: int, *, max_pixels: int = 178_956_970, draft_side: int = 0) -> torch.Tensor:
@@ -96,9 +97,11 @@ class CachePairs(IterableDataset):
         shuffle_buffer: rows held for shuffling across chunks.
         images: "cache" (read the store's `images/{img_size}`), "decode" (decode the source
             files), or "auto" (the store's when it has them complete at `img_size`).
+        hflip: mirror each row left-right with probability 1/2 (`train.hflip`), its targets'
+            cells with it; which rows is seeded as the order is, so a resume mirrors the same ones.
     """
 
-    def __init__(self, store: str, data_root: str | Path, grids: tuple[int, ...], img_size: int, *, rank: int = 0, world: int = 1, seed: int = 0, shuffle_buffer: int = 2048, max_pixels: int = 178_956_970, images: str = "auto"):
+    def __init__(self, store: str, data_root: str | Path, grids: tuple[int, ...], img_size: int, *, rank: int = 0, world: int = 1, seed: int = 0, shuffle_buffer: int = 2048, max_pixels: int = 178_956_970, images: str = "auto", hflip: bool = False):
         super().__init__()
         group = cs.open_store(store)
         self.image_source = image_source(group, store, img_size, images)
@@ -108,6 +111,7 @@ class CachePairs(IterableDataset):
         self.grids, self.img_size = tuple(sorted(set(grids))), img_size
         self.rank, self.world, self.seed = rank, world, seed
         self.shuffle_buffer, self.max_pixels = max(1, shuffle_buffer), max_pixels
+        self.mirror = np.asarray(mirrored_views(self.grids)) if hflip else None  # [V] view permutation
         self.chunk_rows = int(group.attrs["layout"]["chunk_rows"])
         self.shard_rows = int(group.attrs["layout"]["shard_rows"])
         self.status = group[cs.STATUS][:]  # [N] uint8
@@ -177,8 +181,12 @@ class CachePairs(IterableDataset):
             self._views = view_arrays(group, self.grids)
             self._images = group[cs.images_array(self.img_size)] if self.image_source == "cache" else None
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+        # Its own stream, drawn for every row skipped or not: the order, and with it a run
+        # without hflip, stays as it was, and a resume mirrors the rows it would have.
+        coins = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 1])
         skip = self._skipped_rows(worker, num_workers)
         for row, targets, image in self._shuffled_rows(stream, rng):
+            mirror = self.mirror is not None and coins.random() < 0.5
             if skip > 0:
                 skip -= 1
                 continue
@@ -186,6 +194,8 @@ class CachePairs(IterableDataset):
                 image = student_image(Path(self.data_root) / str(self.paths[row]), self.img_size, max_pixels=self.max_pixels, draft_side=self.draft_side)
             else:
                 image = torch.from_numpy(image)
+            if mirror:
+                image, targets = image.flip(-1), targets[self.mirror]
             yield image, torch.from_numpy(targets), row
 
     def _shuffled_rows(self, stream: Stream, rng: np.random.Generator) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:

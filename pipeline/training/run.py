@@ -241,7 +241,7 @@ def _data(params: Params, cache: str, attrs: dict, grids: tuple[int, ...], img_s
           device: torch.device) -> tuple[CachePairs, DataLoader, Schedule]:
     """The rank's share of the cache, its loader, and the schedule its length gives."""
     cfg = params.train
-    dataset = CachePairs(cache, data_root(params.data.images), grids, img_size, rank=rank, world=world, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, max_pixels=params.data.max_pixels, images=cfg.images)
+    dataset = CachePairs(cache, data_root(params.data.images), grids, img_size, rank=rank, world=world, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, max_pixels=params.data.max_pixels, images=cfg.images, hflip=cfg.hflip)
     log.info("student images: %s", f"read from {cs.images_array(img_size)} in the cache" if dataset.image_source == "cache" else "decoded from the source files")
     other = [s for s in attrs.get("image_sizes", []) if s != img_size]
     if dataset.image_source == "decode" and cfg.images == "auto" and other:

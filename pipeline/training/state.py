@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import cache_schema as cs
-from pipeline.config import LossConfig, Params, section_dict
+from pipeline.config import LossConfig, Params, TrainConfig, section_dict
 from pipeline.core.checkpoint import load_checkpoint, set_rng_state
 from pipeline.core.errors import InputError
 
@@ -101,10 +101,12 @@ def _migrated(ckpt: dict, ckpt_path: Path, compat: dict) -> dict:
     if "model" not in ckpt.get("compat", {}):
         log.warning("%s predates the check of the model's definition: resuming assumes it is as before", ckpt_path)
         ckpt["compat"] = {**ckpt.get("compat", {}), "model": compat["model"]}
-    # A loss key added since (loss.view_anchors, say) is missing from an older checkpoint, which was
-    # trained as the key's code default does: taken as that default, so it resumes where today's
-    # value is the default and is refused where it is not.
-    if isinstance(loss := ckpt.get("compat", {}).get("loss"), dict):
-        ckpt["compat"] = {**ckpt["compat"], "loss": {**section_dict(LossConfig()), **loss}}
+    # A loss or train key added since (loss.view_anchors, train.hflip) is missing from an older
+    # checkpoint, which was trained as the key's code default does: taken as that default, so it
+    # resumes where today's value is the default and is refused where it is not.
+    for name, defaults in (("loss", section_dict(LossConfig())), ("train", section_dict(TrainConfig()))):
+        if isinstance(old := ckpt.get("compat", {}).get(name), dict):
+            added = {k: defaults[k] for k in compat.get(name, {}) if k in defaults and k not in old}
+            ckpt["compat"] = {**ckpt["compat"], name: {**old, **added}}
     return ckpt
 

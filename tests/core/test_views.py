@@ -14,6 +14,7 @@ from pipeline.core.views import (
     cell_edges,
     grid_boxes,
     make_views,
+    mirrored_views,
     num_views,
     view_layout,
 )
@@ -28,6 +29,17 @@ def test_number_of_views(grids, v):
 def test_view_order_is_grid_ascending_then_row_major():
     assert view_layout([3, 1, 2])[:6] == [(1, 0, 0), (2, 0, 0), (2, 0, 1), (2, 1, 0), (2, 1, 1), (3, 0, 0)]
     assert grid_boxes(2) == [(0, 0, 0.5, 0.5), (0, 0.5, 0.5, 1), (0.5, 0, 1, 0.5), (0.5, 0.5, 1, 1)]
+
+
+def test_mirrored_views_swap_each_cell_with_its_mirror_in_its_row():
+    grids = [1, 2, 3, 8]
+    layout, mirror = view_layout(grids), mirrored_views(grids)
+    assert sorted(mirror) == list(range(len(layout)))  # a permutation
+    assert [mirror[i] for i in mirror] == list(range(len(layout)))  # mirroring twice is the identity
+    for i, (g, r, c) in enumerate(layout):
+        assert layout[mirror[i]] == (g, r, g - 1 - c)
+    assert mirror[:3] == [0, 2, 1]  # the whole image stays; the 2x2 grid's top row swaps
+    assert layout[mirror[layout.index((3, 1, 1))]] == (3, 1, 1)  # a middle column stays
 
 
 def test_cells_tile_the_square_exactly():

@@ -21,6 +21,7 @@ from pipeline.cache.reader import load_targets
 from pipeline.config import TrainConfig, load_params
 from pipeline.core.checkpoint import load_checkpoint
 from pipeline.core.errors import ConfigError, InputError
+from pipeline.core.views import mirrored_views
 from pipeline.training.data import CachePairs, ParentEnviron, student_image
 from pipeline.training.engine import TrainingDiverged
 from pipeline.training.run import run_training
@@ -260,6 +261,37 @@ def test_skipping_batches_with_workers_reproduces_the_rest_of_the_epoch(built_ca
     assert rows(3) == full[3:]
 
 
+def test_hflip_mirrors_about_half_the_rows_with_their_views_and_a_resume_mirrors_the_same(built_cache):
+    store, params = built_cache
+    root, grids = load_params(params).data.images, (1, 2, 3)
+    mirror = mirrored_views(grids)
+    plain = CachePairs(str(store), root, grids, 32, shuffle_buffer=3)
+    flips = CachePairs(str(store), root, grids, 32, shuffle_buffer=3, hflip=True)
+    mirrored = 0
+    for epoch in range(4):
+        plain.set_epoch(epoch)
+        flips.set_epoch(epoch)
+        a, b = list(plain), list(flips)
+        assert [r for *_, r in a] == [r for *_, r in b]  # the order is the plain run's
+        for (image, targets, _), (im, t, _) in zip(a, b):
+            if torch.equal(im, image):
+                assert torch.equal(t, targets)
+            else:
+                mirrored += 1
+                assert torch.equal(im, image.flip(-1)) and torch.equal(t, targets[mirror])
+                assert torch.equal(t[5], targets[7]) and torch.equal(t[6], targets[6])  # 3x3 row 0: (0, 0) <- (0, 2); the middle stays
+    assert 8 <= mirrored <= 24  # of 32 rows; all or none would be 2^-32 each
+
+    def batches(ds, skip):
+        ds.set_epoch(2, skip_batches=skip, micro_batch=2)
+        return [(b[2].tolist(), b[0]) for b in DataLoader(ds, batch_size=2, drop_last=True)]
+
+    full, resumed = batches(flips, 0), batches(flips, 2)
+    assert len(resumed) == len(full) - 2
+    for (rows, images), (rows2, images2) in zip(full[2:], resumed):
+        assert rows == rows2 and torch.equal(images, images2)  # the same rows, mirrored the same
+
+
 class EnvironProbe(torch.utils.data.Dataset):
     """One sample: the value of $ZEROSEG_PROBE in the process that loads it."""
 
@@ -490,7 +522,7 @@ def test_a_stop_during_a_checkpoint_write_waits_for_the_write_and_keeps_its_mean
         signal.signal(signal.SIGTERM, previous)
 
 
-def test_a_checkpoint_older_than_a_loss_key_is_taken_as_made_with_its_default():
+def test_a_checkpoint_older_than_a_loss_or_train_key_is_taken_as_made_with_its_default():
     from pathlib import Path
 
     from pipeline.config import load_params, section_dict
@@ -505,3 +537,11 @@ def test_a_checkpoint_older_than_a_loss_key_is_taken_as_made_with_its_default():
     old["loss"] = {k: v for k, v in old["loss"].items() if not k.startswith("view_anchor")}  # written before the keys existed
     assert _migrated({"compat": dict(old)}, Path("ckpt.pt"), compat())["compat"] == compat()  # today's values are the defaults: it resumes
     assert _migrated({"compat": dict(old)}, Path("ckpt.pt"), compat("loss.view_anchors=4"))["compat"] != compat("loss.view_anchors=4")
+
+    def with_train(*sets):
+        return {**compat(*sets), "train": section_dict(load_params(params, list(sets)).train)}
+
+    old = with_train()
+    old["train"] = {k: v for k, v in old["train"].items() if k != "hflip"}
+    assert _migrated({"compat": dict(old)}, Path("ckpt.pt"), with_train())["compat"] == with_train()
+    assert _migrated({"compat": dict(old)}, Path("ckpt.pt"), with_train("train.hflip=true"))["compat"] != with_train("train.hflip=true")
