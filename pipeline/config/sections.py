@@ -185,8 +185,8 @@ class TrainConfig:
     num_workers: int = bounded(4, at_least=0)  # DataLoader workers per device (forkserver start method)
     shuffle_buffer: int = bounded(2048, at_least=0)  # samples held for shuffling across cache chunks
     # Mirror each image left-right with probability 1/2, its cached views' cells with it (each cell's
-    # embedding taken as its mirror's). The paper trains on the center crop alone; a small dataset
-    # needs more (docs/training.md "Augmentation").
+    # embedding taken as its mirror's). The paper trains on the center crop alone; on the demo's
+    # 3,000 scenes it is measured to help (docs/training.md "Mirrored scenes").
     hflip: bool = False
     # Where the student's images come from: the cache's images/S array (cache.student_image_size),
     # decoding the source files, or auto (the cache's when it has them complete at the student's size).

@@ -64,8 +64,9 @@ def mirrored_views(grids: Sequence[int]) -> list[int]:
     `targets[mirrored_views(grids)]` are a mirrored image's views, each cell's embedding taken as
     its mirror's (the teacher's embedding of a mirrored crop, approximately; `train.hflip`).
     """
-    index = {v: i for i, v in enumerate(view_layout(grids))}
-    return [index[(g, r, g - 1 - c)] for g, r, c in view_layout(grids)]
+    layout = view_layout(grids)
+    index = {v: i for i, v in enumerate(layout)}
+    return [index[(g, r, g - 1 - c)] for g, r, c in layout]
 
 
 _TORCH_MODES = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest", "area": "area"}
